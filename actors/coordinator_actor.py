@@ -1,0 +1,113 @@
+"""The coordinator as a Ray actor, and the driver-side handle that calls it with bounded waits.
+
+`CoordinatorActor` hosts a cluster.coordinator.Coordinator over a RayRankGroup. `RemoteCoordinator`
+has the Coordinator's methods; each is one actor call and one bounded `ray.get`, and Ray's wrapper
+errors are turned back into ours here, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.rank_group import RayRankGroup
+from actors.runtime import ensure_ray
+from cluster.coordinator import Coordinator, CoordinatorConfig
+from cluster.errors import ClusterError, ClusterTimeout
+
+
+@ray.remote(num_cpus=0, max_concurrency=1)
+class CoordinatorActor:
+    def __init__(self, tp_degree: int, config: CoordinatorConfig) -> None:
+        self._tp_degree = tp_degree
+        self._config = config
+        self._coordinator: Coordinator | None = None
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
+            self._coordinator = Coordinator(RayRankGroup(self._tp_degree), self._config)
+        return getattr(self._coordinator, method)(*args)
+
+    def close(self) -> None:
+        if self._coordinator is not None:
+            self._coordinator.close()
+            self._coordinator = None
+
+
+class RemoteCoordinator:
+    """Driver-side stand-in for a Coordinator living in a CoordinatorActor."""
+
+    def __init__(self, actor: Any, config: CoordinatorConfig) -> None:
+        self._actor = actor
+        self._config = config
+
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        if self._actor is None:
+            raise ClusterError("this model was closed; load it again")
+        timeout = timeout or self._config.call_timeout_s
+        ref = self._actor.call.remote(method, *args)
+        try:
+            return ray.get(ref, timeout=timeout + 5.0)
+        except RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, ClusterError):
+                raise cause from None
+            raise ClusterError(f"coordinator {method} failed: {exc}") from None
+        except RayActorError as exc:
+            raise ClusterError(f"the coordinator process died during {method}: {exc}; load the model again") from None
+        except GetTimeoutError:
+            ray.cancel(ref, force=False)
+            raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from None
+
+    def start(self) -> list[dict[str, Any]]:
+        return self._call("start", timeout=self._config.rendezvous_timeout_s + 60)
+
+    def build(self, spec, kernel) -> None:
+        self._call("build", spec, kernel, timeout=self._config.trace_timeout_s)
+
+    def trace_bucket(self, bucket, example) -> dict[str, Any]:
+        return self._call("trace_bucket", bucket, example, timeout=self._config.trace_timeout_s)
+
+    def finish_trace(self) -> None:
+        self._call("finish_trace")
+
+    def load(self, state, graphs, weights) -> None:
+        self._call("load", state, graphs, weights, timeout=self._config.trace_timeout_s)
+
+    def forward(self, inputs) -> Any:
+        return self._call("forward", inputs)
+
+    def export(self):
+        return self._call("export", timeout=self._config.trace_timeout_s)
+
+    def model_state(self):
+        return self._call("model_state")
+
+    def weight_specs(self):
+        return self._call("weight_specs")
+
+    def replace_weights(self, states) -> None:
+        self._call("replace_weights", states)
+
+    def info(self) -> dict[str, Any]:
+        return self._call("info")
+
+    def health(self) -> list[int]:
+        return self._call("health")
+
+    def close(self) -> None:
+        if self._actor is None:
+            return
+        try:
+            ray.get(self._actor.close.remote(), timeout=30)
+        except Exception:  # a dead or stuck coordinator: killing it below frees its ranks' cores
+            pass
+        ray.kill(self._actor, no_restart=True)
+        self._actor = None
+
+
+def launch_coordinator(tp_degree: int, config: CoordinatorConfig) -> RemoteCoordinator:
+    ensure_ray()
+    return RemoteCoordinator(CoordinatorActor.remote(tp_degree, config), config)

@@ -1,0 +1,90 @@
+"""RayRankGroup: one RankActor per rank, in one placement group packed on one node."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.rank_actor import RankActor
+from actors.runtime import neuron_core_capacity
+from cluster.errors import CapacityError, RankFailure
+from cluster.rank_group import RankGroup, rank_exception
+
+_SMALL = (int, float, str, bool, type(None))
+
+
+class RayRankGroup(RankGroup):
+    def __init__(self, world_size: int, placement_timeout_s: float = 30.0) -> None:
+        self.world_size = world_size
+        largest, total = neuron_core_capacity()
+        if largest < world_size:
+            raise CapacityError(
+                f"tp_degree {world_size} needs {world_size} NeuronCores on one node, but the largest node has "
+                f"{largest} ({total} in the cluster): lower tp_degree or add a larger node"
+            )
+        self._pg = placement_group([{"neuron_cores": 1}] * world_size, strategy="STRICT_PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=placement_timeout_s)
+        if not ready:
+            remove_placement_group(self._pg)
+            raise CapacityError(
+                f"no node had {world_size} free NeuronCores within {placement_timeout_s:.0f} s "
+                "(other models hold them): close a model (ParallelModel.close()) or add capacity"
+            )
+        self._actors = [
+            RankActor.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+                resources={"neuron_cores": 1},
+            ).remote(rank, world_size)
+            for rank in range(world_size)
+        ]
+
+    def form_group(self, timeout: float, threads: int) -> None:
+        host, port = self._get([self._actors[0].rendezvous.remote()], [0], "rendezvous", timeout)[0]
+        self._fan_out("init_collectives", [(host, port, timeout, threads)] * self.world_size, timeout)
+
+    def _fan_out(self, method: str, args: Sequence[tuple], timeout: float, ranks: Sequence[int] | None = None) -> list[Any]:
+        ranks = list(range(len(args))) if ranks is None else list(ranks)
+        if len(args) > 1 and all(a is args[0] for a in args):
+            # the same arguments for every rank: serialise each large one once
+            shared = tuple(x if isinstance(x, _SMALL) else ray.put(x) for x in args[0])
+            args = [shared] * len(args)
+        refs = [self._actors[r].call.remote(method, *a) for r, a in zip(ranks, args)]
+        return self._get(refs, ranks, method, timeout)
+
+    def _get(self, refs: list, ranks: list[int], method: str, timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            stalled = [r for r, ref in zip(ranks, refs) if ref in pending]
+            raise RankFailure(stalled[0] if stalled else ranks[0], f"{method} did not answer within {timeout:.0f} s (ranks {stalled})") from None
+        except (RayTaskError, RayActorError):
+            pass
+        # find the rank whose failure to report: a rank's own exception beats a peer's broken collective
+        failures = []
+        for rank, ref in zip(ranks, refs):
+            try:
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except RayActorError as exc:
+                failures.append((1, RankFailure(rank, f"the rank's process died during {method}: {exc.error_msg if hasattr(exc, 'error_msg') else exc}")))
+            except RayTaskError as exc:
+                cause = exc.cause if exc.cause is not None else exc
+                failures.append((0, rank_exception(rank, cause, str(exc))))
+            except GetTimeoutError:
+                continue
+        failures.sort(key=lambda item: item[0])
+        raise failures[0][1]
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

@@ -1,0 +1,56 @@
+"""Starting or attaching to the Ray cluster that hosts the rank actors."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import ray
+
+NAMESPACE = "tpcluster"
+DEFAULT_LOGICAL_NEURON_CORES = 8
+_started_here = False
+
+
+def has_neuron_devices() -> bool:
+    return bool(glob.glob("/dev/neuron[0-9]*"))
+
+
+def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **options: Any) -> None:
+    """Attach to `address`, or start a local single-node cluster bound to 127.0.0.1.
+
+    Without Neuron devices the local node advertises `neuron_cores` logical cores, so rank actors
+    are scheduled exactly as on an inf2/trn1 node.
+    """
+    global _started_here
+    if ray.is_initialized():
+        return
+    options.setdefault("namespace", NAMESPACE)
+    options.setdefault("log_to_driver", False)
+    if address is not None:
+        ray.init(address=address, **options)
+        return
+    # Ray's local-only mode then binds every service to 127.0.0.1 (see FIELD-NOTES.md).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not has_neuron_devices():
+        cores = DEFAULT_LOGICAL_NEURON_CORES if neuron_cores is None else neuron_cores
+        options.setdefault("resources", {})["neuron_cores"] = cores
+    options.setdefault("include_dashboard", False)
+    ray.init(**options)
+    _started_here = True
+
+
+def stop_ray() -> None:
+    global _started_here
+    if ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
+def neuron_core_capacity() -> tuple[int, int]:
+    """(most NeuronCores on any one alive node, NeuronCores in the whole cluster)."""
+    per_node = [
+        int(node["Resources"].get("neuron_cores", 0)) for node in ray.nodes() if node.get("Alive")
+    ]
+    return max(per_node, default=0), sum(per_node)

@@ -1,0 +1,185 @@
+"""The coordinator: forms a TP group, traces or loads its shards, picks buckets, serves calls.
+
+A plain class over a RankGroup, so it runs in-process in tests; `actors.coordinator_actor`
+hosts it in a Ray actor for the cluster. Only inputs and rank 0's outputs pass through it.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from cluster.buckets import run_kernel
+from cluster.errors import ClusterError, InputError
+from cluster.rank_group import RankGroup
+from cluster.signature import Signature, TensorSpec, as_input_tuple, describe_signature, signature_of
+from cluster.trace.backends import get_backend
+from cluster.trace.config import TraceSpec
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    call_timeout_s: float = 120.0
+    trace_timeout_s: float = 1800.0
+    rendezvous_timeout_s: float = 60.0
+    threads_per_rank: int = 0  # 0: this node's CPUs divided among the ranks
+    verify_tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("call_timeout_s", "trace_timeout_s", "rendezvous_timeout_s", "verify_tolerance"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CoordinatorConfig.{name} must be positive")
+
+
+@dataclass
+class ModelState:
+    """What the coordinator knows of the model it serves; also what an artifact records."""
+
+    tp_degree: int
+    backend: str
+    inline_weights: bool
+    buckets: list[Signature]
+    kernel: bytes | None = None  # TorchScript bucket kernel, as saved
+    partition_dims: dict[str, int] = field(default_factory=dict)
+    state_keys: list[str] = field(default_factory=list)
+    trace_mode: list[str] = field(default_factory=list)  # per bucket: "once" or "per-rank"
+
+
+@dataclass
+class Exported:
+    """A traced model as the ranks hand it over, for cluster.trace.artifact to write."""
+
+    state: ModelState
+    ranks: list[Any]  # RankExport per rank
+
+
+class Coordinator:
+    def __init__(self, ranks: RankGroup, config: CoordinatorConfig | None = None) -> None:
+        self.ranks = ranks
+        self.config = config or CoordinatorConfig()
+        self.state: ModelState | None = None
+        self._kernel = None
+        self._spec: TraceSpec | None = None
+        self._started = False
+
+    def start(self) -> list[dict[str, Any]]:
+        """Form the collective group on a fresh rendezvous; returns where each rank runs."""
+        self.ranks.form_group(self.config.rendezvous_timeout_s, self._threads())
+        self._started = True
+        return self.ranks.describe(self.config.call_timeout_s)
+
+    def _threads(self) -> int:
+        import os
+
+        return self.config.threads_per_rank or max(1, (os.cpu_count() or 1) // self.ranks.world_size)
+
+    # -- tracing ----------------------------------------------------------------------------
+    def build(self, spec: TraceSpec, kernel: bytes | None) -> None:
+        infos = self.ranks.build(spec, self.config.trace_timeout_s)
+        self._spec = spec
+        self.state = ModelState(
+            tp_degree=spec.tp_degree, backend=spec.backend, inline_weights=spec.inline_weights,
+            buckets=list(spec.bucket_signatures), kernel=kernel,
+            partition_dims=infos[0]["partition_dims"], state_keys=infos[0]["state_keys"],
+        )
+        self._set_kernel(kernel)
+        shapes = [info["weights"] for info in infos]
+        self._ranks_alike = all(s == shapes[0] for s in shapes)
+
+    def trace_bucket(self, bucket: int, example: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        """Trace one bucket on the ranks: once on rank 0 when the graphs can be shared, else per rank."""
+        spec, timeout = self._spec, self.config.trace_timeout_s
+        once = (
+            spec.spmd_mode is not False and get_backend(spec.backend).shares_graphs
+            and not spec.inline_weights and self._ranks_alike
+        )
+        start = time.perf_counter()
+        if once:
+            seconds, blob = self.ranks.trace_bucket(bucket, example, timeout, ranks=[0])[0]
+            if self.ranks.world_size > 1:
+                self.ranks.adopt_graph(bucket, blob, list(range(1, self.ranks.world_size)), timeout)
+            diffs = self.ranks.verify_bucket(bucket, example, timeout)
+            if max(diffs) > self.config.verify_tolerance:
+                if spec.spmd_mode:
+                    raise ClusterError(
+                        f"spmd_mode=True but rank 0's graph for bucket {bucket} gives different results on "
+                        f"other ranks (max diff {max(diffs):.3g}): the model's forward depends on the rank; "
+                        "trace with spmd_mode=False"
+                    )
+                once = False
+        if not once:
+            self.ranks.trace_bucket(bucket, example, timeout)
+        self.state.trace_mode.append("once" if once else "per-rank")
+        return {"bucket": bucket, "mode": self.state.trace_mode[-1], "seconds": time.perf_counter() - start}
+
+    def finish_trace(self) -> None:
+        self.ranks.finish_trace(self.config.call_timeout_s)
+
+    # -- loading ----------------------------------------------------------------------------
+    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
+        self.ranks.load(state.backend, graphs, weights, self._threads(), self.config.trace_timeout_s)
+        self.state = state
+        self._set_kernel(state.kernel)
+
+    def _set_kernel(self, kernel: bytes | None) -> None:
+        self._kernel = torch.jit.load(io.BytesIO(kernel)) if kernel else None
+
+    # -- serving ----------------------------------------------------------------------------
+    def forward(self, inputs: Any) -> Any:
+        if self.state is None:
+            raise ClusterError("the coordinator holds no model; trace or load one first")
+        inputs = as_input_tuple(inputs)
+        if self._kernel is not None:
+            bucket, inputs = run_kernel(self._kernel, inputs, self.state.buckets)
+        else:
+            bucket = 0
+            self._check_signature(inputs, self.state.buckets[0])
+        return self.ranks.forward(bucket, inputs, self.config.call_timeout_s)
+
+    @staticmethod
+    def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:
+        got = signature_of(inputs)
+        if got != expected:
+            raise InputError(
+                f"inputs {describe_signature(got)} do not match the traced signature {describe_signature(expected)}: "
+                "pad or truncate to the traced shapes, or trace with a bucket_config"
+            )
+
+    def export(self) -> Exported:
+        if self.state is None:
+            raise ClusterError("nothing to save: the coordinator holds no model")
+        return Exported(self.state, self.ranks.export(self.config.trace_timeout_s))
+
+    def model_state(self) -> ModelState:
+        if self.state is None:
+            raise ClusterError("the coordinator holds no model; trace or load one first")
+        return self.state
+
+    def weight_specs(self) -> list[dict[str, Any]]:
+        return self.ranks.weight_specs(self.config.call_timeout_s)
+
+    def replace_weights(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.ranks.replace_weights(states, self.config.call_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "tp_degree": self.ranks.world_size,
+            "backend": state.backend if state else None,
+            "buckets": [[s.to_json() for s in sig] for sig in state.buckets] if state else [],
+            "inline_weights": state.inline_weights if state else None,
+            "trace_mode": list(state.trace_mode) if state else [],
+        }
+
+    def health(self) -> list[int]:
+        return self.ranks.ping(self.config.call_timeout_s)
+
+    def close(self) -> None:
+        self.ranks.close()
+
+
+__all__ = ["Coordinator", "CoordinatorConfig", "Exported", "ModelState", "TensorSpec"]

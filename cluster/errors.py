@@ -1,0 +1,74 @@
+"""Every error tpcluster raises, under one base class.
+
+This module imports nothing from the package, so any layer may import it.
+
+    ClusterError
+    ├── ShardingError (ValueError)      a size does not divide by the TP degree
+    ├── CheckpointError                 missing/unexpected keys, shape mismatch, unreadable file
+    ├── InputError (ValueError)         call-time inputs do not match the traced signature
+    │   └── BucketError                 no bucket fits, or a kernel picked a bucket that does not exist
+    ├── ArtifactError                   a saved model folder is truncated, tampered or from another version
+    ├── BackendUnavailable              the requested backend cannot run on this machine
+    ├── CapacityError                   the cluster cannot hold the rank group
+    ├── RankError                       code running inside a rank raised (carries rank and traceback)
+    │   └── RankFailure                 a rank died or stopped answering within its timeout
+    └── ClusterTimeout (TimeoutError)   a bounded wait ran out (rendezvous, call)
+"""
+
+from __future__ import annotations
+
+
+class ClusterError(Exception):
+    """Base class of every tpcluster error."""
+
+
+class ShardingError(ClusterError, ValueError):
+    """A layer's size does not split evenly across the tensor-parallel ranks."""
+
+
+class CheckpointError(ClusterError):
+    """A checkpoint does not fit the model (keys, shapes) or cannot be read."""
+
+
+class InputError(ClusterError, ValueError):
+    """Inputs given at call time do not match what the model was traced with."""
+
+
+class BucketError(InputError):
+    """No bucket can take the input, or the bucket kernel returned an invalid bucket."""
+
+
+class ArtifactError(ClusterError):
+    """A saved model folder cannot be loaded: names the file and the reason."""
+
+
+class BackendUnavailable(ClusterError):
+    """The requested tracing backend is not installed or has no device here."""
+
+
+class CapacityError(ClusterError):
+    """The cluster has too few NeuronCores (on one node) for the requested rank group."""
+
+
+class RankError(ClusterError):
+    """Code running inside rank `rank` raised; `remote_traceback` is the rank's traceback."""
+
+    def __init__(self, rank: int, message: str, remote_traceback: str = "") -> None:
+        self.rank = rank
+        self.message = message
+        self.remote_traceback = remote_traceback
+        text = f"rank {rank}: {message}"
+        if remote_traceback:
+            text += f"\n--- traceback from rank {rank} ---\n{remote_traceback.rstrip()}"
+        super().__init__(text)
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.message, self.remote_traceback))
+
+
+class RankFailure(RankError):
+    """Rank `rank` died or stopped answering; the replica must be rebuilt before it serves again."""
+
+
+class ClusterTimeout(ClusterError, TimeoutError):
+    """A bounded wait on the cluster ran out."""

@@ -1,0 +1,193 @@
+"""One tensor-parallel rank: builds its model, traces and holds its shard, runs it.
+
+A plain class with no Ray in it: `actors.rank_actor` wraps it as a Ray actor pinned to one
+NeuronCore, and `cluster.rank_group.InProcessRankGroup` runs several in threads for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import cloudpickle
+import torch
+
+from cluster.errors import ClusterError, InputError
+from cluster.parallel_layers import parallel_state
+from cluster.parallel_layers.collectives import Collectives, ProcessGroupCollectives
+from cluster.parallel_layers.sharding import partition_dims
+from cluster.trace.backends import Backend, get_backend
+from cluster.trace.config import TraceSpec
+
+
+@dataclass
+class RankExport:
+    """What a rank hands over for saving: one graph file per bucket, and its separated weights."""
+
+    graphs: list[bytes]
+    weights: dict[str, torch.Tensor] | None
+
+
+def collect_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer a forward reads, by name (tied parameters once)."""
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    weights.update({name: b.detach() for name, b in model.named_buffers()})
+    return weights
+
+
+class RankWorker:
+    def __init__(self, rank: int, world_size: int, collectives: Collectives | None = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self._collectives = collectives
+        self._backend: Backend | None = None
+        self._model: torch.nn.Module | None = None
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._graphs: list[Any] = []  # backend graph objects, one per bucket
+        self._calls: list[Any] = []  # the same, bound to the weights
+        if world_size == 1 or collectives is not None:
+            parallel_state.set_rank(rank, world_size, collectives)
+
+    # -- collective group -------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "neuron_cores": os.environ.get("NEURON_RT_VISIBLE_CORES", ""),
+            "threads": torch.get_num_threads(),
+        }
+
+    @staticmethod
+    def pick_rendezvous(host: str) -> tuple[str, int]:
+        """A free TCP port on `host` for the group's rendezvous (never a fixed port)."""
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return host, sock.getsockname()[1]
+
+    def init_collectives(self, host: str, port: int, timeout_s: float, threads: int) -> None:
+        """Join the gloo group of this TP group; every wait in it is bounded by timeout_s."""
+        import torch.distributed as dist
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if self.world_size == 1:
+            return
+        if host.startswith("127."):
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # else gloo may resolve the host to the outer address
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        self._collectives = ProcessGroupCollectives()
+        parallel_state.set_rank(self.rank, self.world_size, self._collectives)
+
+    # -- tracing ----------------------------------------------------------------------------
+    def build(self, spec: TraceSpec) -> dict[str, Any]:
+        """Run the user's function in this rank; describes the weights it holds.
+
+        Returns {"weights": {name: (shape, dtype)}, "partition_dims": {key: dim}, "state_keys": [...]}.
+        """
+        if spec.cwd and os.path.isdir(spec.cwd):
+            os.chdir(spec.cwd)  # relative paths in the user's function resolve as in the caller
+        func = cloudpickle.loads(spec.func_blob)
+        result = func()
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+            raise ClusterError(f"the model function must return (model, io_aliases), got {type(result).__name__}")
+        model, io_aliases = result
+        if io_aliases:
+            raise ClusterError(
+                "io_aliases (state tensors such as a KV cache) are not supported by this release; "
+                "return an empty dict"
+            )
+        self._backend = get_backend(spec.backend)
+        self._model = model.eval()
+        self._weights = None if spec.inline_weights else collect_weights(model)
+        self._graphs, self._calls = [None] * len(spec.bucket_signatures), [None] * len(spec.bucket_signatures)
+        self._compiler = (spec.compiler_workdir, spec.compiler_args)
+        source = self._weights if self._weights is not None else collect_weights(model)
+        return {
+            "weights": {k: (tuple(v.shape), str(v.dtype)) for k, v in source.items()},
+            "partition_dims": partition_dims(model),
+            "state_keys": sorted(model.state_dict()),
+        }
+
+    def trace_bucket(self, bucket: int, example: tuple[torch.Tensor, ...], return_graph: bool) -> tuple[float, bytes | None]:
+        """Trace this rank's shard for one bucket; returns seconds taken and, if asked, the graph file."""
+        start = time.perf_counter()
+        workdir, args = self._compiler
+        if workdir:
+            workdir = os.path.join(workdir, f"rank_{self.rank:02d}", f"bucket_{bucket:02d}")
+        graph = self._backend.trace(self._model, example, self._weights, workdir, args)
+        self._set_graph(bucket, graph)
+        blob = self._backend.dump(graph) if return_graph else None
+        return time.perf_counter() - start, blob
+
+    def adopt_graph(self, bucket: int, blob: bytes) -> float:
+        """Use a graph traced on another rank, bound to this rank's weights."""
+        start = time.perf_counter()
+        self._set_graph(bucket, self._backend.load(blob, f"bucket {bucket} graph from rank 0"))
+        return time.perf_counter() - start
+
+    def verify_bucket(self, bucket: int, example: tuple[torch.Tensor, ...]) -> float:
+        """Largest difference between the graph and the eager module on the example (all ranks run it)."""
+        with torch.no_grad():
+            expected = _flat(self._model(*example))
+            got = _flat(self._calls[bucket](*example))
+        if len(expected) != len(got):
+            return float("inf")
+        return max((float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(expected, got)), default=0.0)
+
+    def finish_trace(self) -> None:
+        self._model = None  # the graphs (and separated weights) are all a rank keeps
+
+    def _set_graph(self, bucket: int, graph: Any) -> None:
+        self._graphs[bucket] = graph
+        self._calls[bucket] = self._backend.bind(graph, self._weights)
+
+    # -- serving ----------------------------------------------------------------------------
+    def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run one bucket's graph; rank 0 returns the outputs, the others None."""
+        if not self._calls:
+            raise ClusterError("this rank holds no traced shard; trace or load the model first")
+        with torch.no_grad():
+            outputs = self._calls[bucket](*inputs)
+        return outputs if self.rank == 0 else None
+
+    def export(self) -> RankExport:
+        return RankExport([self._backend.dump(g) for g in self._graphs], self._weights)
+
+    def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._backend = get_backend(backend)
+        self._weights = weights
+        self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)
+        for bucket, blob in enumerate(graphs):
+            self._set_graph(bucket, self._backend.load(blob, f"rank {self.rank} bucket {bucket} graph"))
+
+    def weight_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        if self._weights is None:
+            raise InputError("weights are inlined in the graphs; trace with inline_weights_to_neff=False to replace them")
+        return {k: (tuple(v.shape), str(v.dtype)) for k, v in self._weights.items()}
+
+    def replace_weights(self, new: dict[str, torch.Tensor]) -> None:
+        """Copy new values into the bound weights in place: every bucket graph sees them, no retrace."""
+        with torch.no_grad():
+            for key, value in new.items():
+                self._weights[key].copy_(value)
+            for bucket, graph in enumerate(self._graphs):  # backends that copy weights at bind time
+                self._calls[bucket] = self._backend.bind(graph, self._weights)
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _flat(outputs: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]

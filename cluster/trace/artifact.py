@@ -1,0 +1,234 @@
+"""The saved-model folder: a manifest, graph files, and weights in safetensors.
+
+    manifest.json                 format version, tp_degree, backend, buckets, files + sha256, versions
+    graphs/bucket_BB_<sha>.graph  one file per distinct graph (ranks that share a graph share the file)
+    weights/shared.safetensors    weights identical on every rank, stored once (separated mode)
+    weights/rank_RR.safetensors   each rank's own slices (separated mode)
+    bucket_kernel.pt              the TorchScript bucket kernel, when the model has buckets
+
+Loading checks every file it reads against the manifest (present, size, sha256) and ignores files
+the manifest does not name. Nothing is unpickled: graphs and weights are safetensors (cpu backend),
+the kernel is TorchScript loaded with torch.jit.load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.coordinator import Exported, ModelState
+from cluster.errors import ArtifactError
+from cluster.signature import TensorSpec
+
+FORMAT = "tpcluster-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("tpcluster")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"tpcluster": ours, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_replicated(weights: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Weights equal on every rank (stored once) and each rank's own."""
+    shared = {
+        name: tensor for name, tensor in weights[0].items()
+        if all(name in w and w[name].shape == tensor.shape and w[name].dtype == tensor.dtype
+               and torch.equal(w[name], tensor) for w in weights[1:])
+    }
+    own = [{k: v for k, v in w.items() if k not in shared} for w in weights]
+    return shared, own
+
+
+def write(path: str | os.PathLike, exported: Exported) -> Path:
+    from safetensors.torch import save
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = exported.state
+    files: dict[str, dict[str, Any]] = {}
+
+    def put(relpath: str, data: bytes) -> str:
+        target = folder / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        files[relpath] = {"sha256": _sha256(data), "bytes": len(data)}
+        return relpath
+
+    graph_names: dict[str, str] = {}  # sha -> relpath: identical graphs stored once
+    ranks = []
+    for rank, rank_export in enumerate(exported.ranks):
+        names = []
+        for bucket, blob in enumerate(rank_export.graphs):
+            digest = _sha256(blob)
+            if digest not in graph_names:
+                graph_names[digest] = put(f"graphs/bucket_{bucket:02d}_{digest[:12]}.graph", blob)
+            names.append(graph_names[digest])
+        ranks.append({"graphs": names, "weights": None})
+
+    shared_file = None
+    if not state.inline_weights:
+        shared, own = split_replicated([r.weights for r in exported.ranks])
+        if shared:
+            shared_file = put("weights/shared.safetensors", save(_storable(shared)))
+        for rank, weights in enumerate(own):
+            ranks[rank]["weights"] = put(f"weights/rank_{rank:02d}.safetensors", save(_storable(weights)))
+    kernel_file = put("bucket_kernel.pt", state.kernel) if state.kernel else None
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tp_degree": state.tp_degree,
+        "backend": state.backend,
+        "inline_weights": state.inline_weights,
+        "buckets": [[spec.to_json() for spec in sig] for sig in state.buckets],
+        "trace_mode": state.trace_mode,
+        "bucket_kernel": kernel_file,
+        "partition_dims": state.partition_dims,
+        "state_keys": state.state_keys,
+        "ranks": ranks,
+        "shared_weights": shared_file,
+        "files": files,
+        "versions": _versions(),
+    }
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(folder / MANIFEST)  # the manifest lands last: a half-written folder has none
+    return folder
+
+
+def _storable(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in weights.items()}
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such model folder (save one with parallel_model_save)")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path}: missing; {folder} is not a saved tpcluster model or its save did not finish")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({exc}); the file is truncated or corrupted") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format version {version}, this tpcluster reads version {FORMAT_VERSION}; "
+            "load it with the tpcluster that saved it, or retrace"
+        )
+    saved_torch = manifest.get("versions", {}).get("torch", "")
+    if manifest.get("backend") == "cpu" and saved_torch.split(".")[:2] != torch.__version__.split(".")[:2]:
+        raise ArtifactError(
+            f"{manifest_path}: graphs were exported with torch {saved_torch}, this is torch {torch.__version__}; "
+            "exported graphs are not portable across torch releases: retrace the model"
+        )
+    return manifest
+
+
+def _read_checked(folder: Path, manifest: dict[str, Any], relpath: str) -> bytes:
+    entry = manifest["files"].get(relpath)
+    target = folder / relpath
+    if entry is None:
+        raise ArtifactError(f"{target}: referenced but not listed in {MANIFEST}; the manifest was edited")
+    if not target.is_file():
+        raise ArtifactError(f"{target}: missing from the model folder")
+    data = target.read_bytes()
+    if len(data) != entry["bytes"]:
+        raise ArtifactError(f"{target}: {len(data)} bytes, the manifest says {entry['bytes']}: the file is truncated or was replaced")
+    if _sha256(data) != entry["sha256"]:
+        raise ArtifactError(f"{target}: checksum mismatch: the file was modified or corrupted since it was saved")
+    return data
+
+
+def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[dict[str, torch.Tensor] | None]]:
+    """The model state, each rank's graph files and each rank's weights, every file verified."""
+    from safetensors.torch import load
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    try:
+        state = ModelState(
+            tp_degree=int(manifest["tp_degree"]),
+            backend=str(manifest["backend"]),
+            inline_weights=bool(manifest["inline_weights"]),
+            buckets=[tuple(TensorSpec.from_json(s) for s in sig) for sig in manifest["buckets"]],
+            partition_dims=dict(manifest["partition_dims"]),
+            state_keys=list(manifest["state_keys"]),
+            trace_mode=list(manifest.get("trace_mode", [])),
+        )
+        rank_entries = manifest["ranks"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{folder / MANIFEST}: malformed manifest ({exc!r})") from exc
+    if len(rank_entries) != state.tp_degree:
+        raise ArtifactError(f"{folder / MANIFEST}: lists {len(rank_entries)} ranks for tp_degree {state.tp_degree}")
+    if manifest.get("bucket_kernel"):
+        state.kernel = _read_checked(folder, manifest, manifest["bucket_kernel"])
+
+    cache: dict[str, bytes] = {}
+
+    def blob(relpath: str) -> bytes:
+        if relpath not in cache:
+            cache[relpath] = _read_checked(folder, manifest, relpath)
+        return cache[relpath]
+
+    def tensors(relpath: str) -> dict[str, torch.Tensor]:
+        try:
+            return load(blob(relpath))
+        except ArtifactError:
+            raise
+        except Exception as exc:
+            raise ArtifactError(f"{folder / relpath}: not a readable safetensors file ({exc})") from exc
+
+    shared = tensors(manifest["shared_weights"]) if manifest.get("shared_weights") else {}
+    graphs, weights = [], []
+    for entry in rank_entries:
+        if len(entry["graphs"]) != len(state.buckets):
+            raise ArtifactError(f"{folder / MANIFEST}: a rank lists {len(entry['graphs'])} graphs for {len(state.buckets)} buckets")
+        graphs.append([blob(name) for name in entry["graphs"]])
+        if state.inline_weights:
+            weights.append(None)
+        else:
+            own = tensors(entry["weights"]) if entry.get("weights") else {}
+            weights.append({**shared, **own})
+    return state, graphs, weights
+
+
+def tensor_bytes(path: str | os.PathLike) -> int:
+    """Bytes of tensor data in a saved model (graph files' inlined weights included)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(path).rglob("*"):
+        if file.suffix in (".safetensors", ".graph") and file.is_file():
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    t = handle.get_slice(key)
+                    n = 1
+                    for d in t.get_shape():
+                        n *= d
+                    total += n * _dtype_size(t.get_dtype())
+    return total
+
+
+def _dtype_size(name: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(name, 4)

@@ -1,0 +1,183 @@
+"""Tracing backends: turn one rank's module into a graph, to bytes and back, and bind weights.
+
+- `cpu`: torch.export; collectives are captured as functional collectives. With separated weights
+  the module is exported with its weights as an explicit input, so the graph holds none and every
+  rank (and every bucket) can share one graph.
+- `neuron`: torch_neuronx.trace with the guide's arguments; runs only where torch-neuronx is.
+- `eager`: no tracing, the module itself; for in-process ranks (unit tests), cannot be saved.
+
+Graph files of the cpu backend are safetensors files: tensors (inlined weights, constants) plus
+the serialized program (JSON) in the header metadata. Nothing in them is unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import json
+import struct
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cluster.errors import ArtifactError, BackendUnavailable
+
+_PROGRAM_KEY = "tpcluster.program"
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "neuron" if importlib.util.find_spec("torch_neuronx") is not None else "cpu"
+    if name == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
+        raise BackendUnavailable(
+            "backend='neuron' needs torch-neuronx (an inf2/trn1 instance with the Neuron SDK); "
+            "use backend='cpu' or 'auto' on other machines"
+        )
+    return name
+
+
+def get_backend(name: str) -> "Backend":
+    try:
+        return {"cpu": CpuBackend, "neuron": NeuronBackend, "eager": EagerBackend}[name]()
+    except KeyError:
+        raise BackendUnavailable(f"unknown backend {name!r}; use 'cpu', 'neuron' or 'auto'") from None
+
+
+class Backend:
+    name = "base"
+    #: a graph traced on one rank may run on every rank with that rank's weights
+    shares_graphs = False
+
+    def trace(self, model: nn.Module, example: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor] | None,
+              compiler_workdir: str | None = None, compiler_args: Any = None) -> Any:
+        raise NotImplementedError
+
+    def dump(self, graph: Any) -> bytes:
+        raise NotImplementedError
+
+    def load(self, blob: bytes, source: str) -> Any:
+        raise NotImplementedError
+
+    def bind(self, graph: Any, weights: dict[str, torch.Tensor] | None) -> Callable[..., Any]:
+        raise NotImplementedError
+
+
+class _WeightsAsInputs(nn.Module):
+    """Calls `model` with weights passed in, so the exported graph carries none of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", model)  # not a submodule: its tensors must not be lifted
+
+    def forward(self, weights: dict[str, torch.Tensor], *inputs: torch.Tensor) -> Any:
+        return torch.func.functional_call(self.inner, weights, inputs)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    shares_graphs = True
+
+    def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
+        with torch.no_grad():
+            if weights is None:
+                return torch.export.export(model, example)
+            return torch.export.export(_WeightsAsInputs(model), (weights, *example))
+
+    def dump(self, graph: torch.export.ExportedProgram) -> bytes:
+        from safetensors.torch import save
+        from torch._export.serde.serialize import serialize
+
+        artifact = serialize(graph, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+        parameters = set(graph.graph_signature.parameters)
+        tensors = {
+            f"{'param' if k in parameters else 'state'}/{k}": v.detach().contiguous().clone()
+            for k, v in graph.state_dict.items()
+        }
+        for key, value in graph.constants.items():
+            if not isinstance(value, torch.Tensor):
+                raise ArtifactError(f"traced graph holds a non-tensor constant {key!r} ({type(value).__name__}); cannot store it without pickle")
+            tensors[f"const/{key}"] = value.detach().contiguous().clone()
+        return save(tensors, metadata={_PROGRAM_KEY: artifact.exported_program.decode("utf-8")})
+
+    def load(self, blob: bytes, source: str) -> torch.export.ExportedProgram:
+        from safetensors.torch import load
+        from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+        try:
+            metadata = _safetensors_metadata(blob)
+            program = metadata[_PROGRAM_KEY].encode("utf-8")
+            tensors = load(blob)
+        except Exception as exc:
+            raise ArtifactError(f"{source}: not a tpcluster cpu graph file ({exc})") from exc
+        state: dict[str, torch.Tensor] = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+        state.update({k.removeprefix("param/"): nn.Parameter(v, requires_grad=False) for k, v in tensors.items() if k.startswith("param/")})
+        constants = {k.removeprefix("const/"): v for k, v in tensors.items() if k.startswith("const/")}
+        try:
+            return deserialize(SerializedArtifact(program, state, constants, None))
+        except Exception as exc:
+            raise ArtifactError(f"{source}: graph does not deserialize with torch {torch.__version__}: {exc}") from exc
+
+    def bind(self, graph, weights):
+        module = graph.module()
+        if weights is None:
+            return module
+        order = graph.call_spec.in_spec.child(0).child(0).context  # the weight names, as traced
+        missing = [name for name in order if name not in weights]
+        if missing:
+            raise ArtifactError(f"the graph needs weights the rank does not hold: {missing[:8]}")
+        return functools.partial(module, {name: weights[name] for name in order})
+
+
+class NeuronBackend(Backend):
+    """torch_neuronx.trace per rank, called as the guide's parallel_model_trace calls it."""
+
+    name = "neuron"
+
+    def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
+        import torch_neuronx
+
+        return torch_neuronx.trace(
+            model, example, compiler_workdir=compiler_workdir, compiler_args=compiler_args,
+            inline_weights_to_neff=weights is None,
+        )
+
+    def dump(self, graph) -> bytes:
+        buffer = io.BytesIO()
+        torch.jit.save(graph, buffer)
+        return buffer.getvalue()
+
+    def load(self, blob, source):
+        try:
+            return torch.jit.load(io.BytesIO(blob))
+        except Exception as exc:
+            raise ArtifactError(f"{source}: cannot load Neuron graph: {exc}") from exc
+
+    def bind(self, graph, weights):
+        if weights is not None:
+            import torch_neuronx
+
+            torch_neuronx.replace_weights(graph, weights)
+        return graph
+
+
+class EagerBackend(Backend):
+    """No tracing: the rank runs its module as is (in-process ranks, tests)."""
+
+    name = "eager"
+
+    def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
+        return model
+
+    def dump(self, graph) -> bytes:
+        raise ArtifactError("backend 'eager' keeps no graph to save; trace with backend='cpu' to save the model")
+
+    def bind(self, graph, weights):
+        return graph  # the module holds the very tensors of `weights`: in-place replacement reaches it
+
+
+def _safetensors_metadata(blob: bytes) -> dict[str, str]:
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    return header.get("__metadata__", {})
