@@ -99,7 +99,7 @@ class Coordinator:
         )
         start = time.perf_counter()
         if once:
-            seconds, blob = self.ranks.trace_bucket(bucket, example, timeout, ranks=[0])[0]
+            seconds, blob = self.ranks.trace_bucket(bucket, example, timeout, ranks=[0], return_graph=True)[0]
             if self.ranks.world_size > 1:
                 self.ranks.adopt_graph(bucket, blob, list(range(1, self.ranks.world_size)), timeout)
             diffs = self.ranks.verify_bucket(bucket, example, timeout)

@@ -49,8 +49,10 @@ class RankWorker:
         self._weights: dict[str, torch.Tensor] | None = None
         self._graphs: list[Any] = []  # backend graph objects, one per bucket
         self._calls: list[Any] = []  # the same, bound to the weights
-        if world_size == 1 or collectives is not None:
-            parallel_state.set_rank(rank, world_size, collectives)
+        if collectives is not None:  # an in-process rank: its thread is its process
+            parallel_state.set_thread_rank(rank, world_size, collectives)
+        elif world_size == 1:
+            parallel_state.set_rank(0, 1, None)
 
     # -- collective group -------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

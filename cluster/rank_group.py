@@ -62,9 +62,10 @@ class RankGroup(ABC):
     def build(self, spec: TraceSpec, timeout: float) -> list[dict[str, Any]]:
         return self._same("build", timeout, spec)
 
-    def trace_bucket(self, bucket: int, example: tuple, timeout: float, ranks: Sequence[int] | None = None) -> list[tuple[float, bytes | None]]:
+    def trace_bucket(self, bucket: int, example: tuple, timeout: float, ranks: Sequence[int] | None = None,
+                     return_graph: bool = False) -> list[tuple[float, bytes | None]]:
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
-        return self._fan_out("trace_bucket", [(bucket, example, r == 0) for r in ranks], timeout, ranks)
+        return self._fan_out("trace_bucket", [(bucket, example, return_graph)] * len(ranks), timeout, ranks)
 
     def adopt_graph(self, bucket: int, blob: bytes, ranks: Sequence[int], timeout: float) -> list[float]:
         return self._fan_out("adopt_graph", [(bucket, blob)] * len(ranks), timeout, ranks)
@@ -103,7 +104,7 @@ class InProcessRankGroup(RankGroup):
             view = self._collectives.for_rank(rank)
             pool = futures.ThreadPoolExecutor(
                 1, thread_name_prefix=f"rank{rank}",
-                initializer=lambda r=rank, v=view: parallel_state.rank_context(r, world_size, v).__enter__(),
+                initializer=parallel_state.set_thread_rank, initargs=(rank, world_size, view),
             )
             self._threads.append(pool)
             self._workers.append(pool.submit(RankWorker, rank, world_size, view).result())

@@ -71,8 +71,10 @@ def find_rank_file(folder: str | os.PathLike, rank: int, world_size: int) -> Pat
 def check_and_assign(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model`, or raise CheckpointError naming every missing/unexpected/misshapen key."""
     expected = model.state_dict()
+    # buffers the model keeps out of its state dict (position_ids, ...) but older checkpoints carry
+    transient = {name for name, _ in model.named_buffers()} - set(expected)
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - transient)
     misshapen = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(state))

@@ -64,6 +64,11 @@ def set_rank(rank: int, world_size: int, collectives: Collectives | None) -> Non
     _process_state = TensorParallelState(rank, world_size, collectives)
 
 
+def set_thread_rank(rank: int, world_size: int, collectives: Collectives | None) -> None:
+    """Make this thread act as `rank` of `world_size` (in-process ranks, one thread each)."""
+    _thread_state.state = TensorParallelState(rank, world_size, collectives)
+
+
 @contextlib.contextmanager
 def rank_context(rank: int, world_size: int, collectives: Collectives | None) -> Iterator[None]:
     """Act as `rank` of `world_size` in this thread only (in-process ranks)."""

@@ -1,0 +1,1 @@
+"""Models that ship with tpcluster (ported to cluster.parallel_layers)."""
