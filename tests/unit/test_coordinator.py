@@ -93,3 +93,11 @@ def test_bad_tp_degree_and_backend():
 
 def test_load_is_reexported():
     assert load is cluster.parallel_layers.load
+
+
+def test_minilm_heads_must_divide_by_tp_degree():
+    from cluster.errors import ShardingError
+    from cluster.models.bert import minilm_embedder
+
+    with pytest.raises(ShardingError, match="12 heads do not divide by tp_degree 8"):
+        parallel_model_trace(minilm_embedder, torch.zeros(1, 4, dtype=torch.long), tp_degree=8, backend="eager", progress=False)

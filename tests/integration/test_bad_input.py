@@ -1,0 +1,61 @@
+"""Bad input on real rank actors: each a clear exception, no hang, and the cluster still usable."""
+
+import time
+
+import pytest
+import torch
+
+import cluster
+from cluster.errors import CapacityError, InputError, RankError, ShardingError
+from cluster.parallel_layers import parallel_state
+from cluster.parallel_layers.sharding import partition_dims, split_state_dict
+from tests.unit.test_layers import Block
+
+pytestmark = pytest.mark.integration
+
+STATE = {}
+
+
+def block_model():
+    model = Block().eval()
+    rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_size()
+    model.load_state_dict(split_state_dict(STATE["state"], partition_dims(model), rank, world))
+    return model, {}
+
+
+def broken_on_rank_one():
+    if parallel_state.get_tensor_model_parallel_rank() == 1:
+        raise KeyError("layer 3 weights")
+    return block_model()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(7)
+    model = Block().eval()
+    STATE["state"] = model.state_dict()
+    return model
+
+
+def test_bad_calls_then_the_cluster_keeps_serving(ray_cluster, reference):
+    ids = torch.randint(0, 32, (2, 6))
+
+    with pytest.raises(RankError) as info:
+        cluster.trace.parallel_model_trace(broken_on_rank_one, ids, tp_degree=2, progress=False)
+    assert "rank 1: KeyError: 'layer 3 weights'" in str(info.value)
+    assert "broken_on_rank_one" in info.value.remote_traceback
+
+    with pytest.raises(ShardingError, match=r"rank 0: ParallelEmbedding\(32, 16\) num_embeddings: size 32 does not divide by tp_degree 5; pick a tp_degree"):
+        cluster.trace.parallel_model_trace(block_model, ids, tp_degree=5, progress=False)
+
+    started = time.monotonic()
+    with pytest.raises(CapacityError, match="tp_degree 16 needs 16 NeuronCores on one node, but the largest node has 8"):
+        cluster.trace.parallel_model_trace(block_model, ids, tp_degree=16, progress=False)
+    assert time.monotonic() - started < 60  # bounded, never a silent pending actor
+
+    with cluster.trace.parallel_model_trace(block_model, ids, tp_degree=2, progress=False) as model:
+        with pytest.raises(InputError, match=r"inputs \(int64\[2, 9\]\) do not match the traced signature \(int64\[2, 6\]\)"):
+            model(torch.zeros(2, 9, dtype=torch.long))
+        with pytest.raises(InputError, match=r"inputs \(float32\[2, 6\]\)"):
+            model(torch.zeros(2, 6))
+        torch.testing.assert_close(model(ids), reference(ids), atol=1e-5, rtol=1e-5)
