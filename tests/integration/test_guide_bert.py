@@ -68,25 +68,78 @@ def _repo_root():
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_autobucketing_takes_any_length_up_to_512(ray_cluster, workdir):
-    _, reference = workdir
+@pytest.fixture(scope="module")
+def bucketed(ray_cluster, workdir):
     bucket_config = cluster.trace.BucketModelConfig(guide.get_bucket_kernel)  # was: torch_neuronx.BucketModelConfig
     model = cluster.trace.parallel_model_trace(
         guide.get_model, [guide.paraphrase, guide.paraphrase_long], inline_weights_to_neff=False,
         bucket_config=bucket_config, tp_degree=2, progress=False,
     )
-    try:
-        assert model.info()["trace_mode"] == ["once", "once"]
-        generator = torch.Generator().manual_seed(0)
-        for length in (1, 20, 128, 129, 300, 512):
-            ids = torch.randint(1000, 20000, (1, length), generator=generator)
-            inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-            with torch.no_grad():
-                expected = reference(*inputs)
-            _assert_matches(model(*inputs), expected)
-        too_long = torch.ones(1, 513, dtype=torch.long)
-        with pytest.raises(BucketError, match=r"size 513 in dim 1, above the largest bucket \(int64\[1, 512\]"):
-            model(too_long, too_long, too_long)
-        _assert_matches(model(*guide.paraphrase), reference(*guide.paraphrase))  # still serving
-    finally:
-        model.close()
+    yield model
+    model.close()
+
+
+def test_autobucketing_takes_any_length_up_to_512(bucketed, workdir):
+    _, reference = workdir
+    model = bucketed
+    assert model.info()["trace_mode"] == ["once", "once"]
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, 20, 128, 129, 300, 512):
+        ids = torch.randint(1000, 20000, (1, length), generator=generator)
+        inputs = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+        with torch.no_grad():
+            expected = reference(*inputs)
+        _assert_matches(model(*inputs), expected)
+    too_long = torch.ones(1, 513, dtype=torch.long)
+    with pytest.raises(BucketError, match=r"size 513 in dim 1, above the largest bucket \(int64\[1, 512\]"):
+        model(too_long, too_long, too_long)
+    _assert_matches(model(*guide.paraphrase), reference(*guide.paraphrase))  # still serving
+
+
+def test_separated_artifact_holds_one_copy_of_each_weight(bucketed, workdir, tmp_path):
+    from safetensors import safe_open
+
+    from cluster.trace.artifact import tensor_bytes
+
+    path, reference = workdir
+    cluster.trace.parallel_model_save(bucketed, tmp_path / "separated")
+    whole = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    stored = tensor_bytes(tmp_path / "separated")
+    assert abs(stored - whole) / whole < 0.05, (stored, whole)
+    with safe_open(str(tmp_path / "separated" / "weights" / "shared.safetensors"), "pt") as shared:
+        shared_keys = set(shared.keys())
+    rank_keys = []
+    for rank in range(2):
+        with safe_open(str(tmp_path / "separated" / "weights" / f"rank_{rank:02d}.safetensors"), "pt") as own:
+            rank_keys.append(set(own.keys()))
+    replicated = {"bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.output.LayerNorm.weight",
+                  "bert.encoder.layer.0.attention.output.dense.bias", "classifier.weight"}
+    assert replicated <= shared_keys and not replicated & (rank_keys[0] | rank_keys[1])
+    assert "bert.encoder.layer.0.attention.self.query.weight" in rank_keys[0] & rank_keys[1]
+    graphs = list((tmp_path / "separated" / "graphs").iterdir())
+    assert len(graphs) == 2  # one graph per bucket, shared by both ranks
+    for graph in graphs:
+        with safe_open(str(graph), "pt") as handle:
+            assert not [k for k in handle.keys() if k.startswith(("param/", "state/"))]  # no weights in graphs
+
+
+def test_replace_weights_without_retracing(bucketed, workdir, tmp_path):
+    _, reference = workdir
+    generator = torch.Generator().manual_seed(1)
+    new_state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                 for k, v in reference.state_dict().items()}
+    tuned = guide.cpu_model()
+    tuned.load_state_dict(new_state)
+    torch.save({"model": new_state}, tmp_path / "tuned.pt")
+
+    wrong = {k: v for k, v in new_state.items() if k != "classifier.bias"}
+    with pytest.raises(cluster.errors.CheckpointError, match=r"missing \['classifier.bias'\].*old weights keep serving"):
+        cluster.trace.replace_weights(bucketed, wrong)
+    _assert_matches(bucketed(*guide.paraphrase), reference(*guide.paraphrase))
+
+    cluster.trace.replace_weights(bucketed, tmp_path / "tuned.pt")
+    with torch.no_grad():
+        for inputs in (guide.paraphrase, guide.paraphrase_long, guide.not_paraphrase):
+            _assert_matches(bucketed(*inputs), tuned(*inputs))
+    assert bucketed.info()["trace_mode"] == ["once", "once"]
+    cluster.trace.replace_weights(bucketed, reference.state_dict())  # put the fixture's weights back
