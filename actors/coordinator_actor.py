@@ -7,6 +7,7 @@ errors are turned back into ours here, in one place.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
@@ -15,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.rank_group import RayRankGroup
 from actors.runtime import ensure_ray
 from cluster.coordinator import Coordinator, CoordinatorConfig
-from cluster.errors import ClusterError, ClusterTimeout
+from cluster.errors import ClusterError, ClusterTimeout, ModelUnavailable
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -36,6 +37,16 @@ class CoordinatorActor:
             self._coordinator = None
 
 
+def translate(exc: Exception, method: str) -> ClusterError:
+    """Ray's wrapper errors, turned back into ours (the one place this happens for coordinators)."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, ClusterError):
+            return cause
+        return ClusterError(f"coordinator {method} failed: {exc}")
+    return ModelUnavailable(f"the coordinator process died during {method}: {exc}; the replica must be reloaded")
+
+
 class RemoteCoordinator:
     """Driver-side stand-in for a Coordinator living in a CoordinatorActor."""
 
@@ -43,23 +54,36 @@ class RemoteCoordinator:
         self._actor = actor
         self._config = config
 
-    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+    def _submit(self, method: str, args: tuple) -> Any:
         if self._actor is None:
             raise ClusterError("this model was closed; load it again")
+        return self._actor.call.remote(method, *args)
+
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         timeout = timeout or self._config.call_timeout_s
-        ref = self._actor.call.remote(method, *args)
+        ref = self._submit(method, args)
         try:
             return ray.get(ref, timeout=timeout + 5.0)
-        except RayTaskError as exc:
-            cause = exc.cause
-            if isinstance(cause, ClusterError):
-                raise cause from None
-            raise ClusterError(f"coordinator {method} failed: {exc}") from None
-        except RayActorError as exc:
-            raise ClusterError(f"the coordinator process died during {method}: {exc}; load the model again") from None
         except GetTimeoutError:
             ray.cancel(ref, force=False)
             raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from None
+        except (RayTaskError, RayActorError) as exc:
+            raise translate(exc, method) from None
+
+    async def call_async(self, method: str, *args: Any, timeout: float) -> Any:
+        """The same call from asyncio: awaits the actor without blocking the event loop.
+
+        When `timeout` runs out (a client's deadline) the call is cancelled: if the coordinator
+        has not started it, it never reaches the ranks.
+        """
+        ref = self._submit(method, args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            ray.cancel(ref, force=False)
+            raise
+        except (RayTaskError, RayActorError) as exc:
+            raise translate(exc, method) from None
 
     def start(self) -> list[dict[str, Any]]:
         return self._call("start", timeout=self._config.rendezvous_timeout_s + 60)

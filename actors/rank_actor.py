@@ -12,7 +12,7 @@ from cluster.rank import RankWorker
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)
 class RankActor:
     def __init__(self, rank: int, world_size: int) -> None:
-        self._worker = RankWorker(rank, world_size)
+        self._worker = RankWorker(rank, world_size, node=ray.util.get_node_ip_address())
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self._worker, method)(*args)

@@ -122,3 +122,50 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _all(buckets: Sequence[Signature]) -> str:
     return ", ".join(f"{i}: {describe_signature(sig)}" for i, sig in enumerate(buckets))
+
+
+class BatchSequenceBucketKernel(torch.nn.Module):
+    """Pads dim 0 (batch) and dim 1 (sequence) of the first `num_inputs` inputs to the smallest
+    fitting pair of buckets; bucket index = batch_index * len(seq_buckets) + seq_index."""
+
+    def __init__(self, batch_buckets: List[int], seq_buckets: List[int], num_inputs: int, pad_value: int = 0) -> None:
+        super().__init__()
+        for name, buckets in (("batch_buckets", batch_buckets), ("seq_buckets", seq_buckets)):
+            if not buckets or sorted(buckets) != list(buckets) or len(set(buckets)) != len(buckets):
+                raise ValueError(f"{name} must be a non-empty increasing list, got {buckets}")
+        self.batch_buckets = list(batch_buckets)
+        self.seq_buckets = list(seq_buckets)
+        self.num_inputs = num_inputs
+        self.pad_value = pad_value
+
+    def forward(self, tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        batch = tensors[0].shape[0]
+        length = tensors[0].shape[1]
+        bi = len(self.batch_buckets)
+        for i, b in enumerate(self.batch_buckets):
+            if batch <= b:
+                bi = i
+                break
+        si = len(self.seq_buckets)
+        for i, s in enumerate(self.seq_buckets):
+            if length <= s:
+                si = i
+                break
+        if bi == len(self.batch_buckets) or si == len(self.seq_buckets):
+            return tensors, torch.tensor([len(self.batch_buckets) * len(self.seq_buckets)])
+        target_b = self.batch_buckets[bi]
+        target_s = self.seq_buckets[si]
+        padded: List[torch.Tensor] = []
+        for i, tensor in enumerate(tensors):
+            if i < self.num_inputs:
+                out = torch.full([target_b, target_s], self.pad_value, dtype=tensor.dtype)
+                out[: tensor.shape[0], : tensor.shape[1]] = tensor
+                padded.append(out)
+            else:
+                padded.append(tensor)
+        return padded, torch.tensor([bi * len(self.seq_buckets) + si])
+
+
+def batch_sequence_bucket_kernel(batch_buckets: Sequence[int], seq_buckets: Sequence[int], num_inputs: int, pad_value: int = 0):
+    """A TorchScript BatchSequenceBucketKernel; trace one example per (batch, seq) pair, batch-major."""
+    return torch.jit.script(BatchSequenceBucketKernel(list(batch_buckets), list(seq_buckets), num_inputs, pad_value))

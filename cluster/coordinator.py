@@ -94,7 +94,7 @@ class Coordinator:
         """Trace one bucket on the ranks: once on rank 0 when the graphs can be shared, else per rank."""
         spec, timeout = self._spec, self.config.trace_timeout_s
         once = (
-            spec.spmd_mode is not False and get_backend(spec.backend).shares_graphs
+            self.ranks.world_size > 1 and spec.spmd_mode is not False and get_backend(spec.backend).shares_graphs
             and not spec.inline_weights and self._ranks_alike
         )
         start = time.perf_counter()
@@ -113,7 +113,7 @@ class Coordinator:
                 once = False
         if not once:
             self.ranks.trace_bucket(bucket, example, timeout)
-        self.state.trace_mode.append("once" if once else "per-rank")
+        self.state.trace_mode.append("once" if once or self.ranks.world_size == 1 else "per-rank")
         return {"bucket": bucket, "mode": self.state.trace_mode[-1], "seconds": time.perf_counter() - start}
 
     def finish_trace(self) -> None:
@@ -174,6 +174,9 @@ class Coordinator:
             "inline_weights": state.inline_weights if state else None,
             "trace_mode": list(state.trace_mode) if state else [],
         }
+
+    def describe_ranks(self) -> list[dict[str, Any]]:
+        return self.ranks.describe(self.config.call_timeout_s)
 
     def health(self) -> list[int]:
         return self.ranks.ping(self.config.call_timeout_s)

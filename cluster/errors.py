@@ -12,7 +12,10 @@ This module imports nothing from the package, so any layer may import it.
     ├── CapacityError                   the cluster cannot hold the rank group
     ├── RankError                       code running inside a rank raised (carries rank and traceback)
     │   └── RankFailure                 a rank died or stopped answering within its timeout
-    └── ClusterTimeout (TimeoutError)   a bounded wait ran out (rendezvous, call)
+    ├── ClusterTimeout (TimeoutError)   a bounded wait ran out (rendezvous, call)
+    ├── ModelNotFound (KeyError)        no model of that name is served
+    ├── ModelUnavailable                the model has no ready replica right now
+    └── Overloaded                      the model's queue is full: retry later
 """
 
 from __future__ import annotations
@@ -72,3 +75,18 @@ class RankFailure(RankError):
 
 class ClusterTimeout(ClusterError, TimeoutError):
     """A bounded wait on the cluster ran out."""
+
+
+class ModelNotFound(ClusterError, KeyError):
+    """No model of that name is served here."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "model not found"
+
+
+class ModelUnavailable(ClusterError):
+    """The model has no ready replica (ranks starting, lost, or rebuilding): retry shortly."""
+
+
+class Overloaded(ClusterError):
+    """The model's request queue is full: retry later, or raise the gateway's --max-queue."""

@@ -40,8 +40,9 @@ def collect_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class RankWorker:
-    def __init__(self, rank: int, world_size: int, collectives: Collectives | None = None) -> None:
+    def __init__(self, rank: int, world_size: int, collectives: Collectives | None = None, node: str = "") -> None:
         self.rank = rank
+        self.node = node or socket.gethostname()
         self.world_size = world_size
         self._collectives = collectives
         self._backend: Backend | None = None
@@ -59,9 +60,10 @@ class RankWorker:
         return {
             "rank": self.rank,
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "node": self.node,
             "neuron_cores": os.environ.get("NEURON_RT_VISIBLE_CORES", ""),
             "threads": torch.get_num_threads(),
+            "memory_bytes": _resident_bytes(),
         }
 
     @staticmethod
@@ -193,3 +195,12 @@ class RankWorker:
 
 def _flat(outputs: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

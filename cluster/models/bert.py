@@ -121,3 +121,30 @@ def minilm_embedder(path: str | os.PathLike | None = None, tensor_parallel: bool
     load(folder / "model.safetensors", bert, sharded=False)
     return SentenceEmbedder(bert, pooling_config(folder)).eval(), {}
 
+
+
+class PairSimilarityClassifier(torch.nn.Module):
+    """Paraphrase detection from sentence embeddings: logits [different, paraphrase] from the cosine.
+
+    A bi-encoder head with no trained weights: logit = scale * (cosine - threshold). Inputs are the
+    two texts' ids, masks and token types, padded to one length.
+    """
+
+    def __init__(self, embedder: SentenceEmbedder, threshold: float = 0.5, scale: float = 10.0) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.threshold = threshold
+        self.scale = scale
+
+    def forward(self, ids_a: torch.Tensor, mask_a: torch.Tensor, types_a: torch.Tensor,
+                ids_b: torch.Tensor, mask_b: torch.Tensor, types_b: torch.Tensor) -> tuple[torch.Tensor]:
+        a = torch.nn.functional.normalize(self.embedder(ids_a, mask_a, types_a)[0], dim=-1)
+        b = torch.nn.functional.normalize(self.embedder(ids_b, mask_b, types_b)[0], dim=-1)
+        score = self.scale * ((a * b).sum(-1) - self.threshold)
+        return (torch.stack([-score, score], dim=-1),)
+
+
+def minilm_paraphrase(path: str | os.PathLike | None = None, tensor_parallel: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The embedded MiniLM as a paraphrase classifier (labels: different, paraphrase)."""
+    embedder, aliases = minilm_embedder(path, tensor_parallel)
+    return PairSimilarityClassifier(embedder).eval(), aliases

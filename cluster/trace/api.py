@@ -100,16 +100,20 @@ def parallel_model_trace(
     try:
         say(f"building the model on {tp_degree} rank(s)")
         coordinator.build(spec, kernel)
+        trace_seconds = 0.0
         for bucket, example in enumerate(examples):
             report = coordinator.trace_bucket(bucket, example)
+            trace_seconds += report["seconds"]
             say(f"bucket {bucket + 1}/{len(examples)} {signature_of(example)[0].describe()}...: traced "
                 f"{'once for all ranks' if report['mode'] == 'once' else 'on every rank'} in {report['seconds']:.1f} s")
         coordinator.finish_trace()
     except BaseException:
         coordinator.close()
         raise
-    say(f"ready in {time.perf_counter() - started:.1f} s")
-    return ParallelModel(coordinator)
+    say(f"ready in {time.perf_counter() - started:.1f} s ({trace_seconds:.1f} s tracing)")
+    model = ParallelModel(coordinator)
+    model.trace_seconds = trace_seconds
+    return model
 
 
 def parallel_model_save(model: ParallelModel, path: str | os.PathLike) -> None:

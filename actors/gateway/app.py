@@ -1,0 +1,73 @@
+"""`tpcluster serve`: attach to (or start) a Ray cluster, load the models, serve them over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.gateway.batching import BatchingConfig
+from actors.gateway.server import Gateway, GatewayConfig
+from actors.gateway.served import Replica, ServedModel
+from cluster.serving import ServingSpec
+
+log = logging.getLogger("tpcluster.gateway")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: dict[str, Path] = field(default_factory=dict)  # empty: the embedded defaults
+    replicas: int = 1
+    address: str | None = None
+    neuron_cores: int | None = None
+    batching: BatchingConfig = BatchingConfig()
+    gateway: GatewayConfig = GatewayConfig()
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+
+
+def load_models(config: ServeConfig) -> dict[str, ServedModel]:
+    """Load every model's replicas onto the cluster (blocking; runs before the server starts)."""
+    import cluster
+    from cluster.trace import parallel_model_load
+
+    cluster.init(address=config.address, neuron_cores=config.neuron_cores)
+    folders = dict(config.models)
+    if not folders:
+        from cluster.models.defaults import ensure_defaults
+
+        folders = ensure_defaults()
+    models = {}
+    for name, folder in folders.items():
+        replicas = []
+        for index in range(config.replicas):
+            model = parallel_model_load(folder)
+            replicas.append(Replica(index, model._coordinator))
+        models[name] = ServedModel(name, Path(folder), ServingSpec.read(folder), replicas, config.batching)
+        log.info("loaded %s from %s (%d replica(s))", name, folder, config.replicas)
+    return models
+
+
+async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> None:
+    models = await asyncio.get_running_loop().run_in_executor(None, load_models, config)
+    gateway = Gateway(models, config.gateway)
+    for model in models.values():
+        model.metrics = gateway.metrics
+    port = await gateway.start()
+    print(f"tpcluster gateway serving {sorted(models)} on {config.gateway.host}:{port}", file=sys.stderr, flush=True)
+    if ready_file:
+        Path(ready_file).write_text(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("tpcluster gateway: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)
+    await gateway.stop()
+    for model in models.values():
+        await model.close()

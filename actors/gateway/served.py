@@ -1,0 +1,180 @@
+"""A model as the gateway serves it: replicas, tokenizer, batcher, and per-task request handling.
+
+Text tasks (embed, classify) tokenize at submit time, so bad input is refused before it queues;
+the batcher then merges rows from concurrent requests into one forward on the least busy ready
+replica. Only token ids and output rows cross to the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.gateway.batching import BatchingConfig, DynamicBatcher
+from cluster.errors import InputError, ModelUnavailable
+from cluster.serving import ServingSpec
+
+log = logging.getLogger("tpcluster.gateway")
+
+
+@dataclass
+class Replica:
+    index: int
+    coordinator: Any  # actors.coordinator_actor.RemoteCoordinator
+    ready: bool = True
+    in_flight: int = 0
+    error: str = ""
+
+
+class ServedModel:
+    def __init__(self, name: str, folder: Path | None, spec: ServingSpec, replicas: list[Replica],
+                 batching: BatchingConfig, metrics: Any = None) -> None:
+        self.name = name
+        self.folder = folder
+        self.spec = spec
+        self.replicas = replicas
+        self.info = replicas[0].coordinator.info() if replicas else {}
+        self.metrics = metrics
+        self.tokenizer = None
+        if spec.tokenizer and folder is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(folder / spec.tokenizer)
+        self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
+        self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
+        on_batch = (lambda rows: metrics.batch_size.labels(model=name).observe(rows)) if metrics else None
+        self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)), on_batch=on_batch)
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return any(r.ready for r in self.replicas)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "task": self.spec.task, "tp_degree": self.info.get("tp_degree", 0),
+            "backend": self.info.get("backend", ""), "buckets": self.info.get("buckets", []),
+            "ready": self.ready, "replicas": len(self.replicas), "ready_replicas": sum(r.ready for r in self.replicas),
+            "labels": list(self.spec.labels), "max_sequence_length": self.max_length,
+        }
+
+    # -- requests ---------------------------------------------------------------------------
+    def _need_task(self, *tasks: str) -> None:
+        if self.spec.task not in tasks:
+            raise InputError(f"model {self.name!r} serves {self.spec.task!r}, not {'/'.join(tasks)}; pick another model")
+
+    def _tokens(self, texts: list[str], what: str) -> list[list[int]]:
+        rows = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for i, row in enumerate(rows):
+            if len(row) > self.max_length:
+                raise InputError(f"{what}[{i}] is {len(row)} tokens; model {self.name!r} takes at most {self.max_length}")
+        return rows
+
+    async def embed(self, texts: list[str], timeout: float) -> np.ndarray:
+        self._need_task("embed")
+        rows = [("embed", r) for r in self._tokens(texts, "texts")]
+        return np.stack(await asyncio.wait_for(self.batcher.submit(rows, len(rows)), timeout))
+
+    async def classify(self, pairs: list[tuple[str, str | None]], timeout: float) -> np.ndarray:
+        self._need_task("classify")
+        if self.spec.pair_encoding == "separate":
+            if any(b is None for _, b in pairs):
+                raise InputError(f"model {self.name!r} compares two texts: send text and text_pair for every input")
+            a = self._tokens([p[0] for p in pairs], "inputs.text")
+            b = self._tokens([p[1] for p in pairs], "inputs.text_pair")
+            rows = [("pair", (x, y)) for x, y in zip(a, b)]
+        else:
+            rows = []
+            for i, (a, b) in enumerate(pairs):
+                enc = self.tokenizer(a, b) if b is not None else self.tokenizer(a)
+                if len(enc["input_ids"]) > self.max_length:
+                    raise InputError(f"inputs[{i}] is {len(enc['input_ids'])} tokens; model {self.name!r} takes at most {self.max_length}")
+                rows.append(("joint", (enc["input_ids"], enc.get("token_type_ids", [0] * len(enc["input_ids"])))))
+        return np.stack(await asyncio.wait_for(self.batcher.submit(rows, len(rows)), timeout))
+
+    async def infer(self, tensors: list[np.ndarray], timeout: float) -> list[np.ndarray]:
+        self._need_task("infer", "embed", "classify")
+        inputs = tuple(torch.from_numpy(t) for t in tensors)
+        outputs = await self.call("forward", inputs, timeout=timeout)
+        leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        return [t.detach().contiguous().numpy() for t in leaves]
+
+    # -- batches ----------------------------------------------------------------------------
+    async def _run_batch(self, payloads: list[list[tuple[str, Any]]]) -> list[list[np.ndarray]]:
+        rows = [row for payload in payloads for row in payload]
+        outputs: list[np.ndarray] = []
+        for start in range(0, len(rows), self.max_rows):
+            chunk = rows[start : start + self.max_rows]
+            result = await self.call("forward", self._tensors(chunk), timeout=self.replicas[0].coordinator._config.call_timeout_s)
+            outputs.extend(result[0][: len(chunk)].detach().numpy())
+        split, at = [], 0
+        for payload in payloads:
+            split.append(outputs[at : at + len(payload)])
+            at += len(payload)
+        return split
+
+    @staticmethod
+    def _pad(seqs: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(seqs), length, dtype=torch.long)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        return ids, mask
+
+    def _tensors(self, rows: list[tuple[str, Any]]) -> tuple[torch.Tensor, ...]:
+        kind = rows[0][0]
+        if kind == "embed":
+            seqs = [r[1] for r in rows]
+            ids, mask = self._pad(seqs, max(map(len, seqs)))
+            return ids, mask, torch.zeros_like(ids)
+        if kind == "pair":
+            a, b = [r[1][0] for r in rows], [r[1][1] for r in rows]
+            length = max(max(map(len, a)), max(map(len, b)))
+            ids_a, mask_a = self._pad(a, length)
+            ids_b, mask_b = self._pad(b, length)
+            return ids_a, mask_a, torch.zeros_like(ids_a), ids_b, mask_b, torch.zeros_like(ids_b)
+        seqs, types = [r[1][0] for r in rows], [r[1][1] for r in rows]
+        length = max(map(len, seqs))
+        ids, mask = self._pad(seqs, length)
+        type_ids = torch.zeros_like(ids)
+        for i, t in enumerate(types):
+            type_ids[i, : len(t)] = torch.tensor(t)
+        return ids, mask, type_ids
+
+    # -- replicas ---------------------------------------------------------------------------
+    def pick_replica(self) -> Replica:
+        ready = [r for r in self.replicas if r.ready]
+        if not ready:
+            raise ModelUnavailable(f"model {self.name!r} has no ready replica right now; retry shortly")
+        return min(ready, key=lambda r: r.in_flight)
+
+    async def call(self, method: str, *args: Any, timeout: float) -> Any:
+        replica = self.pick_replica()
+        replica.in_flight += 1
+        try:
+            return await replica.coordinator.call_async(method, *args, timeout=timeout)
+        finally:
+            replica.in_flight -= 1
+
+    async def check_health(self, timeout: float = 10.0) -> bool:
+        for replica in self.replicas:
+            try:
+                await replica.coordinator.call_async("health", timeout=timeout)
+                replica.ready, replica.error = True, ""
+            except Exception as exc:  # any failure means: do not route requests here
+                if replica.ready:
+                    log.warning("model %s replica %d not ready: %s", self.name, replica.index, exc)
+                replica.ready, replica.error = False, str(exc)
+        return self.ready
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        for replica in self.replicas:
+            replica.coordinator.close()

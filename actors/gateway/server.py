@@ -1,0 +1,308 @@
+"""The gRPC gateway: grpc.aio server, thin servicers, one exception-to-status mapping.
+
+Each method is decode (codec) -> model call (ServedModel) -> encode (codec). Errors are mapped to
+status codes in `_status_of`, the only place that knows both our errors and gRPC's codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # noqa: F401  (makes health.aio importable)
+from grpc_reflection.v1alpha import reflection
+
+from actors.gateway import codec
+from actors.gateway.metrics import GatewayMetrics
+from actors.gateway.served import ServedModel
+from clients.protocol import SERVICE
+from clients.protocol import inference_pb2 as pb
+from clients.protocol import inference_pb2_grpc as pb_grpc
+from cluster.errors import (
+    ClusterError, ClusterTimeout, InputError, ModelNotFound, ModelUnavailable, Overloaded, RankFailure,
+)
+
+log = logging.getLogger("tpcluster.gateway")
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0  # 0: no metrics endpoint
+    auth_token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    grace_s: float = 10.0
+    max_message_bytes: int = 64 << 20
+    health_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, InputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, (ModelUnavailable, RankFailure)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, ClusterTimeout)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish before its deadline"
+    if isinstance(exc, ClusterError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the gateway log"
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ServedModel]) -> None:
+        self.models = models
+
+    def get(self, name: str) -> ServedModel:
+        if not name and len(self.models) == 1:
+            return next(iter(self.models.values()))
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ModelNotFound(f"no model named {name!r}; served models: {sorted(self.models)}") from None
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float:
+    remaining = context.time_remaining()
+    return DEFAULT_TIMEOUT_S if remaining is None else max(0.0, remaining)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: GatewayMetrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, handler) -> Any:
+        request_id = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
+        model = getattr(request, "model", "")
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await handler()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request %s %s failed", request_id, method)
+            await context.abort(code, message)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(method, model, code.name).inc()
+            self.metrics.latency.labels(method, model).observe(elapsed)
+            log.info(json.dumps({"request_id": request_id, "method": method, "model": model, "code": code.name,
+                                 "ms": round(elapsed * 1e3, 2)}))
+
+    async def ListModels(self, request, context):
+        async def handler():
+            return pb.ListModelsResponse(models=[_metadata(m) for m in self.registry.models.values()])
+        return await self._unary("ListModels", request, context, handler)
+
+    async def GetModel(self, request, context):
+        async def handler():
+            return _metadata(self.registry.get(request.model))
+        return await self._unary("GetModel", request, context, handler)
+
+    async def GetStatus(self, request, context):
+        async def handler():
+            models = []
+            for m in self.registry.models.values():
+                replicas = []
+                for r in m.replicas:
+                    ranks = await _rank_status(r) if r.ready else []
+                    replicas.append(pb.ReplicaStatus(index=r.index, ready=r.ready, ranks=ranks, error=r.error))
+                models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.info.get("tp_degree", 0),
+                                             queue_depth=m.batcher.depth, replicas=replicas))
+            return pb.StatusResponse(models=models, gateway_version=_version())
+        return await self._unary("GetStatus", request, context, handler)
+
+    async def Embed(self, request, context):
+        async def handler():
+            model = self.registry.get(request.model)
+            vectors = await model.embed(codec.decode_texts(request.texts), _timeout(context))
+            return pb.EmbedResponse(embeddings=[pb.Embedding(values=v.tolist()) for v in vectors],
+                                    dimensions=int(vectors.shape[1]))
+        return await self._unary("Embed", request, context, handler)
+
+    async def Classify(self, request, context):
+        async def handler():
+            model = self.registry.get(request.model)
+            logits = await model.classify(codec.decode_pairs(request.inputs), _timeout(context))
+            labels = list(model.spec.labels)
+            results = []
+            for row in logits:
+                best = int(row.argmax())
+                results.append(pb.Classification(logits=row.tolist(), label_id=best,
+                                                 label=labels[best] if best < len(labels) else str(best)))
+            return pb.ClassifyResponse(results=results)
+        return await self._unary("Classify", request, context, handler)
+
+    async def Infer(self, request, context):
+        async def handler():
+            model = self.registry.get(request.model)
+            if not request.inputs:
+                raise InputError("no input tensors; send the model's inputs (see GetModel)")
+            arrays = [codec.decode_tensor(t, i)[1] for i, t in enumerate(request.inputs)]
+            outputs = await model.infer(arrays, _timeout(context))
+            return pb.InferResponse(outputs=[codec.encode_tensor(f"output_{i}", a) for i, a in enumerate(outputs)])
+        return await self._unary("Infer", request, context, handler)
+
+
+def _metadata(model: ServedModel) -> pb.ModelMetadata:
+    meta = model.metadata()
+    buckets = [pb.Bucket(inputs=[pb.TensorSpec(name=f"input_{i}", dtype=s["dtype"], shape=s["shape"]) for i, s in enumerate(sig)])
+               for sig in meta["buckets"]]
+    inputs = []
+    if meta["buckets"]:
+        first = meta["buckets"][0]
+        for i, spec in enumerate(first):
+            dims = [d if all(len(sig[i]["shape"]) > j and sig[i]["shape"][j] == d for sig in meta["buckets"]) else -1
+                    for j, d in enumerate(spec["shape"])]
+            inputs.append(pb.TensorSpec(name=f"input_{i}", dtype=spec["dtype"], shape=dims))
+    return pb.ModelMetadata(name=meta["name"], task=meta["task"], tp_degree=meta["tp_degree"], backend=meta["backend"],
+                            buckets=buckets, inputs=inputs, ready=meta["ready"], replicas=meta["replicas"],
+                            ready_replicas=meta["ready_replicas"], labels=meta["labels"],
+                            max_sequence_length=meta["max_sequence_length"])
+
+
+async def _rank_status(replica) -> list[pb.RankStatus]:
+    try:
+        ranks = await replica.coordinator.call_async("describe_ranks", timeout=5.0)
+    except Exception:
+        return []
+    return [pb.RankStatus(rank=r["rank"], node=r.get("node", r.get("host", "")), neuron_cores=r.get("neuron_cores", ""),
+                          pid=r["pid"], memory_bytes=r.get("memory_bytes", 0)) for r in ranks]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tpcluster")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token auth from the `authorization` metadata; health checks stay open for probes."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization' metadata")
+
+        self._deny = deny
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        import hmac
+
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self._expected.encode()):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is not None and handler.response_streaming:
+            async def deny_stream(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization' metadata")
+                yield  # pragma: no cover
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(self._deny, handler.request_deserializer if handler else None,
+                                                   handler.response_serializer if handler else None)
+
+
+class Gateway:
+    """A running gateway: `await start()`, then `await stop()` (finishes in-flight requests within grace_s)."""
+
+    def __init__(self, models: dict[str, ServedModel], config: GatewayConfig, metrics: GatewayMetrics | None = None) -> None:
+        self.config = config
+        self.registry = ModelRegistry(models)
+        self.metrics = metrics or GatewayMetrics()
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+        self._health_task: asyncio.Task | None = None
+        self.servicer = InferenceServicer(self.registry, self.metrics)
+
+    async def start(self) -> int:
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        interceptors = [_AuthInterceptor(self.config.auth_token)] if self.config.auth_token else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(self.config.tls_key, self.config.tls_cert)])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        if self.config.metrics_port:
+            self._metrics_server = self.metrics.serve(self.config.host, self.config.metrics_port)
+        await self._refresh_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        log.info(json.dumps({"event": "serving", "address": f"{self.config.host}:{self.port}",
+                             "models": sorted(self.registry.models), "tls": self.config.tls_cert is not None,
+                             "auth": bool(self.config.auth_token)}))
+        return self.port
+
+    async def _refresh_health(self) -> None:
+        any_ready = False
+        for name, model in self.registry.models.items():
+            ready = await model.check_health()
+            any_ready |= ready
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.metrics.ready.labels(name).set(1 if ready else 0)
+            self.metrics.queue_depth.labels(name).set(model.batcher.depth)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING if any_ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._refresh_health()
+            except Exception:  # health reporting must never take the gateway down
+                log.exception("health refresh failed")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        if hasattr(self.health, "enter_graceful_shutdown"):
+            await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        for model in self.registry.models.values():
+            await model.batcher.close()

@@ -1,0 +1,81 @@
+"""The embedded default models, traced once and cached as saved artifacts.
+
+`ensure_defaults()` returns {name: folder}; a folder missing or saved by another version is
+retraced (on the running cluster) and saved with its serving.json and tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cluster.errors import ArtifactError
+from cluster.serving import ServingSpec
+
+BATCH_BUCKETS = (1, 4, 16)
+SEQ_BUCKETS = (32, 128)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TPCLUSTER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tpcluster")
+    return Path(root) / "defaults" / f"torch-{torch.__version__}"
+
+
+def _examples(num_inputs: int) -> list[tuple[torch.Tensor, ...]]:
+    examples = []
+    for b in BATCH_BUCKETS:
+        for s in SEQ_BUCKETS:
+            ids = torch.full((b, s), 101, dtype=torch.long)
+            base = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+            examples.append(base * (num_inputs // 3))
+    return examples
+
+
+def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_degree: int) -> None:
+    import cluster
+    from cluster.models.bert import minilm_path
+
+    config = cluster.trace.BucketModelConfig(
+        lambda: cluster.buckets.batch_sequence_bucket_kernel(BATCH_BUCKETS, SEQ_BUCKETS, num_inputs)
+    )
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with cluster.trace.parallel_model_trace(func, _examples(num_inputs), tp_degree=tp_degree, inline_weights_to_neff=False,
+                                            bucket_config=config, progress=None) as model:
+        cluster.trace.parallel_model_save(model, tmp)
+    tokenizer_dir = tmp / "tokenizer"
+    tokenizer_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm_path() / name).is_file():
+            shutil.copy(minilm_path() / name, tokenizer_dir / name)
+    spec.write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def ensure_defaults(tp_degree: int = 2) -> dict[str, Path]:
+    from cluster.models.bert import minilm_embedder, minilm_paraphrase
+    from cluster.trace.artifact import read_manifest
+
+    common = dict(tokenizer="tokenizer", max_length=max(SEQ_BUCKETS), batch_buckets=BATCH_BUCKETS, seq_buckets=SEQ_BUCKETS)
+    wanted = {
+        "minilm-embed": (minilm_embedder, 3, ServingSpec(task="embed", **common)),
+        "minilm-paraphrase": (minilm_paraphrase, 6, ServingSpec(task="classify", labels=("different", "paraphrase"),
+                                                                pair_encoding="separate", **common)),
+    }
+    folders = {}
+    for name, (func, num_inputs, spec) in wanted.items():
+        folder = cache_dir() / f"{name}-tp{tp_degree}"
+        try:
+            read_manifest(folder)
+            ok = ServingSpec.read(folder) == spec
+        except ArtifactError:
+            ok = False
+        if not ok:
+            _build(folder, func, num_inputs, spec, tp_degree)
+        folders[name] = folder
+    return folders
