@@ -1,0 +1,476 @@
+"""The deployment files under deploy/ (issue 6) and their security properties (issue 7).
+
+Static checks only: no network, no Ray cluster, no Docker. The launcher config is validated against the JSON
+schema that the installed Ray ships (ray/autoscaler/ray-schema.json) and through Ray's own prepare_config /
+validate_config, which is what `ray up` runs before it talks to AWS.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+LAUNCHER = DEPLOY / "aws" / "cluster.yaml"
+KUBERAY = DEPLOY / "kuberay" / "raycluster.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+README = DEPLOY / "README.md"
+
+# NeuronCores per instance type (Inferentia2: 2 per chip; Trainium: 2 per chip).
+NEURON_CORES = {"inf2.xlarge": 2, "inf2.24xlarge": 12, "trn1.32xlarge": 32}
+EXPECTED_WORKER_TYPES = {
+    "inf2_xlarge": "inf2.xlarge",
+    "inf2_24xlarge": "inf2.24xlarge",
+    "trn1_32xlarge": "trn1.32xlarge",
+}
+RAY_INTERNAL_PORTS = {6379, 8265, 10001}
+GATEWAY_PORT = 50051
+METRICS_PORT = 9464
+
+# Text that must never appear in a config or image file: token auth off, or the dashboard on all interfaces.
+FORBIDDEN = [
+    re.compile(r"RAY_AUTH_MODE\s*[=:]\s*[\"']?disabled", re.I),
+    re.compile(r"--dashboard-host[=\s]+[\"']?0\.0\.0\.0"),
+    re.compile(r"dashboard-host[\"']?\s*:\s*[\"']?0\.0\.0\.0"),
+]
+
+BASH = shutil.which("bash")
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+@pytest.fixture(scope="module")
+def kuberay_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(KUBERAY.read_text()) if d is not None]
+
+
+@pytest.fixture(scope="module")
+def raycluster(kuberay_docs) -> dict:
+    (rc,) = [d for d in kuberay_docs if d["kind"] == "RayCluster"]
+    return rc
+
+
+def _bash_syntax_ok(script: str) -> tuple[bool, str]:
+    proc = subprocess.run([BASH, "-n", "-c", script], capture_output=True, text=True, timeout=10)
+    return proc.returncode == 0, proc.stderr
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# --------------------------------------------------------------------------------------------- every file
+
+
+def test_deploy_has_the_expected_files():
+    for path in (LAUNCHER, KUBERAY, DOCKERFILE, README):
+        assert path.is_file(), path
+        assert path.stat().st_size > 0, path
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_files_parse(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} has no YAML document"
+    assert all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize(
+    "path", [*_yaml_files(), DOCKERFILE], ids=lambda p: str(p.relative_to(DEPLOY))
+)
+def test_no_auth_disabled_and_no_public_dashboard(path):
+    text = path.read_text()
+    for pattern in FORBIDDEN:
+        assert not pattern.search(text), f"{path}: {pattern.pattern}"
+
+
+def test_readme_covers_up_check_submit_down_and_security():
+    text = README.read_text()
+    for needle in (
+        "ray up deploy/aws/cluster.yaml",
+        "ray down deploy/aws/cluster.yaml",
+        "kubectl apply -f deploy/kuberay/",
+        "kubectl delete -f deploy/kuberay/",
+        "ray status",
+        "tpcluster status --target",
+        "tpcluster health --target",
+        "tpcluster submit --model",
+        "--auth-token-file",
+        "--tls-cert",
+        "--tls-key",
+    ):
+        assert needle in text, needle
+    for port in (GATEWAY_PORT, METRICS_PORT, *RAY_INTERNAL_PORTS):
+        assert str(port) in text
+
+
+# --------------------------------------------------------------------------------------------- Dockerfile
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with comments dropped and line continuations joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full:
+            word, _, rest = full.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def test_dockerfile_structure():
+    instructions = _dockerfile_instructions()
+    names = [name for name, _ in instructions]
+    assert names[0] in ("FROM", "ARG"), names[0]
+    assert "FROM" in names
+    froms = [args for name, args in instructions if name == "FROM"]
+    assert froms == ["ubuntu:22.04"] or all("neuron" in f for f in froms), froms
+
+    exposed = {int(p.split("/")[0]) for name, args in instructions if name == "EXPOSE" for p in args.split()}
+    assert GATEWAY_PORT in exposed and METRICS_PORT in exposed
+    assert not exposed & RAY_INTERNAL_PORTS, exposed
+
+    users = [args for name, args in instructions if name == "USER"]
+    assert users, "the image must not run as root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+
+    runs = " ".join(args for name, args in instructions if name == "RUN")
+    assert "python3.11" in runs
+    assert "aws-neuronx-runtime-lib" in runs and "aws-neuronx-collectives" in runs
+    assert "https://pip.repos.neuron.amazonaws.com" in runs
+    assert "torch-neuronx" in runs and "neuronx-cc" in runs
+    assert '"ray[default]==2.60.*"' in runs
+    assert "pip install /opt/tpcluster" in runs
+    # The package is installed after the Neuron/Ray layers.
+    run_list = [args for name, args in instructions if name == "RUN"]
+    idx = {
+        key: next(i for i, r in enumerate(run_list) if key in r)
+        for key in ("torch-neuronx", "ray[default]", "/opt/tpcluster")
+    }
+    assert idx["torch-neuronx"] <= idx["ray[default]"] < idx["/opt/tpcluster"]
+
+
+def test_dockerfile_copies_no_secrets_and_not_the_whole_context():
+    instructions = _dockerfile_instructions()
+    copies = [args for name, args in instructions if name in ("COPY", "ADD")]
+    assert copies
+    for args in copies:
+        sources = args.split()[:-1]
+        assert "." not in sources and "./" not in sources, f"COPY of the whole build context: {args}"
+        assert not any(s.startswith((".venv", ".git", "~", "/")) for s in sources), args
+    for name, args in instructions:
+        if name in ("ENV", "ARG"):
+            assert not re.search(r"TOKEN|SECRET|PASSWORD|KEY", args, re.I), f"{name} {args}"
+
+
+# --------------------------------------------------------------------------------------------- ray up config
+
+
+def _ray_schema() -> dict:
+    import ray
+
+    path = os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")
+    assert os.path.isfile(path), path
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_launcher_validates_against_rays_shipped_schema(launcher):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = _ray_schema()
+    jsonschema.validate(launcher, schema)  # raises ValidationError with the offending path
+
+
+def test_launcher_passes_rays_own_prepare_and_validate(launcher):
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(launcher))
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    assert prepared["provider"]["type"] == "aws"
+
+
+def test_launcher_provider_and_auth(launcher):
+    provider = launcher["provider"]
+    assert provider["type"] == "aws"
+    assert provider["region"] == "us-east-1"
+    assert provider["availability_zone"].startswith("us-east-1")
+    assert provider["cache_stopped_nodes"] is False
+    assert launcher["auth"]["ssh_user"] == "ubuntu"
+    assert launcher["cluster_name"]
+
+
+def test_launcher_security_group_opens_only_the_gateway(launcher):
+    rules = launcher["provider"]["security_group"]["IpPermissions"]
+    opened = set()
+    for rule in rules:
+        assert rule["IpProtocol"] == "tcp"
+        opened |= set(range(rule["FromPort"], rule["ToPort"] + 1))
+    assert opened == {GATEWAY_PORT}
+    assert not opened & RAY_INTERNAL_PORTS
+
+
+def test_launcher_node_types_and_neuron_cores(launcher):
+    types = launcher["available_node_types"]
+    head = types[launcher["head_node_type"]]
+    assert "neuron_cores" not in head["resources"]
+    assert head["resources"].get("CPU", 0) == 0
+    assert not head["node_config"]["InstanceType"].startswith(("inf", "trn"))
+
+    workers = {name: t for name, t in types.items() if name != launcher["head_node_type"]}
+    assert set(workers) == set(EXPECTED_WORKER_TYPES)
+    for name, node_type in workers.items():
+        instance = node_type["node_config"]["InstanceType"]
+        assert instance == EXPECTED_WORKER_TYPES[name]
+        assert node_type["resources"]["neuron_cores"] == NEURON_CORES[instance], name
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= launcher["max_workers"]
+    assert sum(t.get("min_workers", 0) for t in workers.values()) <= launcher["max_workers"]
+    for node_type in types.values():
+        assert node_type["node_config"]["ImageId"].startswith("ami-")
+
+
+def test_launcher_setup_installs_neuron_ray_and_tpcluster(launcher):
+    setup = "\n".join(launcher["setup_commands"])
+    assert "apt.repos.neuron.amazonaws.com" in setup
+    assert "aws-neuronx-runtime-lib" in setup and "aws-neuronx-collectives" in setup
+    assert "--extra-index-url=https://pip.repos.neuron.amazonaws.com" in setup
+    assert "torch-neuronx" in setup and "neuronx-cc" in setup
+    assert '"ray[default]==2.60.*"' in setup
+    assert "python3.11" in setup
+    src = [remote for remote, local in launcher["file_mounts"].items() if local == "."]
+    assert src and any(f"pip install {remote}" in setup for remote in src)
+
+
+def _ray_start_commands(commands: list[str]) -> list[str]:
+    return [c for c in commands if re.search(r"\bray start\b", c)]
+
+
+def test_launcher_keeps_token_auth_on(launcher):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = _ray_start_commands(launcher[key])
+        assert len(starts) == 1, key
+        (cmd,) = starts
+        assert "RAY_AUTH_MODE=token" in cmd, key
+        # The token comes from a file at run time, never as a literal value in the config.
+        match = re.search(r'RAY_AUTH_TOKEN="\$\(cat ([^)]+)\)"', cmd)
+        assert match, key
+        token_file = match.group(1)
+        assert any(token_file.startswith(remote) for remote in launcher["file_mounts"]), token_file
+    everything = json.dumps(launcher)
+    assert "RAY_AUTH_MODE=disabled" not in everything
+
+
+def test_launcher_dashboard_on_private_address(launcher):
+    (head_start,) = _ray_start_commands(launcher["head_start_ray_commands"])
+    match = re.search(r"--dashboard-host[= ](\S+)", head_start)
+    assert match, "the head must set --dashboard-host (Ray's default is localhost, KubeRay's 0.0.0.0)"
+    host = match.group(1)
+    assert "0.0.0.0" not in host
+    assert "hostname -I" in head_start or "local-ipv4" in head_start
+    assert "--head" in head_start and "--port=6379" in head_start
+
+
+def test_launcher_head_starts_gateway_after_ray(launcher):
+    commands = launcher["head_start_ray_commands"]
+    start_idx = next(i for i, c in enumerate(commands) if re.search(r"\bray start\b", c))
+    serve = [(i, c) for i, c in enumerate(commands) if "tpcluster serve" in c]
+    assert len(serve) == 1
+    idx, cmd = serve[0]
+    assert idx > start_idx
+    args = shlex.split(cmd.split("tpcluster serve", 1)[1].split("<", 1)[0])
+    opts = dict(zip(args[::2], args[1::2]))
+    assert opts["--address"] == "auto"
+    assert opts["--host"] == "0.0.0.0"
+    assert opts["--port"] == str(GATEWAY_PORT)
+    assert opts["--metrics-port"] == str(METRICS_PORT)
+    assert "=" in opts["--model"]
+    assert opts["--auth-token-file"] and opts["--tls-cert"] and opts["--tls-key"]
+    assert re.search(r"&\s*(echo|$)", cmd), "the gateway must run in the background"
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_launcher_commands_are_valid_bash(launcher):
+    keys = [k for k in launcher if k.endswith("_commands")]
+    assert "setup_commands" in keys
+    for key in keys:
+        for cmd in launcher[key]:
+            ok, err = _bash_syntax_ok(cmd)
+            assert ok, f"{key}: {cmd!r}: {err}"
+
+
+# --------------------------------------------------------------------------------------------- KubeRay
+
+
+def test_kuberay_documents(kuberay_docs):
+    kinds = sorted(d["kind"] for d in kuberay_docs)
+    assert kinds.count("RayCluster") == 1
+    assert kinds.count("Service") >= 2
+    # No secret values in the manifests: Secrets are created separately and only referenced.
+    assert "Secret" not in kinds
+    for doc in kuberay_docs:
+        assert doc["apiVersion"] and doc["metadata"]["name"]
+
+
+def test_raycluster_head(raycluster):
+    assert raycluster["apiVersion"] == "ray.io/v1"
+    head = raycluster["spec"]["headGroupSpec"]
+    params = head["rayStartParams"]
+    assert all(isinstance(v, str) for v in params.values())
+    assert params["dashboard-host"] in ("$(MY_POD_IP)", "$MY_POD_IP")
+    (container,) = head["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["MY_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert {GATEWAY_PORT, METRICS_PORT} <= ports
+    # KubeRay's default head probes query localhost:8265, which a Pod-IP-bound dashboard does not serve.
+    assert container["readinessProbe"]["httpGet"]["port"] == 8265
+    assert container["livenessProbe"]
+
+
+def _assert_token_auth(container_or_options: dict, where: str) -> None:
+    env = _env(container_or_options)
+    assert env["RAY_AUTH_MODE"]["value"] == "token", where
+    token = env["RAY_AUTH_TOKEN"]
+    assert "value" not in token, f"{where}: token value inline"
+    ref = token["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"], where
+
+
+def test_raycluster_token_auth_everywhere(raycluster):
+    spec = raycluster["spec"]
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    _assert_token_auth(head, "head")
+    secret_names = {_env(head)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]}
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        _assert_token_auth(container, group["groupName"])
+        secret_names.add(_env(container)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
+    if spec.get("enableInTreeAutoscaling"):
+        _assert_token_auth(spec["autoscalerOptions"], "autoscaler")
+        secret_names.add(_env(spec["autoscalerOptions"])["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"])
+    assert len(secret_names) == 1, "every Ray process must use the same token"
+
+
+def _rayparam_resources(value: str) -> dict:
+    """The `resources` rayStartParam as `ray start` sees it after the shell has processed it."""
+    (word,) = shlex.split(value)
+    return json.loads(word)
+
+
+def test_raycluster_workers_request_and_advertise_neuron_cores(raycluster):
+    groups = raycluster["spec"]["workerGroupSpecs"]
+    seen_instances = set()
+    for group in groups:
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        limits = container["resources"]["limits"]
+        cores = int(limits["aws.amazon.com/neuroncore"])
+        assert cores > 0
+        assert int(container["resources"]["requests"]["aws.amazon.com/neuroncore"]) == cores
+        advertised = _rayparam_resources(group["rayStartParams"]["resources"])
+        assert advertised == {"neuron_cores": cores}, group["groupName"]
+        instance = spec["nodeSelector"]["node.kubernetes.io/instance-type"]
+        assert NEURON_CORES[instance] == cores, group["groupName"]
+        seen_instances.add(instance)
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert seen_instances == set(NEURON_CORES)
+
+
+def test_raycluster_head_starts_gateway(raycluster):
+    (container,) = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert "command" not in container, "KubeRay prepends `args` to its generated start command; keep command unset"
+    (script,) = container["args"]
+    # KubeRay generates no `ray start` at all when the user's command mentions it.
+    assert not re.search(r"ray\s+start", script)
+    assert "tpcluster serve" in script
+    serve = shlex.split(script.split("tpcluster serve", 1)[1].split(";", 1)[0])
+    opts = dict(zip(serve[::2], serve[1::2]))
+    assert opts["--address"] == "auto"
+    assert opts["--host"] == "0.0.0.0"
+    assert opts["--port"] == str(GATEWAY_PORT)
+    assert opts["--metrics-port"] == str(METRICS_PORT)
+    assert opts["--auth-token-file"] and opts["--tls-cert"] and opts["--tls-key"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for flag in ("--auth-token-file", "--tls-cert", "--tls-key"):
+        assert os.path.dirname(opts[flag]) in mounts, flag
+    volumes = {v["name"]: v for v in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert all("secretName" in volumes[n]["secret"] for n in ("gateway-auth", "gateway-tls"))
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_raycluster_head_command_as_kuberay_builds_it_is_valid_bash(raycluster):
+    head = raycluster["spec"]["headGroupSpec"]
+    (container,) = head["template"]["spec"]["containers"]
+    params = dict(head["rayStartParams"], block="true")
+    flags = " ".join(f"--{k}" if v.lower() == "true" else f"--{k}={v}" for k, v in sorted(params.items()))
+    # KubeRay: "<user args> && ulimit -n 65536; ray start --head <flags>", run by /bin/bash -lc.
+    full = f" {container['args'][0]}  && ulimit -n 65536; ray start --head {flags}"
+    ok, err = _bash_syntax_ok(full)
+    assert ok, err
+
+
+def test_services_expose_only_the_gateway(kuberay_docs):
+    services = {d["metadata"]["name"]: d["spec"] for d in kuberay_docs if d["kind"] == "Service"}
+    external = {n: s for n, s in services.items() if s.get("type") in ("LoadBalancer", "NodePort")}
+    assert len(external) == 1
+    (gateway,) = external.values()
+    assert gateway["type"] == "LoadBalancer"
+    ports = {p["port"] for p in gateway["ports"]} | {p.get("targetPort") for p in gateway["ports"]}
+    assert ports == {GATEWAY_PORT}
+    assert gateway["selector"]["ray.io/node-type"] == "head"
+
+    metrics = [s for s in services.values() if any(p["port"] == METRICS_PORT for p in s["ports"])]
+    assert len(metrics) == 1 and metrics[0].get("type", "ClusterIP") == "ClusterIP"
+    for spec in services.values():
+        assert not {p["port"] for p in spec["ports"]} & RAY_INTERNAL_PORTS
+
+
+def test_raycluster_head_service_stays_internal(raycluster):
+    assert raycluster["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+
+
+def test_network_policy_keeps_ray_ports_in_cluster(kuberay_docs, raycluster):
+    policies = [d for d in kuberay_docs if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == 1
+    spec = policies[0]["spec"]
+    assert spec["podSelector"]["matchLabels"]["ray.io/cluster"] == raycluster["metadata"]["name"]
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        sources = rule.get("from")
+        if not ports:
+            # All ports: only from this RayCluster's own Pods.
+            assert sources and all(
+                s.get("podSelector", {}).get("matchLabels", {}).get("ray.io/cluster") == raycluster["metadata"]["name"]
+                for s in sources
+            ), rule
+        else:
+            assert not ports & RAY_INTERNAL_PORTS, rule
+            assert ports <= {GATEWAY_PORT, METRICS_PORT}, rule
