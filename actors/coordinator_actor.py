@@ -124,12 +124,17 @@ class RemoteCoordinator:
     def close(self) -> None:
         if self._actor is None:
             return
+        actor, self._actor = self._actor, None
+        if not ray.is_initialized():
+            return  # the cluster is gone, and the actors with it
         try:
-            ray.get(self._actor.close.remote(), timeout=30)
-        except Exception:  # a dead or stuck coordinator: killing it below frees its ranks' cores
+            ray.get(actor.close.remote(), timeout=10)
+        except Exception:  # a dead or stuck coordinator: killing it frees its ranks' cores
             pass
-        ray.kill(self._actor, no_restart=True)
-        self._actor = None
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
 
 
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig) -> RemoteCoordinator:

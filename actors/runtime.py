@@ -31,8 +31,12 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
     if address is not None:
         ray.init(address=address, **options)
         return
-    # Ray's local-only mode then binds every service to 127.0.0.1 (see FIELD-NOTES.md).
+    # Ray's local-only mode binds every service, and reports every node address, as 127.0.0.1;
+    # Ray reads the switch at import, so set it for child processes and for this one.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
     if not has_neuron_devices():
         cores = DEFAULT_LOGICAL_NEURON_CORES if neuron_cores is None else neuron_cores
         options.setdefault("resources", {})["neuron_cores"] = cores
@@ -42,6 +46,7 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
 
 
 def stop_ray() -> None:
+    """Disconnect; a local cluster this process started stops with it."""
     global _started_here
     if ray.is_initialized():
         ray.shutdown()

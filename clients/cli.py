@@ -67,6 +67,121 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace):
+    from clients.client import Client
+
+    token = open(args.token_file).read().strip() if args.token_file else os.environ.get("TPCLUSTER_TOKEN")
+    certs = open(args.ca_file, "rb").read() if args.ca_file else None
+    return Client(args.target, token=token, root_certificates=certs, timeout=args.timeout)
+
+
+def _print(args: argparse.Namespace, data, text: str) -> None:
+    print(json.dumps(data, indent=1) if args.json else text)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from actors.gateway.app import ServeConfig, serve_forever
+    from actors.gateway.batching import BatchingConfig
+    from actors.gateway.server import GatewayConfig
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    models = {}
+    for item in args.model or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model takes NAME=PATH, got {item!r}")
+        models[name] = path
+    read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+    token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
+    batching = BatchingConfig(max_batch_rows=1 if args.no_batching else args.max_batch, max_wait_s=0 if args.no_batching else args.max_wait_ms / 1e3,
+                              max_queue=args.max_queue)
+    config = ServeConfig(
+        models=models, replicas=args.replicas, address=args.address, neuron_cores=args.neuron_cores, batching=batching,
+        gateway=GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, auth_token=token,
+                              tls_cert=read(args.tls_cert), tls_key=read(args.tls_key), grace_s=args.grace),
+    )
+    asyncio.run(serve_forever(config, ready_file=args.ready_file))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        models = client.list_models()
+    rows = [MessageToDict(m, preserving_proto_field_name=True) for m in models]
+    _print(args, rows, "\n".join(f"{m.name:24} {m.task:9} tp={m.tp_degree} replicas={m.ready_replicas}/{m.replicas} "
+                                   f"{'ready' if m.ready else 'NOT READY'}" for m in models))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        status = client.status()
+    lines = [f"gateway {status.gateway_version}"]
+    for m in status.models:
+        lines.append(f"{m.name} ({m.task}, tp={m.tp_degree}, queue {m.queue_depth})")
+        for r in m.replicas:
+            lines.append(f"  replica {r.index}: {'ready' if r.ready else 'NOT READY ' + r.error}")
+            for rank in r.ranks:
+                lines.append(f"    rank {rank.rank}: node {rank.node} neuron_cores {rank.neuron_cores or '-'} pid {rank.pid} "
+                             f"rss {rank.memory_bytes / 2**20:.0f} MiB")
+    _print(args, MessageToDict(status, preserving_proto_field_name=True), "\n".join(lines))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        state = client.health(args.service or "")
+    _print(args, {"service": args.service or "", "status": state}, state)
+    return 0 if state == "SERVING" else 2
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        vectors = client.embed(args.texts, model=args.model)
+    _print(args, {"embeddings": vectors.tolist()},
+           "\n".join(f"[{i}] {len(v)}-d  {' '.join(f'{x:+.3f}' for x in v[:6])} ..." for i, v in enumerate(vectors)))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    inputs = [tuple(args.texts[:2])] if len(args.texts) == 2 and not args.single else list(args.texts)
+    with _client(args) as client:
+        results = client.classify(inputs, model=args.model)
+    _print(args, [{"label": r.label, "label_id": r.label_id, "logits": list(r.logits)} for r in results],
+           "\n".join(f"{r.label} (logits {', '.join(f'{x:.3f}' for x in r.logits)})" for r in results))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        kwargs = dict(model=args.model, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop=args.stop or (), draft_model=args.draft or "",
+                      speculation_length=args.k)
+        if args.stream and not args.json:
+            print(args.prompt, end="", flush=True)
+            for event in client.generate_stream(args.prompt, **kwargs):
+                if event.HasField("token"):
+                    print(event.token.text, end="", flush=True)
+                else:
+                    s = event.stats
+                    print(f"\n[{s.generated_tokens} tokens, {s.tokens_per_second:.1f} tok/s, {s.finish_reason}"
+                          + (f", acceptance {s.acceptance_rate:.2f}" if s.draft_tokens_proposed else "") + "]")
+            return 0
+        result = client.generate(args.prompt, **kwargs)
+    from dataclasses import asdict
+
+    _print(args, {"text": result.text, "token_ids": result.token_ids, "stats": asdict(result.stats) if result.stats else None},
+           args.prompt + result.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcluster", description="Tensor-parallel models resident on a Ray cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +196,59 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", metavar="PATH", help="write a PNG chart of the ratios")
     bench.add_argument("--print-json", action="store_true", help="print the JSON instead of the one-line summary")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="serve saved models (or the embedded defaults) over gRPC")
+    serve.add_argument("--model", action="append", metavar="NAME=PATH", help="a saved model folder (repeatable)")
+    serve.add_argument("--address", help="Ray cluster to attach to (auto, ray://host:10001); default: start a local one")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics over HTTP (0: off)")
+    serve.add_argument("--replicas", type=int, default=1, help="replicas of every model")
+    serve.add_argument("--neuron-cores", type=int, help="logical NeuronCores of a local cluster without Neuron devices")
+    serve.add_argument("--max-batch", type=int, default=16, help="rows per dynamic batch")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    serve.add_argument("--max-queue", type=int, default=256, help="queued requests per model before RESOURCE_EXHAUSTED")
+    serve.add_argument("--no-batching", action="store_true")
+    serve.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' with this token")
+    serve.add_argument("--tls-cert", help="server certificate (PEM)")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
+    serve.add_argument("--ready-file", help="write the bound port here once serving")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every request as JSON")
+    serve.set_defaults(func=cmd_serve)
+
+    def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--target", default=os.environ.get("TPCLUSTER_TARGET", "127.0.0.1:50051"))
+        p.add_argument("--token-file", help="bearer token file (or TPCLUSTER_TOKEN)")
+        p.add_argument("--ca-file", help="CA certificate for TLS")
+        p.add_argument("--timeout", type=float, default=60.0)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+        return p
+
+    client_command("models", cmd_models, "list served models")
+    client_command("status", cmd_status, "models, replicas and ranks with their node, NeuronCores and memory")
+    client_command("health", cmd_health, "gRPC health of the gateway or one model").add_argument("service", nargs="?")
+    p = client_command("embed", cmd_embed, "sentence embeddings")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--model", default="minilm-embed")
+    p = client_command("classify", cmd_classify, "classify a text pair (two texts) or texts")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--model", default="minilm-paraphrase")
+    p.add_argument("--single", action="store_true", help="classify each text alone, not as a pair")
+    p = client_command("generate", cmd_generate, "generate text")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append")
+    p.add_argument("--draft", help="draft model for speculative decoding")
+    p.add_argument("--k", type=int, default=0, help="tokens the draft proposes per step")
     return parser
 
 
@@ -91,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except Exception as exc:  # one line for the user; details with TPCLUSTER_DEBUG=1
+        from clients.errors import TpClusterError
         from cluster.errors import ClusterError
 
-        if isinstance(exc, ClusterError) and not os.environ.get("TPCLUSTER_DEBUG"):
+        if isinstance(exc, (ClusterError, TpClusterError)) and not os.environ.get("TPCLUSTER_DEBUG"):
             print(f"tpcluster: error: {exc}", file=sys.stderr)
             return 1
         raise

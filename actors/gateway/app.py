@@ -71,3 +71,6 @@ async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> N
     await gateway.stop()
     for model in models.values():
         await model.close()
+    import cluster
+
+    cluster.shutdown()  # stops the local cluster this process started (a no-op when attached)

@@ -48,8 +48,12 @@ class ServedModel:
             self.tokenizer = AutoTokenizer.from_pretrained(folder / spec.tokenizer)
         self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
-        on_batch = (lambda rows: metrics.batch_size.labels(model=name).observe(rows)) if metrics else None
-        self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)), on_batch=on_batch)
+        self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)),
+                                      on_batch=self._record_batch)
+
+    def _record_batch(self, rows: int) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(model=self.name).observe(rows)
 
     # -- metadata ---------------------------------------------------------------------------
     @property

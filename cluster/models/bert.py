@@ -28,7 +28,8 @@ def minilm_path() -> Path:
 
 class ParallelSelfAttention(BertSelfAttention):
     def __init__(self, config: Any, position_embedding_type: Any = None) -> None:
-        super().__init__(config, position_embedding_type)
+        # transformers 5 took this positional slot for is_causal; an encoder is never causal
+        super().__init__(config, is_causal=False)
         tp = parallel_state.get_tensor_model_parallel_size()
         self.query = layers.ColumnParallelLinear(config.hidden_size, self.all_head_size, gather_output=False)
         self.key = layers.ColumnParallelLinear(config.hidden_size, self.all_head_size, gather_output=False)

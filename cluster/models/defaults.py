@@ -16,6 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
+DEFAULTS_VERSION = 2
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 
@@ -25,26 +26,27 @@ def cache_dir() -> Path:
     return Path(root) / "defaults" / f"torch-{torch.__version__}"
 
 
-def _examples(num_inputs: int) -> list[tuple[torch.Tensor, ...]]:
+def _examples(num_inputs: int, batch_buckets, seq_buckets) -> list[tuple[torch.Tensor, ...]]:
     examples = []
-    for b in BATCH_BUCKETS:
-        for s in SEQ_BUCKETS:
+    for b in batch_buckets:
+        for s in seq_buckets:
             ids = torch.full((b, s), 101, dtype=torch.long)
-            base = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-            examples.append(base * (num_inputs // 3))
+            # distinct tensors per input: torch.export merges inputs that are the same tensor
+            examples.append(tuple(t for _ in range(num_inputs // 3) for t in (ids.clone(), torch.ones_like(ids), torch.zeros_like(ids))))
     return examples
 
 
 def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_degree: int) -> None:
+    batch_buckets, seq_buckets = spec.batch_buckets, spec.seq_buckets
     import cluster
     from cluster.models.bert import minilm_path
 
     config = cluster.trace.BucketModelConfig(
-        lambda: cluster.buckets.batch_sequence_bucket_kernel(BATCH_BUCKETS, SEQ_BUCKETS, num_inputs)
+        lambda: cluster.buckets.batch_sequence_bucket_kernel(batch_buckets, seq_buckets, num_inputs)
     )
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with cluster.trace.parallel_model_trace(func, _examples(num_inputs), tp_degree=tp_degree, inline_weights_to_neff=False,
+    with cluster.trace.parallel_model_trace(func, _examples(num_inputs, batch_buckets, seq_buckets), tp_degree=tp_degree, inline_weights_to_neff=False,
                                             bucket_config=config, progress=None) as model:
         cluster.trace.parallel_model_save(model, tmp)
     tokenizer_dir = tmp / "tokenizer"
@@ -57,11 +59,14 @@ def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_
     tmp.rename(folder)
 
 
-def ensure_defaults(tp_degree: int = 2) -> dict[str, Path]:
+def ensure_defaults(tp_degree: int = 2, batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
+                    seq_buckets: tuple[int, ...] = SEQ_BUCKETS, root: Path | None = None) -> dict[str, Path]:
     from cluster.models.bert import minilm_embedder, minilm_paraphrase
     from cluster.trace.artifact import read_manifest
 
-    common = dict(tokenizer="tokenizer", max_length=max(SEQ_BUCKETS), batch_buckets=BATCH_BUCKETS, seq_buckets=SEQ_BUCKETS)
+    # bump DEFAULTS_VERSION when the default models change: cached copies are then retraced
+    common = dict(extra={"defaults_version": DEFAULTS_VERSION}, tokenizer="tokenizer", max_length=max(seq_buckets),
+                  batch_buckets=tuple(batch_buckets), seq_buckets=tuple(seq_buckets))
     wanted = {
         "minilm-embed": (minilm_embedder, 3, ServingSpec(task="embed", **common)),
         "minilm-paraphrase": (minilm_paraphrase, 6, ServingSpec(task="classify", labels=("different", "paraphrase"),
@@ -69,7 +74,7 @@ def ensure_defaults(tp_degree: int = 2) -> dict[str, Path]:
     }
     folders = {}
     for name, (func, num_inputs, spec) in wanted.items():
-        folder = cache_dir() / f"{name}-tp{tp_degree}"
+        folder = (root or cache_dir()) / f"{name}-tp{tp_degree}"
         try:
             read_manifest(folder)
             ok = ServingSpec.read(folder) == spec

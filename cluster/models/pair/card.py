@@ -141,7 +141,8 @@ cosine decay to 10% of the peak learning rate, driven by the wall clock.
 
 Steps: target {facts.target_steps:,}, draft {facts.draft_steps:,}. Training took
 {facts.train_minutes:.1f} minutes ({facts.total_minutes:.1f} minutes for the whole run)
-on a {facts.machine}, under `nice -n 19`. {facts.versions}.
+on a {facts.machine}, under `nice -n 19` with `OMP_WAIT_POLICY=PASSIVE`, while
+another engineer's tests and benchmarks shared the machine. {facts.versions}.
 
 ## Results
 
