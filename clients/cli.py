@@ -15,45 +15,52 @@ def _offline() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Trace the embedded MiniLM at TP=2 on a local cluster and embed the guide's sentences."""
-    import torch
-    from transformers import AutoTokenizer
+    """The main job: a local cluster, the embedded models at TP=2 behind a real gateway, real client calls."""
+    import numpy as np
 
     import cluster
+    from actors.gateway.app import BackgroundGateway, ServeConfig
+    from actors.gateway.server import GatewayConfig
     from clients.bench import SENTENCES
-    from cluster.models.bert import minilm_embedder, minilm_path
+    from clients.client import Client
 
-    cluster.init()
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    buckets = [16, 64]
-    config = cluster.trace.BucketModelConfig(lambda: cluster.sequence_bucket_kernel(buckets, num_inputs=3))
-    examples = []
-    for length in buckets:
-        enc = tokenizer(["x"], max_length=length, padding="max_length", return_tensors="pt")
-        examples.append((enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
-    with cluster.trace.parallel_model_trace(minilm_embedder, examples, tp_degree=args.tp, inline_weights_to_neff=False,
-                                            bucket_config=config, progress=True) as model:
-        embeddings = []
-        for sentence in SENTENCES:
-            enc = tokenizer([sentence], return_tensors="pt")
-            embeddings.append(model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0][0])
-        info = model.info()
-    emb = torch.stack(embeddings)
-    sims = emb @ emb.T
+    print("starting a local cluster and the gateway on the embedded models (first run traces them: ~1-2 min)", file=sys.stderr)
+    served = BackgroundGateway(ServeConfig(neuron_cores=args.neuron_cores, gateway=GatewayConfig(port=args.port)))
+    try:
+        with Client(served.target) as client:
+            models = client.list_models()
+            vectors = client.embed(SENTENCES, model="minilm-embed")
+            sims = vectors @ vectors.T
+            pairs = [(SENTENCES[0], SENTENCES[2]), (SENTENCES[0], SENTENCES[1]), (SENTENCES[1], SENTENCES[2])]
+            labels = client.classify(pairs, model="minilm-paraphrase")
+            status = client.status()
+    finally:
+        served.close()
+        cluster.shutdown()
     result = {
-        "model": "all-MiniLM-L6-v2 (embedded)", "tp_degree": info["tp_degree"], "buckets": buckets,
-        "sentences": SENTENCES, "embedding_dim": emb.shape[1],
+        "gateway": served.target,
+        "models": {m.name: {"task": m.task, "tp_degree": m.tp_degree, "buckets": len(m.buckets)} for m in models},
+        "ranks": {m.name: [f"rank {r.rank} pid {r.pid} neuron_cores {r.neuron_cores}" for rep in m.replicas for r in rep.ranks]
+                  for m in status.models},
+        "embeddings": {"dim": int(vectors.shape[1]), "norms": [round(float(n), 4) for n in np.linalg.norm(vectors, axis=1)]},
         "cosine": {"0~2 (paraphrase)": round(float(sims[0, 2]), 4), "0~1": round(float(sims[0, 1]), 4), "1~2": round(float(sims[1, 2]), 4)},
+        "classify": [{"pair": list(p), "label": r.label, "logits": [round(x, 3) for x in r.logits]} for p, r in zip(pairs, labels)],
     }
     if args.json:
         print(json.dumps(result, indent=1))
-    else:
-        print(f"all-MiniLM-L6-v2 at TP={info['tp_degree']} on {info['tp_degree']} rank actors, buckets {buckets}")
-        for i, s in enumerate(SENTENCES):
-            print(f"  [{i}] {s}  -> {emb.shape[1]}-d embedding, |e|={float(emb[i].norm()):.3f}")
-        for pair, value in result["cosine"].items():
-            print(f"  cosine {pair}: {value:.3f}")
-    cluster.shutdown()
+        return 0
+    described = ", ".join(f"{name} ({info['task']}, TP={info['tp_degree']})" for name, info in result["models"].items())
+    print(f"gateway {served.target} served {described}")
+    for name, ranks in result["ranks"].items():
+        print(f"  {name}: " + "; ".join(ranks))
+    print("Embed (all-MiniLM-L6-v2, mean pooling + L2 norm, from the package's pooling config):")
+    for i, s in enumerate(SENTENCES):
+        print(f"  [{i}] {s}")
+    for pair, value in result["cosine"].items():
+        print(f"  cosine {pair}: {value:.3f}")
+    print("Classify (paraphrase detection):")
+    for item in result["classify"]:
+        print(f"  {item['label']:10}  {item['pair'][0]!r} / {item['pair'][1]!r}")
     return 0
 
 
@@ -186,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcluster", description="Tensor-parallel models resident on a Ray cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="trace the embedded MiniLM at TP=2 and embed the guide's sentences")
-    demo.add_argument("--tp", type=int, default=2)
+    demo.add_argument("--port", type=int, default=0, help="gateway port (0: any free port)")
+    demo.add_argument("--neuron-cores", type=int, help="logical NeuronCores of the local cluster")
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="measure against in-process baselines (ratios)")

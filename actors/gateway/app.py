@@ -42,7 +42,7 @@ def load_models(config: ServeConfig) -> dict[str, ServedModel]:
         from cluster.models.defaults import ensure_defaults
 
         folders = ensure_defaults()
-    models = {}
+    models: dict[str, ServedModel] = {}
     for name, folder in folders.items():
         replicas = []
         for index in range(config.replicas):
@@ -74,3 +74,30 @@ async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> N
     import cluster
 
     cluster.shutdown()  # stops the local cluster this process started (a no-op when attached)
+
+
+class BackgroundGateway:
+    """A gateway serving from a thread of this process (the demo, tests): `.target`, then `.close()`."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import threading
+
+        self.models = load_models(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)
+        self._thread.start()
+        self.gateway = Gateway(self.models, config.gateway)
+        for model in self.models.values():
+            model.metrics = self.gateway.metrics
+        self.port = self.run(self.gateway.start())
+        self.target = f"{config.gateway.host}:{self.port}"
+
+    def run(self, coroutine, timeout: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.run(self.gateway.stop())
+        for model in self.models.values():
+            self.run(model.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
