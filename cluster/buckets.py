@@ -169,3 +169,46 @@ class BatchSequenceBucketKernel(torch.nn.Module):
 def batch_sequence_bucket_kernel(batch_buckets: Sequence[int], seq_buckets: Sequence[int], num_inputs: int, pad_value: int = 0):
     """A TorchScript BatchSequenceBucketKernel; trace one example per (batch, seq) pair, batch-major."""
     return torch.jit.script(BatchSequenceBucketKernel(list(batch_buckets), list(seq_buckets), num_inputs, pad_value))
+
+
+class ShapeBucketKernel(torch.nn.Module):
+    """Pads every dim of every input with zeros to the smallest bucket that holds them all (by elements)."""
+
+    def __init__(self, buckets: List[List[List[int]]]) -> None:
+        super().__init__()
+        self.buckets = buckets
+
+    def forward(self, tensors: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        best = len(self.buckets)
+        best_size = -1
+        for idx, shapes in enumerate(self.buckets):
+            fits = len(shapes) == len(tensors)
+            size = 0
+            if fits:
+                for tensor, shape in zip(tensors, shapes):
+                    if tensor.dim() != len(shape):
+                        fits = False
+                        break
+                    n = 1
+                    for d in range(len(shape)):
+                        if tensor.shape[d] > shape[d]:
+                            fits = False
+                        n = n * shape[d]
+                    size += n
+            if fits and (best_size < 0 or size < best_size):
+                best, best_size = idx, size
+        if best == len(self.buckets):
+            return tensors, torch.tensor([best])
+        padded: List[torch.Tensor] = []
+        for tensor, shape in zip(tensors, self.buckets[best]):
+            pad: List[int] = []
+            for d in range(tensor.dim() - 1, -1, -1):
+                pad.append(0)
+                pad.append(shape[d] - tensor.shape[d])
+            padded.append(torch.nn.functional.pad(tensor, pad))
+        return padded, torch.tensor([best])
+
+
+def shape_bucket_kernel(buckets: Sequence[Sequence[Sequence[int]]]):
+    """A TorchScript ShapeBucketKernel over bucket input shapes (one list of shapes per bucket)."""
+    return torch.jit.script(ShapeBucketKernel([[list(s) for s in b] for b in buckets]))

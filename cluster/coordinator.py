@@ -47,6 +47,8 @@ class ModelState:
     partition_dims: dict[str, int] = field(default_factory=dict)
     state_keys: list[str] = field(default_factory=list)
     trace_mode: list[str] = field(default_factory=list)  # per bucket: "once" or "per-rank"
+    io_aliases: dict[str, int] = field(default_factory=dict)  # state weight name -> output index
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"decoder": layout, vocab, eos}
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Coordinator:
             tp_degree=spec.tp_degree, backend=spec.backend, inline_weights=spec.inline_weights,
             buckets=list(spec.bucket_signatures), kernel=kernel,
             partition_dims=infos[0]["partition_dims"], state_keys=infos[0]["state_keys"],
+            io_aliases=infos[0]["io_aliases"], extra=dict(spec.extra),
         )
         self._set_kernel(kernel)
         shapes = [info["weights"] for info in infos]
@@ -121,7 +124,7 @@ class Coordinator:
 
     # -- loading ----------------------------------------------------------------------------
     def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
-        self.ranks.load(state.backend, graphs, weights, self._threads(), self.config.trace_timeout_s)
+        self.ranks.load(state.backend, graphs, weights, self._threads(), state.io_aliases, self.config.trace_timeout_s)
         self.state = state
         self._set_kernel(state.kernel)
 
@@ -139,6 +142,59 @@ class Coordinator:
             bucket = 0
             self._check_signature(inputs, self.state.buckets[0])
         return self.ranks.forward(bucket, inputs, self.config.call_timeout_s)
+
+    def forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run one named bucket with inputs already shaped for it (the decoder's steps)."""
+        if self.state is None or not 0 <= bucket < len(self.state.buckets):
+            raise InputError(f"bucket {bucket} does not exist")
+        self._check_signature(inputs, self.state.buckets[bucket])
+        return self.ranks.forward(bucket, inputs, self.config.call_timeout_s)
+
+    def decode_loop(self, plan: dict[str, Any]) -> Any:
+        return self.ranks.decode_loop(plan, self.config.call_timeout_s)
+
+    # -- generation (the target/draft loop runs here) ----------------------------------------
+    def endpoint(self) -> Any:
+        from cluster.generation.engine import DecoderEndpoint
+        from cluster.generation.layout import DecoderLayout
+
+        decoder = (self.state.extra if self.state else {}).get("decoder")
+        if not decoder:
+            raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
+        return DecoderEndpoint(self.forward_bucket, self.decode_loop, DecoderLayout.from_json(decoder["layout"]),
+                               int(decoder["vocab_size"]), decoder.get("name", "model"))
+
+    def generate_open(self, request: Any, draft: Any = None) -> int:
+        """Start a generation session (one at a time per model: the KV cache is the model's)."""
+        from cluster.generation.engine import DecoderEndpoint, GenerationSession
+
+        draft_endpoint = None
+        if draft is not None:
+            info = draft.info()["extra"].get("decoder")
+            if not info:
+                raise InputError("the draft model is not a decoder traced for generation")
+            from cluster.generation.layout import DecoderLayout
+
+            draft_endpoint = DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
+                                             int(info["vocab_size"]), info.get("name", "draft"))
+            if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
+                raise InputError("draft and target were traced with different tokenizers: they must share one")
+        self._session = GenerationSession(request, self.endpoint(), draft_endpoint)
+        self._session_id = getattr(self, "_session_id", 0) + 1
+        return self._session_id
+
+    def generate_step(self, session_id: int) -> Any:
+        if getattr(self, "_session_id", None) != session_id or self._session is None:
+            raise ClusterError("this generation was superseded by a newer one on the same model (one at a time per model)")
+        return self._session.step()
+
+    def generate_close(self, session_id: int) -> dict[str, Any]:
+        session = getattr(self, "_session", None)
+        if session is None or getattr(self, "_session_id", None) != session_id:
+            return {}
+        self._session = None
+        return {"sequences": session.sequences, "prompt_lengths": session.prompt_lengths,
+                "finish": session.finish, "speculation": session.stats.as_dict()}
 
     @staticmethod
     def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:
@@ -173,6 +229,7 @@ class Coordinator:
             "buckets": [[s.to_json() for s in sig] for sig in state.buckets] if state else [],
             "inline_weights": state.inline_weights if state else None,
             "trace_mode": list(state.trace_mode) if state else [],
+            "extra": dict(state.extra) if state else {},
         }
 
     def describe_ranks(self) -> list[dict[str, Any]]:

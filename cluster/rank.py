@@ -49,6 +49,7 @@ class RankWorker:
         self._model: torch.nn.Module | None = None
         self._weights: dict[str, torch.Tensor] | None = None
         self._graphs: list[Any] = []  # backend graph objects, one per bucket
+        self._aliases: dict[str, int] = {}  # state weight name -> output index (io_aliases)
         self._calls: list[Any] = []  # the same, bound to the weights
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
@@ -105,14 +106,10 @@ class RankWorker:
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
             raise ClusterError(f"the model function must return (model, io_aliases), got {type(result).__name__}")
         model, io_aliases = result
-        if io_aliases:
-            raise ClusterError(
-                "io_aliases (state tensors such as a KV cache) are not supported by this release; "
-                "return an empty dict"
-            )
         self._backend = get_backend(spec.backend)
         self._model = model.eval()
         self._weights = None if spec.inline_weights else collect_weights(model)
+        self._aliases = self._alias_names(model, io_aliases or {}, spec.inline_weights)
         self._graphs, self._calls = [None] * len(spec.bucket_signatures), [None] * len(spec.bucket_signatures)
         self._compiler = (spec.compiler_workdir, spec.compiler_args)
         source = self._weights if self._weights is not None else collect_weights(model)
@@ -120,7 +117,23 @@ class RankWorker:
             "weights": {k: (tuple(v.shape), str(v.dtype)) for k, v in source.items()},
             "partition_dims": partition_dims(model),
             "state_keys": sorted(model.state_dict()),
+            "io_aliases": self._aliases,
         }
+
+    @staticmethod
+    def _alias_names(model: torch.nn.Module, io_aliases: dict, inline: bool) -> dict[str, int]:
+        """io_aliases {state tensor: output index} as {weight name: output index}."""
+        if not io_aliases:
+            return {}
+        if inline:
+            raise ClusterError("io_aliases (state tensors such as a KV cache) need inline_weights_to_neff=False")
+        names = {id(t): n for n, t in list(model.named_buffers()) + list(model.named_parameters())}
+        aliases = {}
+        for tensor, index in io_aliases.items():
+            if id(tensor) not in names:
+                raise ClusterError("an io_aliases key is not a buffer or parameter of the model; register the state as a buffer")
+            aliases[names[id(tensor)]] = int(index)
+        return aliases
 
     def trace_bucket(self, bucket: int, example: tuple[torch.Tensor, ...], return_graph: bool) -> tuple[float, bytes | None]:
         """Trace this rank's shard for one bucket; returns seconds taken and, if asked, the graph file."""
@@ -156,20 +169,67 @@ class RankWorker:
         self._calls[bucket] = self._backend.bind(graph, self._weights)
 
     # -- serving ----------------------------------------------------------------------------
-    def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """Run one bucket's graph; rank 0 returns the outputs, the others None."""
+    def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run one bucket's graph; state outputs (io_aliases) update the state and are not returned."""
         if not self._calls:
             raise ClusterError("this rank holds no traced shard; trace or load the model first")
         with torch.no_grad():
             outputs = self._calls[bucket](*inputs)
+            if not self._aliases:
+                return outputs
+            for name, index in self._aliases.items():
+                self._weights[name].copy_(outputs[index])
+            kept = set(self._aliases.values())
+            return tuple(o for i, o in enumerate(outputs) if i not in kept)
+
+    def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """Run one bucket's graph; rank 0 returns the outputs, the others None."""
+        outputs = self._run(bucket, inputs)
         return outputs if self.rank == 0 else None
+
+    def decode_loop(self, plan: dict[str, Any]) -> Any:
+        """Several decode steps in one call (a draft's k proposals cost one round trip).
+
+        Feeds plan["pending"] (per row, right-aligned, -1 for none) from plan["starts"], then samples
+        plan["steps"] tokens, each fed back; every rank samples the same tokens from the same logits
+        and seed. Rank 0 returns (tokens [B, steps], probs [B, steps, V] or None).
+        """
+        from cluster.generation.layout import step_inputs
+        from cluster.generation.sampling import make_generator, probabilities, sample
+
+        layout, params = plan["layout"], plan["sampling"]
+        rows = len(plan["starts"])
+        pending = [list(p) for p in plan["pending"]]
+        starts = list(plan["starts"])
+        generator = make_generator(plan["seed"])
+        width = len(pending[0])
+        tokens, probs = [], []
+        feed = [row[0] for row in pending]
+        for step in range(width + plan["steps"] - 1):
+            bucket, inputs = step_inputs(layout, "decode", [[t] for t in feed], starts)
+            logits = self._run(bucket, inputs)[0][:rows, 0].float()
+            starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
+            if step >= width - 1:
+                p = probabilities(logits, params)
+                picked = p.argmax(-1) if params.greedy else sample(p, generator)
+                tokens.append(picked)
+                if plan.get("want_probs"):
+                    probs.append(p)
+                feed = picked.tolist()
+            else:
+                feed = [row[step + 1] for row in pending]
+        if self.rank != 0:
+            return None
+        return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
     def export(self) -> RankExport:
         return RankExport([self._backend.dump(g) for g in self._graphs], self._weights)
 
-    def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int) -> None:
+    def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int,
+             aliases: dict[str, int] | None = None) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
+        self._aliases = dict(aliases or {})
         self._backend = get_backend(backend)
         self._weights = weights
         self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)

@@ -82,8 +82,12 @@ class RankGroup(ABC):
     def export(self, timeout: float) -> list[RankExport]:
         return self._same("export", timeout)
 
-    def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int, timeout: float) -> None:
-        self._fan_out("load", [(backend, g, w, threads) for g, w in zip(graphs, weights)], timeout)
+    def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int,
+             aliases: dict[str, int], timeout: float) -> None:
+        self._fan_out("load", [(backend, g, w, threads, aliases) for g, w in zip(graphs, weights)], timeout)
+
+    def decode_loop(self, plan: dict[str, Any], timeout: float) -> Any:
+        return self._same("decode_loop", timeout, plan)[0]
 
     def weight_specs(self, timeout: float) -> list[dict[str, Any]]:
         return self._same("weight_specs", timeout)

@@ -66,6 +66,7 @@ def parallel_model_trace(
     spmd_mode: bool | None = None,
     progress: bool | None = None,
     coordinator_config: CoordinatorConfig | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ParallelModel:
     """Trace `func()`'s model as `tp_degree` shards, one per rank actor, and keep them resident.
 
@@ -73,6 +74,7 @@ def parallel_model_trace(
     state is set), so the model it builds has that rank's slices. With `bucket_config`,
     `example_inputs` is a list with one input tuple per bucket. `spmd_mode` (default: automatic)
     traces rank 0 once and gives its graph to every rank, verified against each rank's module.
+    `metadata` (JSON-able) is kept with the model and saved in its manifest.
     """
     if not isinstance(tp_degree, int) or tp_degree < 1:
         raise ValueError(f"tp_degree must be a positive integer, got {tp_degree!r}")
@@ -91,7 +93,7 @@ def parallel_model_trace(
         func_blob=_pickle_function(func), tp_degree=tp_degree, backend=resolve_backend(backend),
         inline_weights=inline_weights_to_neff, bucket_signatures=tuple(signature_of(ex) for ex in examples),
         cwd=os.getcwd(), compiler_workdir=os.fspath(compiler_workdir) if compiler_workdir else None,
-        compiler_args=compiler_args, spmd_mode=spmd_mode,
+        compiler_args=compiler_args, spmd_mode=spmd_mode, extra=dict(metadata or {}),
     )
     say = _Progress(progress)
     started = time.perf_counter()

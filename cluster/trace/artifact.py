@@ -102,6 +102,8 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
         "bucket_kernel": kernel_file,
         "partition_dims": state.partition_dims,
         "state_keys": state.state_keys,
+        "io_aliases": state.io_aliases,
+        "extra": state.extra,
         "ranks": ranks,
         "shared_weights": shared_file,
         "files": files,
@@ -175,6 +177,8 @@ def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[d
             partition_dims=dict(manifest["partition_dims"]),
             state_keys=list(manifest["state_keys"]),
             trace_mode=list(manifest.get("trace_mode", [])),
+            io_aliases={str(k): int(v) for k, v in manifest.get("io_aliases", {}).items()},
+            extra=dict(manifest.get("extra", {})),
         )
         rank_entries = manifest["ranks"]
     except (KeyError, TypeError, ValueError) as exc:
