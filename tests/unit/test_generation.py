@@ -1,0 +1,105 @@
+"""Decoder generation over in-process ranks (eager backend): matches transformers, speculative is exact."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from cluster.errors import InputError
+from cluster.generation import DecoderLayout, generate, stream_generate
+from cluster.models.llama import trace_llama
+
+LAYOUT = DecoderLayout(batch_buckets=(1, 4), prompt_buckets=(8, 16), cache_buckets=(32, 64), verify_tokens=5)
+PROMPTS = [[5, 9, 17, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [40, 41], [7] * 15]
+
+
+def _save(tmp_path, name, seed, **shape):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=None, **shape)
+    model = HFLlama(config).eval()
+    model.save_pretrained(tmp_path / name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    hf = _save(root, "target", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    _save(root, "draft", 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    target = trace_llama(root / "target", tp_degree=2, layout=LAYOUT, backend="eager", progress=False)
+    draft = trace_llama(root / "draft", tp_degree=2, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), backend="eager", progress=False)
+    yield hf, target, draft, root
+    target.close()
+    draft.close()
+
+
+def _hf_greedy(hf, prompt, new):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_tp2_greedy_equals_transformers_for_a_batch_of_lengths(pair):
+    hf, target, _, _ = pair
+    out = generate(target, PROMPTS[:3], max_new_tokens=30)  # 12 + 30 tokens: crosses cache bucket 32 -> 64
+    assert out.sequences == [_hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
+    assert out.finish_reasons == ["length"] * 3
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_greedy_speculative_equals_target_only(pair, rows, k):
+    _, target, draft, _ = pair
+    prompts = PROMPTS[:rows]
+    plain = generate(target, prompts, max_new_tokens=24)
+    spec = generate(target, prompts, max_new_tokens=24, draft_model=draft, speculation_length=k)
+    assert spec.sequences == plain.sequences
+    assert spec.stats["proposed"] > 0 and 0 <= spec.stats["acceptance_rate"] <= 1
+
+
+def test_sampling_is_seeded_and_streaming_yields_steps(pair):
+    _, target, draft, _ = pair
+    a = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    b = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    assert a.sequences == b.sequences
+    spec = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, seed=3, draft_model=draft)
+    assert all(len(s) == 12 for s in spec.sequences)
+    stream = stream_generate(target, PROMPTS[:1], max_new_tokens=5)
+    steps = [step[0] for step in stream]
+    assert len(steps) == 5 and sum(steps, []) == stream.output.sequences[0]
+
+
+def test_eos_and_stop_sequences(pair):
+    _, target, _, _ = pair
+    full = generate(target, PROMPTS[:1], max_new_tokens=10).sequences[0]
+    eos = full[3]
+    cut = generate(target, PROMPTS[:1], max_new_tokens=10, eos_token_id=eos)
+    assert cut.sequences[0] == full[: full.index(eos) + 1] and cut.finish_reasons == ["eos"]
+    stop = generate(target, PROMPTS[:1], max_new_tokens=10, stop_sequences=[full[4:6]])
+    assert stop.sequences[0] == full[:4] and stop.finish_reasons == ["stop"]
+
+
+def test_bad_requests_are_refused_and_the_model_keeps_serving(pair):
+    hf, target, draft, root = pair
+    with pytest.raises(InputError, match="at least one token"):
+        generate(target, [[]], max_new_tokens=4)
+    with pytest.raises(InputError, match="above the largest context bucket 16"):
+        generate(target, [list(range(1, 18))], max_new_tokens=4)
+    with pytest.raises(InputError, match="does not fit the KV cache"):
+        generate(target, PROMPTS[:1], max_new_tokens=60)
+    for k in (0, 5):
+        with pytest.raises(InputError, match="speculation_length must be 1..4"):
+            generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=draft, speculation_length=k)
+    assert generate(target, PROMPTS[:1], max_new_tokens=8).sequences[0] == _hf_greedy(hf, PROMPTS[0], 8)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(pair, tmp_path):
+    _, target, _, _ = pair
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=False)
+    HFLlama(config).save_pretrained(tmp_path / "small-vocab")
+    with trace_llama(tmp_path / "small-vocab", tp_degree=2, layout=DecoderLayout((1, 4), (8, 16), (32, 64)),
+                     backend="eager", progress=False) as odd:
+        with pytest.raises(InputError, match="vocabulary of 96.*must share a tokenizer and vocabulary"):
+            generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=odd)
