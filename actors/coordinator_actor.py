@@ -106,6 +106,21 @@ class RemoteCoordinator:
     def export(self):
         return self._call("export", timeout=self._config.trace_timeout_s)
 
+    def forward_bucket(self, bucket, inputs) -> Any:
+        return self._call("forward_bucket", bucket, inputs)
+
+    def decode_loop(self, plan) -> Any:
+        return self._call("decode_loop", plan)
+
+    def generate_open(self, request, draft=None) -> int:
+        return self._call("generate_open", request, draft)
+
+    def generate_step(self, session_id):
+        return self._call("generate_step", session_id)
+
+    def generate_close(self, session_id):
+        return self._call("generate_close", session_id)
+
     def model_state(self):
         return self._call("model_state")
 

@@ -39,9 +39,9 @@ def load_models(config: ServeConfig) -> dict[str, ServedModel]:
     cluster.init(address=config.address, neuron_cores=config.neuron_cores)
     folders = dict(config.models)
     if not folders:
-        from cluster.models.defaults import ensure_defaults
+        from cluster.models.defaults import ensure_all_defaults
 
-        folders = ensure_defaults()
+        folders = ensure_all_defaults()
     models: dict[str, ServedModel] = {}
     for name, folder in folders.items():
         replicas = []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from actors.gateway.batching import BatchingConfig, DynamicBatcher
-from cluster.errors import InputError, ModelUnavailable
+from cluster.errors import InputError, ModelUnavailable, Overloaded
 from cluster.serving import ServingSpec
 
 log = logging.getLogger("tpcluster.gateway")
@@ -47,9 +47,14 @@ class ServedModel:
 
             self.tokenizer = AutoTokenizer.from_pretrained(folder / spec.tokenizer)
         self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
+        if spec.task == "generate" and not self.max_length:
+            layout = (self.info.get("extra") or {}).get("decoder", {}).get("layout", {})
+            self.max_length = max(layout.get("prompt_buckets", [0]))
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)),
                                       on_batch=self._record_batch)
+        self._generate_lock = asyncio.Lock()  # a decoder's KV cache serves one generation at a time
+        self._generate_waiting = 0
 
     def _record_batch(self, rows: int) -> None:
         if self.metrics is not None:
@@ -108,6 +113,79 @@ class ServedModel:
         outputs = await self.call("forward", inputs, timeout=timeout)
         leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         return [t.detach().contiguous().numpy() for t in leaves]
+
+    async def generate(self, prompt: str, sampling: Any, draft: "ServedModel | None", timeout: float):
+        """Stream (token id, text piece) pairs, then a final stats dict; one generation at a time per model.
+
+        Each step is one call to the coordinator: a client that goes away stops the generation on the
+        ranks within one step (the session is closed in `finally`).
+        """
+        from cluster.generation.engine import GenerationRequest
+        from cluster.generation.sampling import SamplingParams
+
+        self._need_task("generate")
+        if draft is not None:
+            draft._need_task("generate")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_length:
+            raise InputError(f"prompt is {len(ids)} tokens; model {self.name!r} takes at most {self.max_length}")
+        params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+        request = GenerationRequest((tuple(ids),), sampling.max_new_tokens, params, self.tokenizer.eos_token_id,
+                                    sampling.speculation_length)
+        if self._generate_waiting >= self.batcher.config.max_queue:
+            raise Overloaded(f"model {self.name!r} has {self._generate_waiting} generations waiting; retry later")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._generate_waiting += 1
+        try:
+            await asyncio.wait_for(self._generate_lock.acquire(), timeout)
+        finally:
+            self._generate_waiting -= 1
+        try:
+            replica = self.pick_replica()
+            draft_coordinator = draft.pick_replica().coordinator if draft is not None else None
+            started = loop.time()
+            session = await replica.coordinator.call_async("generate_open", request, draft_coordinator, timeout=timeout)
+            try:
+                generated: list[int] = []
+                text, reason, first = "", "", None
+                while not reason:
+                    step = await replica.coordinator.call_async("generate_step", session, timeout=max(0.0, deadline - loop.time()))
+                    first = first or loop.time() - started
+                    for token in step.tokens[0]:
+                        generated.append(token)
+                        full = self.tokenizer.decode(generated, skip_special_tokens=True)
+                        if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                            yield token, ""
+                            continue
+                        piece, text = full[len(text):], full
+                        hit = next((s for s in sampling.stop if s in text), None)
+                        if hit is not None:
+                            cut = text.index(hit)
+                            yield token, piece[: max(0, len(piece) - (len(text) - cut))]
+                            reason = "stop"
+                            break
+                        yield token, piece
+                    if not reason and step.done:
+                        reason = step.finish_reasons[0] or "length"
+            finally:
+                summary = await replica.coordinator.call_async("generate_close", session, timeout=30)
+            elapsed = loop.time() - started
+            spec = summary.get("speculation") or {}
+            if self.metrics is not None:
+                self.metrics.tokens.labels(self.name).inc(len(generated))
+                self.metrics.tokens_per_second.labels(self.name).set(len(generated) / elapsed if elapsed else 0)
+                self.metrics.draft_proposed.labels(self.name).inc(spec.get("proposed", 0))
+                self.metrics.draft_accepted.labels(self.name).inc(spec.get("accepted", 0))
+            yield None, {
+                "prompt_tokens": len(ids), "generated_tokens": len(generated), "finish_reason": reason,
+                "draft_tokens_proposed": int(spec.get("proposed", 0)), "draft_tokens_accepted": int(spec.get("accepted", 0)),
+                "acceptance_rate": float(spec.get("acceptance_rate", 0.0)), "mean_accepted_length": float(spec.get("mean_accepted_length", 0.0)),
+                "time_to_first_token_ms": (first or 0.0) * 1e3, "total_ms": elapsed * 1e3,
+                "tokens_per_second": len(generated) / elapsed if elapsed else 0.0,
+            }
+        finally:
+            self._generate_lock.release()
 
     # -- batches ----------------------------------------------------------------------------
     async def _run_batch(self, payloads: list[list[tuple[str, Any]]]) -> list[list[np.ndarray]]:

@@ -166,6 +166,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return await self._unary("Infer", request, context, handler)
 
 
+    async def Generate(self, request, context):
+        request_id = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            model = self.registry.get(request.model)
+            prompt, sampling = codec.decode_generate(request)
+            draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
+            async for token, piece in model.generate(prompt, sampling, draft, _timeout(context)):
+                if token is None:
+                    yield pb.GenerateResponse(stats=pb.GenerateStats(**piece))
+                else:
+                    yield pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = _status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request %s Generate failed", request_id)
+            await context.abort(code, message)
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels("Generate", request.model, code.name).inc()
+            self.metrics.latency.labels("Generate", request.model).observe(elapsed)
+            log.info(json.dumps({"request_id": request_id, "method": "Generate", "model": request.model,
+                                 "code": code.name, "ms": round(elapsed * 1e3, 2)}))
+
+
 def _metadata(model: ServedModel) -> pb.ModelMetadata:
     meta = model.metadata()
     buckets = [pb.Bucket(inputs=[pb.TensorSpec(name=f"input_{i}", dtype=s["dtype"], shape=s["shape"]) for i, s in enumerate(sig)])

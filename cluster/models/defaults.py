@@ -59,6 +59,52 @@ def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_
     tmp.rename(folder)
 
 
+DECODER_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(32, 128), cache_buckets=(256, 512), verify_tokens=7)
+DRAFT_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(32, 128), cache_buckets=(256, 512))
+
+
+def build_decoder(source: Path, folder: Path, tp_degree: int, layout: dict, tokenizer: Path, name: str) -> None:
+    """Trace a transformers Llama folder for generation and save it with its tokenizer and serving.json."""
+    from cluster.generation.layout import DecoderLayout
+    from cluster.models.llama import trace_llama
+    from cluster.trace import parallel_model_save
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with trace_llama(source, tp_degree=tp_degree, layout=DecoderLayout(**layout), name=name) as model:
+        parallel_model_save(model, tmp)
+    (tmp / "tokenizer").mkdir()
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer / file).is_file():
+            shutil.copy(tokenizer / file, tmp / "tokenizer" / file)
+    ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout["prompt_buckets"]),
+                extra={"defaults_version": DEFAULTS_VERSION}).write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def ensure_decoders(root: Path | None = None, target_tp: int = 2) -> dict[str, Path]:
+    """The shipped target/draft pair, traced for generation (empty if the pair is not in this checkout)."""
+    from cluster.models.pair import draft_path, pair_path, target_path
+    from cluster.trace.artifact import read_manifest
+
+    if not (target_path() / "config.json").is_file():
+        return {}
+    folders = {}
+    for name, source, tp, layout in (("pair-target", target_path(), target_tp, DECODER_LAYOUT),
+                                     ("pair-draft", draft_path(), 1, DRAFT_LAYOUT)):
+        folder = (root or cache_dir()) / f"{name}-tp{tp}"
+        try:
+            read_manifest(folder)
+            ok = ServingSpec.read(folder).extra.get("defaults_version") == DEFAULTS_VERSION
+        except ArtifactError:
+            ok = False
+        if not ok:
+            build_decoder(source, folder, tp, layout, pair_path(), name)
+        folders[name] = folder
+    return folders
+
+
 def ensure_defaults(tp_degree: int = 2, batch_buckets: tuple[int, ...] = BATCH_BUCKETS,
                     seq_buckets: tuple[int, ...] = SEQ_BUCKETS, root: Path | None = None) -> dict[str, Path]:
     from cluster.models.bert import minilm_embedder, minilm_paraphrase
@@ -84,3 +130,8 @@ def ensure_defaults(tp_degree: int = 2, batch_buckets: tuple[int, ...] = BATCH_B
             _build(folder, func, num_inputs, spec, tp_degree)
         folders[name] = folder
     return folders
+
+
+def ensure_all_defaults() -> dict[str, Path]:
+    """Every embedded default: the MiniLM embedder and paraphrase classifier, and the decoder pair."""
+    return {**ensure_defaults(), **ensure_decoders()}

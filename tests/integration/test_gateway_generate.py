@@ -1,0 +1,104 @@
+"""Generate through the gateway: streamed tokens equal cluster.generation.generate; cancel frees the model."""
+
+import grpc
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as HFLlama
+
+from clients import errors
+from clients.client import Client
+from clients.protocol import inference_pb2 as pb
+from clients.protocol import inference_pb2_grpc as pb_grpc
+from cluster.generation import generate
+from cluster.models.defaults import build_decoder
+from cluster.models.pair import pair_path
+from cluster.trace import parallel_model_load
+from tests.integration.harness import GatewayThread
+
+pytestmark = pytest.mark.integration
+
+LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64, 256), verify_tokens=5)
+DRAFT_LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64, 256))
+PROMPT = "The for statement is used to iterate"
+
+
+def _random_llama(path, seed, **shape):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False, **shape)
+    HFLlama(config).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def decoders(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    _random_llama(root / "t", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    _random_llama(root / "d", 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    build_decoder(root / "t", root / "target", 2, LAYOUT, pair_path(), "target")
+    build_decoder(root / "d", root / "draft", 1, DRAFT_LAYOUT, pair_path(), "draft")
+    served = GatewayThread({"target": root / "target", "draft": root / "draft"})
+    yield served, root
+    served.close()
+
+
+def _tokens(stream):
+    ids, text, stats = [], "", None
+    for event in stream:
+        if event.HasField("token"):
+            ids.append(event.token.id)
+            text += event.token.text
+        else:
+            stats = event.stats
+    return ids, text, stats
+
+
+def test_generate_streams_what_the_library_generates(decoders):
+    served, root = decoders
+    from transformers import AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(pair_path())(PROMPT)["input_ids"]
+    with parallel_model_load(root / "target") as reference:
+        expected = generate(reference, [prompt_ids], max_new_tokens=40).sequences[0]
+    with Client(served.target) as client:
+        ids, text, stats = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=40))
+        assert ids == expected and stats.generated_tokens == 40 and stats.finish_reason == "length"
+        spec_ids, _, spec = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=40, draft_model="draft",
+                                                           speculation_length=3))
+        assert spec_ids == expected and spec.draft_tokens_proposed > 0
+        assert 0 <= spec.acceptance_rate <= 1 and spec.mean_accepted_length >= 1
+    with grpc.insecure_channel(served.target) as channel:  # the raw generated stubs
+        raw = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="target", prompt=PROMPT, max_new_tokens=40), timeout=60)
+        assert _tokens(raw)[0] == expected
+
+
+def test_bad_generate_requests(decoders):
+    served, _ = decoders
+    with Client(served.target, retries=0) as client:
+        cases = [
+            (dict(prompt=""), errors.InvalidArgument, "prompt is empty"),
+            (dict(prompt="word " * 40), errors.InvalidArgument, "takes at most 16"),
+            (dict(prompt=PROMPT, max_new_tokens=300), errors.InvalidArgument, "does not fit the KV cache"),
+            (dict(prompt=PROMPT, temperature=-1.0), errors.InvalidArgument, "temperature"),
+            (dict(prompt=PROMPT, top_p=1.5), errors.InvalidArgument, "top_p"),
+            (dict(prompt=PROMPT, draft_model="draft", speculation_length=9), errors.InvalidArgument, "speculation_length must be 1..4"),
+            (dict(prompt=PROMPT, draft_model="nope"), errors.NotFound, "no model named 'nope'"),
+        ]
+        for kwargs, error, text in cases:
+            prompt = kwargs.pop("prompt")
+            with pytest.raises(error, match=text):
+                client.generate(prompt, model="target", **kwargs)
+        assert client.generate(PROMPT, model="target", max_new_tokens=5).stats.generated_tokens == 5
+
+
+def test_cancelled_stream_frees_the_model(decoders):
+    served, _ = decoders
+    tokens = served.gateway.metrics.tokens.labels("target")
+    before = tokens._value.get()
+    with Client(served.target) as client:
+        stream = client.generate_stream(PROMPT, model="target", max_new_tokens=200)
+        for _, event in zip(range(3), stream):
+            assert event.HasField("token")
+        stream.close()  # the client cancels the call
+        after = client.generate(PROMPT, model="target", max_new_tokens=8)
+    assert after.stats.generated_tokens == 8
+    assert tokens._value.get() - before < 200  # the abandoned generation stopped early
