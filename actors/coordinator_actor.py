@@ -16,19 +16,21 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.rank_group import RayRankGroup
 from actors.runtime import ensure_ray
 from cluster.coordinator import Coordinator, CoordinatorConfig
-from cluster.errors import ClusterError, ClusterTimeout, ModelUnavailable
+from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
+@ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
 class CoordinatorActor:
-    def __init__(self, tp_degree: int, config: CoordinatorConfig) -> None:
+    def __init__(self, tp_degree: int, config: CoordinatorConfig, group_name: str) -> None:
         self._tp_degree = tp_degree
         self._config = config
+        self._group_name = group_name
         self._coordinator: Coordinator | None = None
 
     def call(self, method: str, *args: Any) -> Any:
         if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
-            self._coordinator = Coordinator(RayRankGroup(self._tp_degree), self._config)
+            factory = lambda: RayRankGroup(self._tp_degree, name=self._group_name)  # noqa: E731
+            self._coordinator = Coordinator(factory(), self._config, rank_group_factory=factory)
         return getattr(self._coordinator, method)(*args)
 
     def close(self) -> None:
@@ -44,15 +46,16 @@ def translate(exc: Exception, method: str) -> ClusterError:
         if isinstance(cause, ClusterError):
             return cause
         return ClusterError(f"coordinator {method} failed: {exc}")
-    return ModelUnavailable(f"the coordinator process died during {method}: {exc}; the replica must be reloaded")
+    return CoordinatorLost(f"the coordinator process died during {method}; the replica must be reloaded")
 
 
 class RemoteCoordinator:
     """Driver-side stand-in for a Coordinator living in a CoordinatorActor."""
 
-    def __init__(self, actor: Any, config: CoordinatorConfig) -> None:
+    def __init__(self, actor: Any, config: CoordinatorConfig, group_name: str = "") -> None:
         self._actor = actor
         self._config = config
+        self.group_name = group_name
 
     def _submit(self, method: str, args: tuple) -> Any:
         if self._actor is None:
@@ -150,8 +153,15 @@ class RemoteCoordinator:
             ray.kill(actor, no_restart=True)
         except Exception:  # already dead
             pass
+        if self.group_name:  # a coordinator that died leaves its placement group behind
+            from actors.rank_group import remove_orphaned_group
+
+            remove_orphaned_group(self.group_name)
 
 
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig) -> RemoteCoordinator:
+    import uuid
+
     ensure_ray()
-    return RemoteCoordinator(CoordinatorActor.remote(tp_degree, config), config)
+    group_name = f"tpcluster-{uuid.uuid4().hex[:12]}"
+    return RemoteCoordinator(CoordinatorActor.remote(tp_degree, config, group_name), config, group_name)

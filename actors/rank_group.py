@@ -19,7 +19,7 @@ _SMALL = (int, float, str, bool, type(None))
 
 
 class RayRankGroup(RankGroup):
-    def __init__(self, world_size: int, placement_timeout_s: float = 30.0) -> None:
+    def __init__(self, world_size: int, placement_timeout_s: float = 30.0, name: str | None = None) -> None:
         self.world_size = world_size
         largest, total = neuron_core_capacity()
         if largest < world_size:
@@ -27,7 +27,8 @@ class RayRankGroup(RankGroup):
                 f"tp_degree {world_size} needs {world_size} NeuronCores on one node, but the largest node has "
                 f"{largest} ({total} in the cluster): lower tp_degree or add a larger node"
             )
-        self._pg = placement_group([{"neuron_cores": 1}] * world_size, strategy="STRICT_PACK")
+        # named, so whoever holds the model can remove it should this group's coordinator die
+        self._pg = placement_group([{"neuron_cores": 1}] * world_size, strategy="STRICT_PACK", name=name or "")
         ready, _ = ray.wait([self._pg.ready()], timeout=placement_timeout_s)
         if not ready:
             remove_placement_group(self._pg)
@@ -57,29 +58,23 @@ class RayRankGroup(RankGroup):
         return self._get(refs, ranks, method, timeout)
 
     def _get(self, refs: list, ranks: list[int], method: str, timeout: float) -> list[Any]:
+        """Wait for every rank, failing fast: a dead rank is reported as soon as Ray knows, not at the timeout."""
         deadline = time.monotonic() + timeout
-        try:
-            return ray.get(refs, timeout=timeout)
-        except GetTimeoutError:
-            _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
-            stalled = [r for r, ref in zip(ranks, refs) if ref in pending]
-            raise RankFailure(stalled[0] if stalled else ranks[0], f"{method} did not answer within {timeout:.0f} s (ranks {stalled})") from None
-        except (RayTaskError, RayActorError):
-            pass
-        # find the rank whose failure to report: a rank's own exception beats a peer's broken collective
-        failures = []
-        for rank, ref in zip(ranks, refs):
+        rank_of = {ref: rank for ref, rank in zip(refs, ranks)}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                stalled = sorted(rank_of[ref] for ref in pending)
+                raise RankFailure(stalled[0], f"{method} did not answer within {timeout:.0f} s (ranks {stalled} stalled)")
             try:
-                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                ray.get(ready[0], timeout=0)  # raises now if this rank failed
             except RayActorError as exc:
-                failures.append((1, RankFailure(rank, f"the rank's process died during {method}: {exc.error_msg if hasattr(exc, 'error_msg') else exc}")))
+                raise RankFailure(rank_of[ready[0]], f"the rank's process died during {method} ({type(exc).__name__})") from None
             except RayTaskError as exc:
                 cause = exc.cause if exc.cause is not None else exc
-                failures.append((0, rank_exception(rank, cause, str(exc))))
-            except GetTimeoutError:
-                continue
-        failures.sort(key=lambda item: item[0])
-        raise failures[0][1]
+                raise rank_exception(rank_of[ready[0]], cause, str(exc)) from None
+        return ray.get(refs, timeout=0)
 
     def close(self) -> None:
         for actor in self._actors:
@@ -88,3 +83,13 @@ class RayRankGroup(RankGroup):
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def remove_orphaned_group(name: str) -> bool:
+    """Remove the placement group `name` (its coordinator died): its NeuronCores go back to the cluster."""
+    try:
+        group = ray.util.get_placement_group(name)
+    except ValueError:  # already gone
+        return False
+    remove_placement_group(group)
+    return True

@@ -7,14 +7,16 @@ hosts it in a Ray actor for the cluster. Only inputs and rank 0's outputs pass t
 from __future__ import annotations
 
 import io
+import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from cluster.buckets import run_kernel
-from cluster.errors import ClusterError, InputError
+from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, TensorSpec, as_input_tuple, describe_signature, signature_of
 from cluster.trace.backends import get_backend
@@ -60,13 +62,23 @@ class Exported:
 
 
 class Coordinator:
-    def __init__(self, ranks: RankGroup, config: CoordinatorConfig | None = None) -> None:
+    """Drives one TP group. With `rank_group_factory`, a replica that loses a rank rebuilds itself:
+    new rank actors, a new rendezvous, the shards reloaded from what it was loaded with."""
+
+    def __init__(self, ranks: RankGroup, config: CoordinatorConfig | None = None,
+                 rank_group_factory: Callable[[], RankGroup] | None = None) -> None:
         self.ranks = ranks
         self.config = config or CoordinatorConfig()
         self.state: ModelState | None = None
         self._kernel = None
         self._spec: TraceSpec | None = None
         self._started = False
+        self._factory = rank_group_factory
+        self._payload: tuple | None = None  # (graphs, weights) the ranks were loaded from
+        self._broken: str | None = None
+        self._rebuilding: threading.Thread | None = None
+        self._session = None
+        self.rebuilds = 0
 
     def start(self) -> list[dict[str, Any]]:
         """Form the collective group on a fresh rendezvous; returns where each rank runs."""
@@ -75,8 +87,6 @@ class Coordinator:
         return self.ranks.describe(self.config.call_timeout_s)
 
     def _threads(self) -> int:
-        import os
-
         return self.config.threads_per_rank or max(1, (os.cpu_count() or 1) // self.ranks.world_size)
 
     # -- tracing ----------------------------------------------------------------------------
@@ -126,7 +136,45 @@ class Coordinator:
     def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
         self.ranks.load(state.backend, graphs, weights, self._threads(), state.io_aliases, self.config.trace_timeout_s)
         self.state = state
+        self._payload = (graphs, weights)
         self._set_kernel(state.kernel)
+
+    # -- failure and recovery ---------------------------------------------------------------
+    def _serving(self, call: Callable[[], Any]) -> Any:
+        """Run a call on the ranks; a lost or failing rank breaks the replica and starts its rebuild."""
+        if self._broken is not None:
+            raise ModelUnavailable(f"replica unavailable ({self._broken}); it is rebuilding, retry shortly")
+        try:
+            return call()
+        except RankError as exc:  # peers may be stuck in a collective with it: the group is unusable
+            self._fail(exc)
+            raise RankFailure(exc.rank, f"{exc.message}; the replica is rebuilding") from None
+
+    def _fail(self, exc: Exception) -> None:
+        self._broken = str(exc).split("\n", 1)[0]
+        self._session = None
+        if self._factory is not None and self._payload is not None and self._rebuilding is None:
+            self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
+            self._rebuilding.start()
+
+    def _rebuild(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                self.ranks.close()
+                self.ranks = self._factory()
+                self.ranks.form_group(self.config.rendezvous_timeout_s, self._threads())
+                graphs, weights = self._payload
+                self.ranks.load(self.state.backend, graphs, weights, self._threads(), self.state.io_aliases,
+                                self.config.trace_timeout_s)
+                self.rebuilds += 1
+                self._broken = None
+                break
+            except Exception as exc:  # keep trying: capacity may come back
+                self._broken = f"rebuild failed: {str(exc).splitlines()[0]}"
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self._rebuilding = None
 
     def _set_kernel(self, kernel: bytes | None) -> None:
         self._kernel = torch.jit.load(io.BytesIO(kernel)) if kernel else None
@@ -141,17 +189,17 @@ class Coordinator:
         else:
             bucket = 0
             self._check_signature(inputs, self.state.buckets[0])
-        return self.ranks.forward(bucket, inputs, self.config.call_timeout_s)
+        return self._serving(lambda: self.ranks.forward(bucket, inputs, self.config.call_timeout_s))
 
     def forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
         """Run one named bucket with inputs already shaped for it (the decoder's steps)."""
         if self.state is None or not 0 <= bucket < len(self.state.buckets):
             raise InputError(f"bucket {bucket} does not exist")
         self._check_signature(inputs, self.state.buckets[bucket])
-        return self.ranks.forward(bucket, inputs, self.config.call_timeout_s)
+        return self._serving(lambda: self.ranks.forward(bucket, inputs, self.config.call_timeout_s))
 
     def decode_loop(self, plan: dict[str, Any]) -> Any:
-        return self.ranks.decode_loop(plan, self.config.call_timeout_s)
+        return self._serving(lambda: self.ranks.decode_loop(plan, self.config.call_timeout_s))
 
     # -- generation (the target/draft loop runs here) ----------------------------------------
     def endpoint(self) -> Any:
@@ -179,6 +227,8 @@ class Coordinator:
                                              int(info["vocab_size"]), info.get("name", "draft"))
             if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
                 raise InputError("draft and target were traced with different tokenizers: they must share one")
+        if self._broken is not None:
+            raise ModelUnavailable(f"replica unavailable ({self._broken}); it is rebuilding, retry shortly")
         self._session = GenerationSession(request, self.endpoint(), draft_endpoint)
         self._session_id = getattr(self, "_session_id", 0) + 1
         return self._session_id
@@ -230,13 +280,17 @@ class Coordinator:
             "inline_weights": state.inline_weights if state else None,
             "trace_mode": list(state.trace_mode) if state else [],
             "extra": dict(state.extra) if state else {},
+            "pid": os.getpid(),
+            "broken": self._broken,
+            "rebuilds": self.rebuilds,
         }
 
     def describe_ranks(self) -> list[dict[str, Any]]:
-        return self.ranks.describe(self.config.call_timeout_s)
+        return self._serving(lambda: self.ranks.describe(self.config.call_timeout_s))
 
     def health(self) -> list[int]:
-        return self.ranks.ping(self.config.call_timeout_s)
+        """Every rank answers, or ModelUnavailable (a rank lost now starts the rebuild)."""
+        return self._serving(lambda: self.ranks.ping(min(self.config.call_timeout_s, 10.0)))
 
     def close(self) -> None:
         self.ranks.close()

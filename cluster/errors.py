@@ -15,6 +15,7 @@ This module imports nothing from the package, so any layer may import it.
     ├── ClusterTimeout (TimeoutError)   a bounded wait ran out (rendezvous, call)
     ├── ModelNotFound (KeyError)        no model of that name is served
     ├── ModelUnavailable                the model has no ready replica right now
+    │   └── CoordinatorLost             a replica's coordinator process died (reload it)
     └── Overloaded                      the model's queue is full: retry later
 """
 
@@ -86,6 +87,10 @@ class ModelNotFound(ClusterError, KeyError):
 
 class ModelUnavailable(ClusterError):
     """The model has no ready replica (ranks starting, lost, or rebuilding): retry shortly."""
+
+
+class CoordinatorLost(ModelUnavailable):
+    """A replica's coordinator process died; whoever holds the model recreates it from the saved model."""
 
 
 class Overloaded(ClusterError):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from actors.gateway.batching import BatchingConfig, DynamicBatcher
-from cluster.errors import InputError, ModelUnavailable, Overloaded
+from cluster.errors import CoordinatorLost, InputError, ModelUnavailable, Overloaded, RankFailure
 from cluster.serving import ServingSpec
 
 log = logging.getLogger("tpcluster.gateway")
@@ -30,6 +30,9 @@ class Replica:
     ready: bool = True
     in_flight: int = 0
     error: str = ""
+    recoveries: int = 0
+    generating: bool = False  # a decoder's KV cache serves one generation at a time
+    recreating: Any = None  # the task recreating a lost coordinator
 
 
 class ServedModel:
@@ -53,7 +56,7 @@ class ServedModel:
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)),
                                       on_batch=self._record_batch)
-        self._generate_lock = asyncio.Lock()  # a decoder's KV cache serves one generation at a time
+        self._generate_free: asyncio.Condition | None = None  # signalled when a replica stops generating
         self._generate_waiting = 0
 
     def _record_batch(self, rows: int) -> None:
@@ -138,19 +141,18 @@ class ServedModel:
         deadline = loop.time() + timeout
         self._generate_waiting += 1
         try:
-            await asyncio.wait_for(self._generate_lock.acquire(), timeout)
+            replica = await asyncio.wait_for(self._claim_generator(), timeout)
         finally:
             self._generate_waiting -= 1
         try:
-            replica = self.pick_replica()
             draft_coordinator = draft.pick_replica().coordinator if draft is not None else None
             started = loop.time()
-            session = await replica.coordinator.call_async("generate_open", request, draft_coordinator, timeout=timeout)
+            session = await self._on(replica, "generate_open", request, draft_coordinator, timeout=timeout)
             try:
                 generated: list[int] = []
                 text, reason, first = "", "", None
                 while not reason:
-                    step = await replica.coordinator.call_async("generate_step", session, timeout=max(0.0, deadline - loop.time()))
+                    step = await self._on(replica, "generate_step", session, timeout=max(0.0, deadline - loop.time()))
                     first = first or loop.time() - started
                     for token in step.tokens[0]:
                         generated.append(token)
@@ -169,7 +171,10 @@ class ServedModel:
                     if not reason and step.done:
                         reason = step.finish_reasons[0] or "length"
             finally:
-                summary = await replica.coordinator.call_async("generate_close", session, timeout=30)
+                try:
+                    summary = await replica.coordinator.call_async("generate_close", session, timeout=30)
+                except Exception:  # the replica is gone: nothing to close
+                    summary = {}
             elapsed = loop.time() - started
             spec = summary.get("speculation") or {}
             if self.metrics is not None:
@@ -185,7 +190,33 @@ class ServedModel:
                 "tokens_per_second": len(generated) / elapsed if elapsed else 0.0,
             }
         finally:
-            self._generate_lock.release()
+            replica.generating = False
+            async with self._generate_cond():
+                self._generate_free.notify_all()
+
+    def _generate_cond(self) -> asyncio.Condition:
+        if self._generate_free is None:
+            self._generate_free = asyncio.Condition()
+        return self._generate_free
+
+    async def _claim_generator(self) -> Replica:
+        """A ready replica with no generation running (waits for one to free up)."""
+        async with self._generate_cond():
+            while True:
+                free = [r for r in self.replicas if r.ready and not r.generating]
+                if free:
+                    replica = min(free, key=lambda r: r.in_flight)
+                    replica.generating = True
+                    return replica
+                if not self.ready:
+                    raise ModelUnavailable(f"model {self.name!r} has no ready replica right now; retry shortly")
+                await self._wait_free()
+
+    async def _wait_free(self) -> None:
+        try:
+            await asyncio.wait_for(self._generate_free.wait(), 1.0)  # re-check readiness at least every second
+        except asyncio.TimeoutError:
+            pass
 
     # -- batches ----------------------------------------------------------------------------
     async def _run_batch(self, payloads: list[list[tuple[str, Any]]]) -> list[list[np.ndarray]]:
@@ -238,22 +269,62 @@ class ServedModel:
         return min(ready, key=lambda r: r.in_flight)
 
     async def call(self, method: str, *args: Any, timeout: float) -> Any:
-        replica = self.pick_replica()
+        return await self._on(self.pick_replica(), method, *args, timeout=timeout)
+
+    async def _on(self, replica: Replica, method: str, *args: Any, timeout: float) -> Any:
+        """One call on one replica; a lost rank or coordinator takes the replica out of rotation at once."""
         replica.in_flight += 1
         try:
             return await replica.coordinator.call_async(method, *args, timeout=timeout)
+        except (ModelUnavailable, RankFailure) as exc:
+            self._lost(replica, exc)
+            raise ModelUnavailable(f"model {self.name!r} replica {replica.index}: {str(exc).splitlines()[0]}") from None
         finally:
             replica.in_flight -= 1
 
+    def _lost(self, replica: Replica, exc: Exception) -> None:
+        if replica.ready:
+            log.warning("model %s replica %d lost: %s", self.name, replica.index, str(exc).splitlines()[0])
+        replica.ready, replica.error = False, str(exc).splitlines()[0]
+        if isinstance(exc, CoordinatorLost) and replica.recreating is None and self.folder is not None:
+            replica.recreating = asyncio.get_running_loop().create_task(self._recreate(replica))
+
+    async def _recreate(self, replica: Replica) -> None:
+        """Load the replica again from its saved model (its coordinator died, and its ranks with it)."""
+        from cluster.trace import parallel_model_load
+
+        delay = 1.0
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, replica.coordinator.close)  # frees what the dead coordinator held
+        try:
+            while True:
+                try:
+                    model = await loop.run_in_executor(None, parallel_model_load, self.folder)
+                    replica.coordinator, replica.ready, replica.error = model._coordinator, True, ""
+                    replica.recoveries += 1
+                    log.warning("model %s replica %d recreated", self.name, replica.index)
+                    return
+                except Exception as exc:  # capacity may come back: keep trying
+                    replica.error = f"recreating: {str(exc).splitlines()[0]}"
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            replica.recreating = None
+
     async def check_health(self, timeout: float = 10.0) -> bool:
         for replica in self.replicas:
+            if replica.recreating is not None:
+                continue
             try:
                 await replica.coordinator.call_async("health", timeout=timeout)
+                if not replica.ready:
+                    replica.recoveries += 1  # the coordinator rebuilt its ranks
+                    log.warning("model %s replica %d ready again", self.name, replica.index)
                 replica.ready, replica.error = True, ""
-            except Exception as exc:  # any failure means: do not route requests here
-                if replica.ready:
-                    log.warning("model %s replica %d not ready: %s", self.name, replica.index, exc)
-                replica.ready, replica.error = False, str(exc)
+            except (ModelUnavailable, RankFailure) as exc:
+                self._lost(replica, exc)
+            except Exception as exc:  # any other failure: do not route requests here
+                replica.ready, replica.error = False, str(exc).splitlines()[0]
         return self.ready
 
     async def close(self) -> None:

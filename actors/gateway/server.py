@@ -128,7 +128,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 replicas = []
                 for r in m.replicas:
                     ranks = await _rank_status(r) if r.ready else []
-                    replicas.append(pb.ReplicaStatus(index=r.index, ready=r.ready, ranks=ranks, error=r.error))
+                    pid = 0
+                    if r.ready:
+                        try:
+                            pid = (await r.coordinator.call_async("info", timeout=5.0)).get("pid", 0)
+                        except Exception:  # status must answer even when a replica does not
+                            pid = 0
+                    replicas.append(pb.ReplicaStatus(index=r.index, ready=r.ready, ranks=ranks, error=r.error,
+                                                     in_flight=r.in_flight + int(r.generating), coordinator_pid=pid, recoveries=r.recoveries))
                 models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.info.get("tp_degree", 0),
                                              queue_depth=m.batcher.depth, replicas=replicas))
             return pb.StatusResponse(models=models, gateway_version=_version())
