@@ -157,6 +157,17 @@ def summary(results: dict[str, Any]) -> str:
     if "trace_once" in results:
         t = results["trace_once"]
         parts.append("trace once/per-rank " + ", ".join(f"TP{tp} x{t[f'tp{tp}_once_over_per_rank']:.2f}" for tp in (1, 2, 4)))
+    if "decoder" in results:
+        d = results["decoder"]
+        parts.append(f"decode target-only {d['target_only_tok_s']:.0f} tok/s; speculative/target-only "
+                     + ", ".join(f"k{k} x{d[f'speculative_k{k}_over_target_only']:.2f}" for k in (2, 4, 6))
+                     + f"; vs HF assisted x{max(d[f'speculative_k{k}_over_hf_assisted'] for k in (2, 4, 6)):.2f}")
+    if "gateway" in results:
+        g = results["gateway"]
+        parts.append(f"gateway +{g['gateway_added_p50_ms']:.1f} ms p50; batching gain at 32 clients x{g['classify_32_clients_batching_gain']:.2f}")
+    if "soak" in results:
+        s = results["soak"]
+        parts.append(f"soak {s['requests']} requests, {s['crashes']} crashes, {s['lost']} lost, p99 {s['good_p99_ms']:.0f} ms")
     return "; ".join(parts)
 
 
@@ -175,6 +186,10 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars.append(("16 tok, 2 buckets", results["buckets"]["ratio"]))
     if "trace_once" in results:
         bars += [(f"trace once TP={tp}", results["trace_once"][f"tp{tp}_once_over_per_rank"]) for tp in (1, 2, 4)]
+    if "decoder" in results:
+        bars += [(f"speculative k={k} / target-only (speed-up)", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
+    if "gateway" in results:
+        bars.append(("32 clients, batching off / on", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -185,16 +200,137 @@ def chart(results: dict[str, Any], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run(only: list[str] | None, repeats: int, json_path: str | None, chart_path: str | None) -> dict[str, Any]:
+def run(only: list[str] | None, repeats: int, json_path: str | None, chart_path: str | None,
+        soak: tuple[int, float] = (8, 60.0)) -> dict[str, Any]:
     import cluster
 
     cluster.init()
     results: dict[str, Any] = {"machine": machine(), "repeats": repeats}
     for name in only or list(SECTIONS):
-        SECTIONS[name](results, repeats)
+        if name == "soak":
+            bench_soak(results, repeats, *soak)
+        else:
+            SECTIONS[name](results, repeats)
     results["summary"] = summary(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=1))
     if chart_path:
         chart(results, chart_path)
     return results
+
+
+def bench_decoder(results: dict[str, Any], repeats: int) -> None:
+    """Tokens/s on the shipped pair: ours target-only and speculative (k = 2, 4, 6), transformers'
+    generate and assisted generation in-process, greedy, batch 1, 64 new tokens."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from cluster.generation import generate
+    from cluster.models.defaults import ensure_decoders
+    from cluster.models.pair import draft_path, pair_path, target_path
+    from cluster.trace import parallel_model_load
+
+    new = 64
+    tokenizer = AutoTokenizer.from_pretrained(pair_path())
+    prompts = ["The for statement is used to", "A class definition defines", "Return a new list containing"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    folders = ensure_decoders()
+    out: dict[str, Any] = {"setup": f"shipped pair, greedy, batch 1, {new} new tokens, {len(prompts)} prompts; target TP=2, draft TP=1"}
+    hf_target = LlamaForCausalLM.from_pretrained(target_path(), dtype=torch.float32).eval()
+    hf_draft = LlamaForCausalLM.from_pretrained(draft_path(), dtype=torch.float32).eval()
+
+    def hf_run(**kwargs: Any) -> float:
+        start = time.perf_counter()
+        for p in ids:
+            hf_target.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, **kwargs)
+        return len(ids) * new / (time.perf_counter() - start)
+
+    hf_run()  # warm-up
+    out["hf_generate_tok_s"] = hf_run()
+    out["hf_assisted_tok_s"] = hf_run(assistant_model=hf_draft)
+    with parallel_model_load(folders["pair-target"]) as target, parallel_model_load(folders["pair-draft"]) as draft:
+        def ours(**kwargs: Any) -> tuple[float, dict]:
+            start, stats, sequences = time.perf_counter(), {}, []
+            for p in ids:
+                result = generate(target, [p], max_new_tokens=new, **kwargs)
+                stats = result.stats
+                sequences.append(result.sequences[0])
+            return len(ids) * new / (time.perf_counter() - start), {"acceptance_rate": stats.get("acceptance_rate", 0.0),
+                                                                     "mean_accepted_length": stats.get("mean_accepted_length", 0.0)}
+
+        ours()
+        out["target_only_tok_s"], _ = ours()
+        for k in (2, 4, 6):
+            rate, stats = ours(draft_model=draft, speculation_length=k)
+            out[f"speculative_k{k}_tok_s"] = rate
+            out[f"speculative_k{k}"] = stats
+            out[f"speculative_k{k}_over_target_only"] = rate / out["target_only_tok_s"]
+            out[f"speculative_k{k}_over_hf_assisted"] = rate / out["hf_assisted_tok_s"]
+        out["target_only_over_hf_generate"] = out["target_only_tok_s"] / out["hf_generate_tok_s"]
+        out["sample_text"] = tokenizer.decode(generate(target, [ids[0]], max_new_tokens=40).sequences[0])
+    results["decoder"] = out
+
+
+def bench_gateway(results: dict[str, Any], repeats: int) -> None:
+    """The gateway's added latency over an in-process ParallelModel call, and Classify throughput at
+    1/8/32 concurrent clients with dynamic batching on and off."""
+    import concurrent.futures as futures
+
+    from actors.gateway.app import BackgroundGateway, ServeConfig
+    from actors.gateway.batching import BatchingConfig
+    from actors.gateway.server import GatewayConfig
+    from clients.client import Client
+    from cluster.models.defaults import ensure_defaults
+    from cluster.trace import parallel_model_load
+
+    folders = ensure_defaults()
+    out: dict[str, Any] = {"setup": "MiniLM embedder/paraphrase, TP=2, buckets batch (1,4,16) x seq (32,128)"}
+    enc = _inputs(32, 1)
+    short = tuple(t[:1, :12] for t in enc)
+    with parallel_model_load(folders["minilm-embed"]) as model:
+        out["in_process_embed"] = latency_ms(lambda: model(*short), repeats)
+    for name, batching in (("batching_on", BatchingConfig(max_batch_rows=16, max_wait_s=0.005, max_queue=1024)),
+                           ("batching_off", BatchingConfig(max_batch_rows=1, max_wait_s=0.0, max_queue=1024))):
+        served = BackgroundGateway(ServeConfig(models=folders, batching=batching, gateway=GatewayConfig(port=0)))
+        try:
+            with Client(served.target) as client:
+                if name == "batching_on":
+                    out["gateway_embed"] = latency_ms(lambda: client.embed([SENTENCES[0]], model="minilm-embed"), repeats)
+                    out["gateway_added_p50_ms"] = out["gateway_embed"]["p50_ms"] - out["in_process_embed"]["p50_ms"]
+                    out["gateway_added_p90_ms"] = out["gateway_embed"]["p90_ms"] - out["in_process_embed"]["p90_ms"]
+                for clients in (1, 8, 32):
+                    stop = time.monotonic() + 6.0
+                    done = [0]
+
+                    def worker(_: int) -> None:
+                        with Client(served.target) as c:
+                            while time.monotonic() < stop:
+                                c.classify([(SENTENCES[0], SENTENCES[2])], model="minilm-paraphrase")
+                                done[0] += 1
+
+                    start = time.perf_counter()
+                    with futures.ThreadPoolExecutor(clients) as pool:
+                        list(pool.map(worker, range(clients)))
+                    out[f"classify_{name}_{clients}_clients_rps"] = done[0] / (time.perf_counter() - start)
+        finally:
+            served.close()
+    for clients in (1, 8, 32):
+        out[f"classify_{clients}_clients_batching_gain"] = (out[f"classify_batching_on_{clients}_clients_rps"]
+                                                           / out[f"classify_batching_off_{clients}_clients_rps"])
+    results["gateway"] = out
+
+
+def bench_soak(results: dict[str, Any], repeats: int, clients: int = 8, seconds: float = 60.0) -> None:
+    from actors.gateway.app import BackgroundGateway, ServeConfig
+    from actors.gateway.server import GatewayConfig
+    from clients.soak import run_soak
+
+    served = BackgroundGateway(ServeConfig(gateway=GatewayConfig(port=0)))
+    try:
+        tasks = {m.spec.task: name for name, m in served.models.items() if m.spec.task != "generate" or name == "pair-target"}
+        results["soak"] = run_soak(served.target, tasks, clients=clients, seconds=seconds)
+    finally:
+        served.close()
+
+
+SECTIONS.update({"decoder": bench_decoder, "gateway": bench_gateway, "soak": bench_soak})

@@ -67,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from clients import bench
 
-    results = bench.run(args.only, args.repeats, args.json, args.chart)
+    results = bench.run(args.only, args.repeats, args.json, args.chart, soak=(args.soak_clients, args.soak_seconds))
     print(json.dumps(results, indent=1) if args.print_json else results["summary"])
     if not args.print_json:
         print(f"machine: {results['machine']}")
@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="measure against in-process baselines (ratios)")
-    bench.add_argument("--only", nargs="*", choices=["core", "separation", "buckets", "trace_once"])
+    bench.add_argument("--only", nargs="*", choices=["core", "separation", "buckets", "trace_once", "decoder", "gateway", "soak"])
+    bench.add_argument("--soak-clients", type=int, default=8)
+    bench.add_argument("--soak-seconds", type=float, default=60.0)
     bench.add_argument("--repeats", type=int, default=30)
     bench.add_argument("--json", metavar="PATH", help="write all figures as JSON")
     bench.add_argument("--chart", metavar="PATH", help="write a PNG chart of the ratios")
