@@ -159,3 +159,44 @@ def test_overload_is_resource_exhausted(folders):
             assert c.embed(["after the flood"], model="minilm-embed").shape == (1, 384)
     finally:
         tight.close()
+
+
+def test_auth_tls_and_metrics(folders, tmp_path):
+    import subprocess
+    import urllib.request
+
+    from actors.gateway.server import GatewayConfig
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    cert, key = (tmp_path / "cert.pem").read_bytes(), (tmp_path / "key.pem").read_bytes()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    secured = GatewayThread({"minilm-embed": folders["minilm-embed"]},
+                            config=GatewayConfig(port=0, auth_token="s3cret", tls_cert=cert, tls_key=key,
+                                                 metrics_port=metrics_port, health_interval_s=0.5))
+    try:
+        target = f"localhost:{secured.port}"
+        for token in (None, "wrong"):
+            with Client(target, token=token, root_certificates=cert, retries=0) as client:
+                with pytest.raises(errors.Unauthenticated, match="bearer token"):
+                    client.embed(["x"], model="minilm-embed")
+                with pytest.raises(errors.Unauthenticated):
+                    list(client.generate_stream("x", model="minilm-embed"))
+                assert client.health() == "SERVING"  # probes stay open
+        calls = secured.gateway.metrics.requests.labels("Embed", "minilm-embed", "OK")._value.get()
+        assert calls == 0  # refused requests reached no model
+        with Client(target, token="s3cret", root_certificates=cert) as client:
+            assert client.embed(["over TLS"], model="minilm-embed").shape == (1, 384)
+        with Client(f"127.0.0.1:{secured.port}", token="s3cret", retries=0) as plaintext:  # TLS is required
+            with pytest.raises(errors.TpClusterError):
+                plaintext.embed(["x"], model="minilm-embed", timeout=5)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'tpcluster_requests_total{code="OK",method="Embed",model="minilm-embed"} 1.0' in page
+        assert "tpcluster_batch_rows_bucket" in page and "tpcluster_queue_depth" in page
+    finally:
+        secured.close()
