@@ -189,6 +189,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_model(spec: str, address: str | None):
+    """A ServedModel for a batch job: NAME=PATH, or the name of an embedded default."""
+    from pathlib import Path
+
+    from actors.gateway.app import ServeConfig, load_models
+
+    name, sep, path = spec.partition("=")
+    if sep:
+        return load_models(ServeConfig(models={name: Path(path)}, address=address))[name]
+    from cluster.models.defaults import ensure_all_defaults
+    import cluster
+
+    cluster.init(address=address)
+    folders = ensure_all_defaults()
+    if name not in folders:
+        raise SystemExit(f"unknown model {name!r}: give NAME=PATH of a saved model, or one of {sorted(folders)}")
+    return load_models(ServeConfig(models={name: folders[name]}, address=address))[name]
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run a batch job here (attached to --address, or on a local cluster)."""
+    import asyncio
+    from pathlib import Path
+
+    from clients.batch import run_batch
+
+    model = _batch_model(args.model, args.address)
+    output = Path(args.output)
+    errors = Path(args.errors) if args.errors else output.with_suffix(output.suffix + ".errors")
+    counts = asyncio.run(run_batch(model, Path(args.input), output, errors))
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a batch job through Ray's Jobs API (needs the cluster's dashboard: ray[default])."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as exc:
+        raise SystemExit(f"tpcluster submit needs Ray's Jobs API: pip install 'ray[default]' ({exc})")
+    entry = (f"tpcluster batch --address auto --model {args.model} --input {os.path.abspath(args.input)} "
+             f"--output {os.path.abspath(args.output)}")
+    job = JobSubmissionClient(args.address).submit_job(entrypoint=entry)
+    print(job)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    if args.action == "status":
+        print(client.get_job_status(args.id))
+    elif args.action == "logs":
+        print(client.get_job_logs(args.id))
+    else:
+        print(client.stop_job(args.id))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpcluster", description="Tensor-parallel models resident on a Ray cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
         return p
+
+    batch = sub.add_parser("batch", help="run a JSONL file through a model here, exactly once and resumable")
+    batch.add_argument("--model", required=True, help="NAME=PATH of a saved model, or an embedded default's name")
+    batch.add_argument("--input", required=True)
+    batch.add_argument("--output", required=True)
+    batch.add_argument("--errors", help="malformed or refused records (default: OUTPUT.errors)")
+    batch.add_argument("--address", help="Ray cluster to attach to (default: a local cluster)")
+    batch.set_defaults(func=cmd_batch)
+    submit = sub.add_parser("submit", help="submit a batch job through Ray's Jobs API")
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--input", required=True)
+    submit.add_argument("--output", required=True)
+    submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help="the Jobs API (http://head:8265)")
+    submit.set_defaults(func=cmd_submit)
+    jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    jobs.add_argument("action", choices=["status", "logs", "stop"])
+    jobs.add_argument("id")
+    jobs.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"))
+    jobs.set_defaults(func=cmd_jobs)
 
     client_command("models", cmd_models, "list served models")
     client_command("status", cmd_status, "models, replicas and ranks with their node, NeuronCores and memory")
