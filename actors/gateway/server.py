@@ -7,6 +7,7 @@ status codes in `_status_of`, the only place that knows both our errors and gRPC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -89,13 +90,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.registry = registry
         self.metrics = metrics
 
-    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, handler) -> Any:
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str, model: str, context: grpc.aio.ServicerContext):
+        """Around every RPC: errors to status codes (the one place), metrics, a JSON log line with a request id."""
         request_id = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
-        model = getattr(request, "model", "")
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return await handler()
+            yield
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -110,6 +112,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.metrics.latency.labels(method, model).observe(elapsed)
             log.info(json.dumps({"request_id": request_id, "method": method, "model": model, "code": code.name,
                                  "ms": round(elapsed * 1e3, 2)}))
+
+    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, handler) -> Any:
+        async with self._observed(method, getattr(request, "model", ""), context):
+            return await handler()
 
     async def ListModels(self, request, context):
         async def handler():
@@ -174,10 +180,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
     async def Generate(self, request, context):
-        request_id = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        async with self._observed("Generate", request.model, context):
             model = self.registry.get(request.model)
             prompt, sampling = codec.decode_generate(request)
             draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
@@ -186,20 +189,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield pb.GenerateResponse(stats=pb.GenerateStats(**piece))
                 else:
                     yield pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code, message = _status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("request %s Generate failed", request_id)
-            await context.abort(code, message)
-        finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels("Generate", request.model, code.name).inc()
-            self.metrics.latency.labels("Generate", request.model).observe(elapsed)
-            log.info(json.dumps({"request_id": request_id, "method": "Generate", "model": request.model,
-                                 "code": code.name, "ms": round(elapsed * 1e3, 2)}))
 
 
 def _metadata(model: ServedModel) -> pb.ModelMetadata:
