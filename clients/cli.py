@@ -33,6 +33,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sims = vectors @ vectors.T
             pairs = [(SENTENCES[0], SENTENCES[2]), (SENTENCES[0], SENTENCES[1]), (SENTENCES[1], SENTENCES[2])]
             labels = client.classify(pairs, model="minilm-paraphrase")
+            generations = {}
+            if "pair-target" in {m.name for m in models}:
+                for label, draft in (("target only", ""), ("speculative, draft pair-draft, k=4", "pair-draft")):
+                    generations[label] = client.generate("The for statement is used to", model="pair-target", max_new_tokens=40,
+                                                         draft_model=draft, speculation_length=4 if draft else 0)
             status = client.status()
     finally:
         served.close()
@@ -45,6 +50,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "embeddings": {"dim": int(vectors.shape[1]), "norms": [round(float(n), 4) for n in np.linalg.norm(vectors, axis=1)]},
         "cosine": {"0~2 (paraphrase)": round(float(sims[0, 2]), 4), "0~1": round(float(sims[0, 1]), 4), "1~2": round(float(sims[1, 2]), 4)},
         "classify": [{"pair": list(p), "label": r.label, "logits": [round(x, 3) for x in r.logits]} for p, r in zip(pairs, labels)],
+        "generate": {label: {"text": g.text, "tokens": g.stats.generated_tokens, "tokens_per_second": round(g.stats.tokens_per_second, 1),
+                             "acceptance_rate": round(g.stats.acceptance_rate, 3)} for label, g in generations.items()},
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -61,6 +68,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("Classify (paraphrase detection):")
     for item in result["classify"]:
         print(f"  {item['label']:10}  {item['pair'][0]!r} / {item['pair'][1]!r}")
+    for label, g in result["generate"].items():
+        extra = f", acceptance {g['acceptance_rate']:.2f}" if g["acceptance_rate"] else ""
+        print(f"Generate (shipped pair, {label}; {g['tokens']} tokens, {g['tokens_per_second']:.0f} tok/s{extra}):")
+        print(f"  The for statement is used to{g['text']}")
     return 0
 
 
