@@ -9,6 +9,17 @@ import pathlib
 from cluster.models.pair import corpus, recipe
 
 PROMPTS = ("The for statement", "A class definition", "The json module")
+AGREEMENT_PROMPTS = (
+    "The for statement",
+    "A class definition",
+    "The json module",
+    "Return the",
+    "If the exception is raised",
+    "The while statement",
+    "Raise ValueError if",
+    "The try statement",
+)
+GENERATED_TOKENS = 64
 
 
 @dataclasses.dataclass
@@ -30,6 +41,7 @@ class CardFacts:
     target_train_loss: float
     draft_train_loss: float
     val: recipe.PairMetrics
+    generated_agreement: float
     train_minutes: float
     total_minutes: float
     machine: str
@@ -110,11 +122,11 @@ in 50, chosen by CRC-32, is held out for validation.
 
 ## Tokenizer
 
-Byte-level BPE (`tokenizers`), vocabulary {recipe.VOCAB_SIZE}, trained on the training
-split. Special tokens: `<s>` = {recipe.BOS_ID} (bos, prepended on encode), `</s>` =
-{recipe.EOS_ID} (eos), `<unk>` = {recipe.UNK_ID}, `<pad>` = {recipe.PAD_ID}. Every
-training document is `<s> text </s>`; documents are packed into {recipe.SEQ_LEN}-token
-windows.
+Byte-level BPE (`tokenizers`), vocabulary {recipe.VOCAB_SIZE}, trained on the
+training split. Special tokens: `<s>` = {recipe.BOS_ID} (bos, prepended on encode),
+`</s>` = {recipe.EOS_ID} (eos), `<unk>` = {recipe.UNK_ID}, `<pad>` = {recipe.PAD_ID}.
+Every training document is `<s> text </s>`; documents are packed into
+{recipe.SEQ_LEN}-token windows.
 
 ## Models
 
@@ -128,9 +140,9 @@ RoPE theta 10000, RMSNorm eps 1e-5, SiLU MLP, untied input and output embeddings
 
 ## Training
 
-fp32, AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, gradient clip 1.0), batches
-of {facts.batch} x {recipe.SEQ_LEN} tokens at random offsets, 100 warmup steps then a
-cosine decay to 10% of the peak learning rate, driven by the wall clock.
+fp32, AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, gradient clip 1.0),
+batches of {facts.batch} x {recipe.SEQ_LEN} tokens at random offsets, 100 warmup steps
+then a cosine decay to 10% of the peak learning rate, driven by the wall clock.
 
 1. **Joint** (80% of the training time): the target learns cross-entropy (peak lr 2e-3);
    on the same batch the draft learns `0.5 * CE + 0.5 * KL(target || draft)` (peak lr
@@ -139,10 +151,11 @@ cosine decay to 10% of the peak learning rate, driven by the wall clock.
    `0.9 * KL + 0.1 * CE` against it. The draft with the lowest validation value of that
    objective is kept.
 
-Steps: target {facts.target_steps:,}, draft {facts.draft_steps:,}. Training took
-{facts.train_minutes:.1f} minutes ({facts.total_minutes:.1f} minutes for the whole run)
-on a {facts.machine}, under `nice -n 19` with `OMP_WAIT_POLICY=PASSIVE`, while
-another engineer's tests and benchmarks shared the machine. {facts.versions}.
+Steps: target {facts.target_steps:,}, draft {facts.draft_steps:,}.
+
+Training took {facts.train_minutes:.1f} minutes ({facts.total_minutes:.1f} minutes for the whole run)
+on a {facts.machine}, under `nice -n 19` with `OMP_WAIT_POLICY=PASSIVE`, while other
+work (tests, benchmarks) shared the machine. {facts.versions}.
 
 ## Results
 
@@ -154,14 +167,18 @@ another engineer's tests and benchmarks shared the machine. {facts.versions}.
 Train loss is measured on {facts.train_eval_windows} fixed training windows, validation loss on all
 validation windows, both after saving in float16 and reloading in float32.
 
-On the validation set:
+How often the draft's next-token argmax equals the target's, i.e. the per-token
+acceptance rate of greedy speculative decoding:
 
-* **greedy agreement** (draft argmax == target argmax for the next token):
-  **{v.greedy_agreement:.1%}**, the per-token acceptance rate of greedy speculative
-  decoding;
-* KL(target || draft): {v.kl:.3f} nats per token;
-* expected per-token acceptance of speculative sampling at temperature 1
-  (mean of `sum min(p_target, p_draft)`): {v.sampled_acceptance:.1%}.
+* on the validation set: **{v.greedy_agreement:.1%}**;
+* on the target's own greedy continuations ({GENERATED_TOKENS} tokens after each of
+  {len(AGREEMENT_PROMPTS)} short prompts such as `Return the`), the text a speculative
+  decoder actually verifies: **{facts.generated_agreement:.1%}**.
+
+For reference, on the validation set: next-token top-1 accuracy is
+{v.target_top1:.1%} (target) and {v.draft_top1:.1%} (draft); KL(target || draft) is
+{v.kl:.3f} nats per token; the expected per-token acceptance of speculative *sampling*
+at temperature 1 (mean of `sum min(p_target, p_draft)`) is {v.sampled_acceptance:.1%}.
 
 ## Samples
 

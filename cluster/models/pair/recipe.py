@@ -186,6 +186,8 @@ class PairMetrics:
     kl: float
     greedy_agreement: float
     sampled_acceptance: float
+    target_top1: float
+    draft_top1: float
 
     @property
     def target_ppl(self) -> float:
@@ -207,12 +209,13 @@ def evaluate_pair(
     ``greedy_agreement`` is the fraction of positions where both models' argmax next
     token is the same (the per-token acceptance of greedy speculative decoding);
     ``sampled_acceptance`` is the mean of ``sum_v min(p_target, p_draft)``, the
-    per-token acceptance of speculative sampling at temperature 1.
+    per-token acceptance of speculative sampling at temperature 1; ``*_top1`` are the
+    models' next-token accuracies.
     """
     was_training = (target.training, draft.training)
     target.eval()
     draft.eval()
-    sums = torch.zeros(5, dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64)
     positions = 0
     for chunk in windows.split(batch):
         inputs, labels = chunk[:, :-1], chunk[:, 1:]
@@ -227,6 +230,8 @@ def evaluate_pair(
                 distill_kl(d_logits, t_logits).item() * n,
                 (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item(),
                 torch.minimum(t_prob, d_prob).sum(-1).sum().item(),
+                (t_logits.argmax(-1) == labels).sum().item(),
+                (d_logits.argmax(-1) == labels).sum().item(),
             ],
             dtype=torch.float64,
         )
@@ -249,6 +254,33 @@ def mean_loss(model: LlamaForCausalLM, windows: torch.Tensor, batch: int = 16) -
         count += chunk[:, 1:].numel()
     model.train(was_training)
     return total / count
+
+
+@torch.no_grad()
+def generated_agreement(
+    target: LlamaForCausalLM,
+    draft: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    new_tokens: int = 64,
+) -> float:
+    """Greedy agreement of the pair on the target's own greedy continuations of ``prompts``.
+
+    This is the text a greedy speculative decoder verifies, so it is the acceptance
+    rate such a decoder sees (per proposed token, before the first rejection).
+    """
+    config = generation_config()
+    config.max_new_tokens = new_tokens
+    agree, total = 0, 0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        sequence = target.generate(input_ids=ids, generation_config=config)
+        start = ids.shape[1] - 1  # logits at position i predict token i + 1
+        t_next = target(input_ids=sequence).logits[0, start:-1].argmax(-1)
+        d_next = draft(input_ids=sequence).logits[0, start:-1].argmax(-1)
+        agree += int((t_next == d_next).sum())
+        total += t_next.numel()
+    return agree / total
 
 
 @torch.no_grad()

@@ -5,8 +5,9 @@ Run from the repository root::
     nice -n 19 python -m cluster.models.pair.train --out cluster/models/pair --minutes 50
 
 The script renices itself to 19 anyway and restarts itself with
-``OMP_WAIT_POLICY=PASSIVE`` (see ``_reexec_with_passive_openmp``). The whole run, tokenizer and final evaluation included, fits in ``--minutes``. The
-training time is split in two phases:
+``OMP_WAIT_POLICY=PASSIVE`` (see ``_reexec_with_passive_openmp``). The whole run,
+tokenizer and final evaluation included, fits in ``--minutes``. The training time is
+split in two phases:
 
 1. joint (80%): the target learns next-token cross-entropy; on the same batch the
    draft learns ``0.5 * CE + 0.5 * KL(target || draft)`` against the target's logits.
@@ -30,8 +31,9 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import tokenizers
 import torch
 import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -267,6 +269,62 @@ def _reexec_with_passive_openmp(argv: Sequence[str] | None) -> None:
     os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *args], env)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What only the training run itself knows, for the model card."""
+
+    target_steps: int
+    draft_steps: int
+    train_minutes: float
+    command: str
+
+
+def measure_pair(
+    out: pathlib.Path,
+    texts: corpus.Corpus,
+    run: RunRecord,
+    seed: int,
+    total_minutes: Callable[[], float],
+) -> card.CardFacts:
+    """Reload the saved pair and tokenizer from ``out`` and measure them for the card.
+
+    ``total_minutes`` is called last, so that the measuring is part of the run time.
+    """
+    target_model, draft_model = load_pair(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))  # what users will load
+    train_stream = recipe.token_stream(tokenizer, texts.train_docs)
+    val_stream = recipe.token_stream(tokenizer, texts.val_docs)
+    train_windows = recipe.fixed_windows(train_stream, TRAIN_EVAL_WINDOWS, seed=seed)
+    samples = [recipe.greedy_continuation(target_model, tokenizer, p) for p in card.PROMPTS]
+    return card.CardFacts(
+        train_docs=len(texts.train_docs),
+        val_docs=len(texts.val_docs),
+        train_chars=texts.train_chars,
+        val_chars=texts.val_chars,
+        train_tokens=len(train_stream),
+        val_tokens=len(val_stream),
+        target_params=recipe.parameter_count(target_model),
+        draft_params=recipe.parameter_count(draft_model),
+        target_steps=run.target_steps,
+        draft_steps=run.draft_steps,
+        batch=BATCH,
+        train_eval_windows=TRAIN_EVAL_WINDOWS,
+        target_train_loss=recipe.mean_loss(target_model, train_windows),
+        draft_train_loss=recipe.mean_loss(draft_model, train_windows),
+        val=recipe.evaluate_pair(target_model, draft_model, recipe.fixed_windows(val_stream)),
+        generated_agreement=recipe.generated_agreement(
+            target_model, draft_model, tokenizer, card.AGREEMENT_PROMPTS
+        ),
+        train_minutes=run.train_minutes,
+        machine=machine_description(),
+        command=run.command,
+        samples=samples,
+        versions=f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}",
+        total_minutes=total_minutes(),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build corpus and tokenizer, train the pair, save it, and write the model card."""
     args = parse_args(argv)
@@ -286,7 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_stream = recipe.token_stream(tokenizer, texts.train_docs)
     val_stream = recipe.token_stream(tokenizer, texts.val_docs)
     val_windows = recipe.fixed_windows(val_stream)
-    train_windows = recipe.fixed_windows(train_stream, TRAIN_EVAL_WINDOWS, seed=args.seed)
     log(clock, f"tokens: train {len(train_stream)}, val {len(val_stream)} ({len(val_windows)} windows)")
 
     target = make_trainee("target", recipe.TARGET_SHAPE, args.seed, TARGET_LR)
@@ -308,41 +365,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_minutes = (clock.now() - train_begin) / 60.0
 
     save_pair(out, target.model, draft.model)
-    target_model, draft_model = load_pair(out)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))  # what users will load
-    final = recipe.evaluate_pair(target_model, draft_model, val_windows)
-    facts = card.CardFacts(
-        train_docs=len(texts.train_docs),
-        val_docs=len(texts.val_docs),
-        train_chars=texts.train_chars,
-        val_chars=texts.val_chars,
-        train_tokens=len(train_stream),
-        val_tokens=len(val_stream),
-        target_params=recipe.parameter_count(target_model),
-        draft_params=recipe.parameter_count(draft_model),
+    run = RunRecord(
         target_steps=target.step,
         draft_steps=draft.step,
-        batch=BATCH,
-        train_eval_windows=TRAIN_EVAL_WINDOWS,
-        target_train_loss=recipe.mean_loss(target_model, train_windows),
-        draft_train_loss=recipe.mean_loss(draft_model, train_windows),
-        val=final,
         train_minutes=train_minutes,
-        total_minutes=clock.now() / 60.0,
-        machine=machine_description(),
         command=f"nice -n 19 python -m cluster.models.pair.train --out {out} --minutes {args.minutes:g}"
         + (f" --threads {args.threads}" if args.threads != 2 else ""),
-        samples=[
-            recipe.greedy_continuation(target_model, tokenizer, prompt) for prompt in card.PROMPTS
-        ],
-        versions=f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, "
-        f"tokenizers {sys.modules['tokenizers'].__version__}",
     )
+    facts = measure_pair(out, texts, run, seed=args.seed, total_minutes=lambda: clock.now() / 60.0)
+    final = facts.val
     card.write_model_card(out / "MODEL_CARD.md", facts)
     log(clock, f"final: val target {final.target_loss:.3f} (ppl {final.target_ppl:.1f}), "
         f"draft {final.draft_loss:.3f} (ppl {final.draft_ppl:.1f}), "
         f"greedy agreement {final.greedy_agreement:.3f}")
+    log(clock, f"greedy agreement on the target's own greedy text: {facts.generated_agreement:.3f}")
     for sample in facts.samples:
         log(clock, f"sample: {sample!r}")
     return 0
