@@ -40,6 +40,8 @@ class RayRankGroup(RankGroup):
             RankActor.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
                 resources={"neuron_cores": 1},
+                # ranks that share a host's cores must not spin-wait in OpenMP while a peer computes
+                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
             ).remote(rank, world_size)
             for rank in range(world_size)
         ]

@@ -23,6 +23,11 @@ from cluster.serving import ServingSpec
 log = logging.getLogger("tpcluster.gateway")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @dataclass
 class Replica:
     index: int
@@ -278,14 +283,14 @@ class ServedModel:
             return await replica.coordinator.call_async(method, *args, timeout=timeout)
         except (ModelUnavailable, RankFailure) as exc:
             self._lost(replica, exc)
-            raise ModelUnavailable(f"model {self.name!r} replica {replica.index}: {str(exc).splitlines()[0]}") from None
+            raise ModelUnavailable(f"model {self.name!r} replica {replica.index}: {_first_line(exc)}") from None
         finally:
             replica.in_flight -= 1
 
     def _lost(self, replica: Replica, exc: Exception) -> None:
         if replica.ready:
-            log.warning("model %s replica %d lost: %s", self.name, replica.index, str(exc).splitlines()[0])
-        replica.ready, replica.error = False, str(exc).splitlines()[0]
+            log.warning("model %s replica %d lost: %s", self.name, replica.index, _first_line(exc))
+        replica.ready, replica.error = False, _first_line(exc)
         if isinstance(exc, CoordinatorLost) and replica.recreating is None and self.folder is not None:
             replica.recreating = asyncio.get_running_loop().create_task(self._recreate(replica))
 
@@ -305,7 +310,7 @@ class ServedModel:
                     log.warning("model %s replica %d recreated", self.name, replica.index)
                     return
                 except Exception as exc:  # capacity may come back: keep trying
-                    replica.error = f"recreating: {str(exc).splitlines()[0]}"
+                    replica.error = f"recreating: {_first_line(exc)}"
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
         finally:
@@ -323,8 +328,10 @@ class ServedModel:
                 replica.ready, replica.error = True, ""
             except (ModelUnavailable, RankFailure) as exc:
                 self._lost(replica, exc)
+            except asyncio.TimeoutError:  # busy (a long generation step), not lost: a failure shows as an error
+                log.info("model %s replica %d: health check timed out (busy)", self.name, replica.index)
             except Exception as exc:  # any other failure: do not route requests here
-                replica.ready, replica.error = False, str(exc).splitlines()[0]
+                replica.ready, replica.error = False, _first_line(exc)
         return self.ready
 
     async def close(self) -> None:

@@ -20,12 +20,26 @@ class Collectives(Protocol):
 
 
 class ProcessGroupCollectives:
-    """Functional collectives over torch.distributed's default group (gloo on CPU)."""
+    """Functional collectives over torch.distributed's default group (gloo on CPU).
+
+    On gloo, all_reduce costs 2-6x an all_gather of the same tensor on these machines (see
+    FIELD-NOTES), so small reductions are done as an all_gather and a sum in rank order: the same
+    bits on every rank, and the same arithmetic as ThreadCollectives.
+    """
+
+    #: tensors up to this many elements are reduced by gather-and-sum
+    gather_reduce_max_elements = 1 << 16
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
         import torch.distributed._functional_collectives as funcol
 
+        if tensor.numel() <= self.gather_reduce_max_elements:
+            parts = funcol.all_gather_tensor(tensor.contiguous().unsqueeze(0), 0, dist.group.WORLD)
+            total = parts[0]
+            for i in range(1, parts.shape[0]):
+                total = total + parts[i]
+            return total
         return funcol.all_reduce(tensor, "sum", dist.group.WORLD)
 
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
