@@ -50,6 +50,7 @@ class RankWorker:
         self._weights: dict[str, torch.Tensor] | None = None
         self._graphs: list[Any] = []  # backend graph objects, one per bucket
         self._aliases: dict[str, int] = {}  # state weight name -> output index (io_aliases)
+        self._blobs: list[bytes | None] = []  # graph files as traced, adopted or loaded
         self._calls: list[Any] = []  # the same, bound to the weights
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
@@ -111,6 +112,7 @@ class RankWorker:
         self._weights = None if spec.inline_weights else collect_weights(model)
         self._aliases = self._alias_names(model, io_aliases or {}, spec.inline_weights)
         self._graphs, self._calls = [None] * len(spec.bucket_signatures), [None] * len(spec.bucket_signatures)
+        self._blobs: list[bytes | None] = [None] * len(spec.bucket_signatures)
         self._compiler = (spec.compiler_workdir, spec.compiler_args)
         source = self._weights if self._weights is not None else collect_weights(model)
         return {
@@ -144,12 +146,14 @@ class RankWorker:
         graph = self._backend.trace(self._model, example, self._weights, workdir, args)
         self._set_graph(bucket, graph)
         blob = self._backend.dump(graph) if return_graph else None
+        self._blobs[bucket] = blob
         return time.perf_counter() - start, blob
 
     def adopt_graph(self, bucket: int, blob: bytes) -> float:
         """Use a graph traced on another rank, bound to this rank's weights."""
         start = time.perf_counter()
         self._set_graph(bucket, self._backend.load(blob, f"bucket {bucket} graph from rank 0"))
+        self._blobs[bucket] = blob  # saved as received: byte-identical to rank 0's, so stored once
         return time.perf_counter() - start
 
     def verify_bucket(self, bucket: int, example: tuple[torch.Tensor, ...]) -> float:
@@ -223,7 +227,8 @@ class RankWorker:
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
     def export(self) -> RankExport:
-        return RankExport([self._backend.dump(g) for g in self._graphs], self._weights)
+        blobs = [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]
+        return RankExport(blobs, self._weights)
 
     def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int,
              aliases: dict[str, int] | None = None) -> None:
@@ -233,6 +238,7 @@ class RankWorker:
         self._backend = get_backend(backend)
         self._weights = weights
         self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)
+        self._blobs = list(graphs)
         for bucket, blob in enumerate(graphs):
             self._set_graph(bucket, self._backend.load(blob, f"rank {self.rank} bucket {bucket} graph"))
 
