@@ -39,7 +39,8 @@ def latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> dict[str
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
-    return {"p50_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))]}
+    return {"p50_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))],
+            "p99_ms": samples[int(0.99 * (len(samples) - 1))]}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -298,6 +299,7 @@ def bench_gateway(results: dict[str, Any], repeats: int) -> None:
                     out["gateway_embed"] = latency_ms(lambda: client.embed([SENTENCES[0]], model="minilm-embed"), repeats)
                     out["gateway_added_p50_ms"] = out["gateway_embed"]["p50_ms"] - out["in_process_embed"]["p50_ms"]
                     out["gateway_added_p90_ms"] = out["gateway_embed"]["p90_ms"] - out["in_process_embed"]["p90_ms"]
+                    out["gateway_added_p99_ms"] = out["gateway_embed"]["p99_ms"] - out["in_process_embed"]["p99_ms"]
                 for clients in (1, 8, 32):
                     stop = time.monotonic() + 6.0
                     done = [0]
