@@ -68,7 +68,7 @@ class RemoteCoordinator:
         try:
             return ray.get(ref, timeout=timeout + 5.0)
         except GetTimeoutError:
-            ray.cancel(ref, force=False)
+            ray.cancel(ref, force=False, recursive=False)
             raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from None
         except (RayTaskError, RayActorError) as exc:
             raise translate(exc, method) from None
@@ -77,13 +77,14 @@ class RemoteCoordinator:
         """The same call from asyncio: awaits the actor without blocking the event loop.
 
         When `timeout` runs out (a client's deadline) the call is cancelled: if the coordinator
-        has not started it, it never reaches the ranks.
+        has not started it, it never reaches the ranks. A call already running finishes (not
+        recursive: interrupting ranks in the middle of a collective would break the group).
         """
         ref = self._submit(method, args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError):
-            ray.cancel(ref, force=False)
+            ray.cancel(ref, force=False, recursive=False)
             raise
         except (RayTaskError, RayActorError) as exc:
             raise translate(exc, method) from None
