@@ -188,9 +188,9 @@ def chart(results: dict[str, Any], path: str) -> None:
     if "trace_once" in results:
         bars += [(f"trace once TP={tp}", results["trace_once"][f"tp{tp}_once_over_per_rank"]) for tp in (1, 2, 4)]
     if "decoder" in results:
-        bars += [(f"speculative k={k} / target-only (speed-up)", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
+        bars += [(f"speculative k={k}: time/token vs target-only", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
     if "gateway" in results:
-        bars.append(("32 clients, batching off / on", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
+        bars.append(("32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
