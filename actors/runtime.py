@@ -10,8 +10,6 @@ import ray
 
 NAMESPACE = "tpcluster"
 DEFAULT_LOGICAL_NEURON_CORES = 8
-_started_here = False
-
 
 def has_neuron_devices() -> bool:
     return bool(glob.glob("/dev/neuron[0-9]*"))
@@ -23,7 +21,6 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
     Without Neuron devices the local node advertises `neuron_cores` logical cores, so rank actors
     are scheduled exactly as on an inf2/trn1 node.
     """
-    global _started_here
     if ray.is_initialized():
         return
     options.setdefault("namespace", NAMESPACE)
@@ -42,15 +39,12 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
         options.setdefault("resources", {})["neuron_cores"] = cores
     options.setdefault("include_dashboard", False)
     ray.init(**options)
-    _started_here = True
 
 
 def stop_ray() -> None:
     """Disconnect; a local cluster this process started stops with it."""
-    global _started_here
     if ray.is_initialized():
         ray.shutdown()
-    _started_here = False
 
 
 def neuron_core_capacity() -> tuple[int, int]:

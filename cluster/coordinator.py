@@ -18,7 +18,7 @@ import torch
 from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
 from cluster.rank_group import RankGroup
-from cluster.signature import Signature, TensorSpec, as_input_tuple, describe_signature, signature_of
+from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
 from cluster.trace.backends import get_backend
 from cluster.trace.config import TraceSpec
 
@@ -296,4 +296,4 @@ class Coordinator:
         self.ranks.close()
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "Exported", "ModelState", "TensorSpec"]
+__all__ = ["Coordinator", "CoordinatorConfig", "Exported", "ModelState"]

@@ -6,7 +6,7 @@ import os
 import site
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import cloudpickle
 import torch

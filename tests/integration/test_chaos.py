@@ -16,7 +16,7 @@ from clients.client import Client
 from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
 from tests.integration.harness import GatewayThread
-from tests.integration.test_gateway_generate import DRAFT_LAYOUT, PROMPT, _random_llama
+from tests.integration.test_gateway_generate import PROMPT, _random_llama
 
 pytestmark = pytest.mark.integration
 LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(256,), verify_tokens=0)

@@ -46,12 +46,12 @@ def test_trace_save_and_load_in_a_fresh_cluster(ray_cluster, workdir):
         model.close()
 
     # a new process, a new Ray cluster: nothing carries over but the folder
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, torch, cluster
         from tests.integration import guide_bert as guide
         cluster.init(neuron_cores=2)
         model = cluster.trace.parallel_model_load("tp_models")
-        out = {{n: model(*x)[0].tolist() for n, x in [("paraphrase", guide.paraphrase), ("not_paraphrase", guide.not_paraphrase)]}}
+        out = {n: model(*x)[0].tolist() for n, x in [("paraphrase", guide.paraphrase), ("not_paraphrase", guide.not_paraphrase)]}
         print("RESULT" + json.dumps(out))
         model.close()
         cluster.shutdown()
