@@ -67,8 +67,7 @@ class RemoteCoordinator:
         ref = self._submit(method, args)
         try:
             return ray.get(ref, timeout=timeout + 5.0)
-        except GetTimeoutError:
-            ray.cancel(ref, force=False, recursive=False)
+        except GetTimeoutError:  # the call itself finishes on the coordinator; its result is dropped
             raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from None
         except (RayTaskError, RayActorError) as exc:
             raise translate(exc, method) from None
@@ -76,16 +75,15 @@ class RemoteCoordinator:
     async def call_async(self, method: str, *args: Any, timeout: float) -> Any:
         """The same call from asyncio: awaits the actor without blocking the event loop.
 
-        When `timeout` runs out (a client's deadline) the call is cancelled: if the coordinator
-        has not started it, it never reaches the ranks. A call already running finishes (not
-        recursive: interrupting ranks in the middle of a collective would break the group).
+        When `timeout` runs out (a client's deadline) or the caller is cancelled, the wait ends and
+        the result is dropped; the call itself is left to finish. Cancelling it in Ray would
+        interrupt the coordinator, or with it a rank, inside a collective (seen: a rank died, a
+        replica wedged). Work waiting for a batch is dropped before it is sent (the batcher), and a
+        generation stops at its next step.
         """
         ref = self._submit(method, args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            ray.cancel(ref, force=False, recursive=False)
-            raise
         except (RayTaskError, RayActorError) as exc:
             raise translate(exc, method) from None
 

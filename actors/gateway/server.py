@@ -184,11 +184,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model = self.registry.get(request.model)
             prompt, sampling = codec.decode_generate(request)
             draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
-            async for token, piece in model.generate(prompt, sampling, draft, _timeout(context)):
-                if token is None:
-                    yield pb.GenerateResponse(stats=pb.GenerateStats(**piece))
-                else:
-                    yield pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
+            stream = model.generate(prompt, sampling, draft, _timeout(context))
+            # A client that goes away while this handler waits to send leaves `stream` suspended, and
+            # its cleanup (closing the session, freeing the replica) would wait for garbage
+            # collection: close it as soon as the RPC ends, whatever way it ends.
+            context.add_done_callback(lambda _: asyncio.ensure_future(_close_quietly(stream)))
+            async with contextlib.aclosing(stream):
+                async for token, piece in stream:
+                    if token is None:
+                        yield pb.GenerateResponse(stats=pb.GenerateStats(**piece))
+                    else:
+                        yield pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
+
+
+async def _close_quietly(stream: Any) -> None:
+    try:
+        await stream.aclose()
+    except RuntimeError:  # running right now: the cancellation reaches it there and its cleanup runs
+        pass
 
 
 def _metadata(model: ServedModel) -> pb.ModelMetadata:
