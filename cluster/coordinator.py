@@ -77,7 +77,8 @@ class Coordinator:
         self._payload: tuple | None = None  # (graphs, weights) the ranks were loaded from
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
-        self._session = None
+        self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
+        self._gateway_sessions: set[int] = set()
         self.rebuilds = 0
 
     def start(self) -> list[dict[str, Any]]:
@@ -152,7 +153,8 @@ class Coordinator:
 
     def _fail(self, exc: Exception) -> None:
         self._broken = str(exc).split("\n", 1)[0]
-        self._session = None
+        self._batch = None  # the caches are gone with the ranks
+        self._gateway_sessions = set()
         if self._factory is not None and self._payload is not None and self._rebuilding is None:
             self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
             self._rebuilding.start()
@@ -210,41 +212,76 @@ class Coordinator:
         if not decoder:
             raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
         return DecoderEndpoint(self.forward_bucket, self.decode_loop, DecoderLayout.from_json(decoder["layout"]),
-                               int(decoder["vocab_size"]), decoder.get("name", "model"))
+                               int(decoder["vocab_size"]), decoder.get("name", "model"), key=f"local-{id(self)}")
 
-    def generate_open(self, request: Any, draft: Any = None) -> int:
-        """Start a generation session (one at a time per model: the KV cache is the model's)."""
-        from cluster.generation.engine import DecoderEndpoint, GenerationSession
+    def _decode_batch(self) -> Any:
+        from cluster.generation.engine import DecodeBatch
 
-        draft_endpoint = None
-        if draft is not None:
-            info = draft.info()["extra"].get("decoder")
-            if not info:
-                raise InputError("the draft model is not a decoder traced for generation")
-            from cluster.generation.layout import DecoderLayout
-
-            draft_endpoint = DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
-                                             int(info["vocab_size"]), info.get("name", "draft"))
-            if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
-                raise InputError("draft and target were traced with different tokenizers: they must share one")
         if self._broken is not None:
             raise ModelUnavailable(f"replica unavailable ({self._broken}); it is rebuilding, retry shortly")
-        self._session = GenerationSession(request, self.endpoint(), draft_endpoint)
-        self._session_id = getattr(self, "_session_id", 0) + 1
-        return self._session_id
+        if self._batch is None:
+            self._batch = DecodeBatch(self.endpoint())
+        return self._batch
+
+    def _draft_endpoint(self, draft: Any) -> Any:
+        """The draft's endpoint: calls into another model's coordinator (a RemoteCoordinator, or a local one)."""
+        from cluster.generation.engine import DecoderEndpoint
+        from cluster.generation.layout import DecoderLayout
+
+        key = getattr(draft, "group_name", "") or f"local-{id(draft)}"
+        batch = self._batch
+        if batch is not None and batch.draft is not None and batch.draft.key == key:
+            return batch.draft
+        info = draft.info()["extra"].get("decoder")
+        if not info:
+            raise InputError("the draft model is not a decoder traced for generation")
+        if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
+            raise InputError("draft and target were traced with different tokenizers: they must share one")
+        return DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
+                               int(info["vocab_size"]), info.get("name", "draft"), key=key)
+
+    def generate_open(self, request: Any, draft: Any = None) -> int:
+        """Admit a request's prompts into the model's batch (one KV-cache slot each); returns a session id.
+
+        Sessions share decode steps: a step taken for one advances every open sequence.
+        """
+        batch = self._decode_batch()
+        return batch.open(request, self._draft_endpoint(draft) if draft is not None else None)
 
     def generate_step(self, session_id: int) -> Any:
-        if getattr(self, "_session_id", None) != session_id or self._session is None:
-            raise ClusterError("this generation was superseded by a newer one on the same model (one at a time per model)")
-        return self._session.step()
+        """The session's tokens since its last step: steps the batch when it has none waiting."""
+        batch = self._decode_batch()
+        if not batch.has_output(session_id) and not batch.finished(session_id):
+            self._serving(batch.step)
+        return batch.take(session_id)
 
     def generate_close(self, session_id: int) -> dict[str, Any]:
-        session = getattr(self, "_session", None)
-        if session is None or getattr(self, "_session_id", None) != session_id:
-            return {}
-        self._session = None
-        return {"sequences": session.sequences, "prompt_lengths": session.prompt_lengths,
-                "finish": session.finish, "speculation": session.stats.as_dict()}
+        self._gateway_sessions.discard(session_id)
+        return self._batch.close(session_id) if self._batch is not None else {}
+
+    def generate_batch(self, opens: Sequence[tuple[Any, Any]] = (), closes: Sequence[int] = ()) -> dict[str, Any]:
+        """One scheduling round for a server: close sessions, admit requests, take one step.
+
+        Returns {"opened": [session id, or the error refusing that request], "steps": {session: StepResult},
+        "summaries": {session: summary}}; sessions that finished in this step are closed, with summaries.
+        """
+        batch = self._decode_batch()
+        summaries = {s: self.generate_close(s) for s in closes}
+        opened: list[Any] = []
+        for request, draft in opens:
+            try:
+                session = self.generate_open(request, draft)
+                self._gateway_sessions.add(session)
+                opened.append(session)
+            except ClusterError as exc:
+                opened.append(exc)
+        if batch.has_work():
+            self._serving(batch.step)
+        steps = {s: batch.take(s) for s in sorted(self._gateway_sessions)}
+        for session, step in steps.items():
+            if step.done:
+                summaries[session] = self.generate_close(session)
+        return {"opened": opened, "steps": steps, "summaries": summaries}
 
     @staticmethod
     def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:

@@ -195,8 +195,9 @@ class RankWorker:
         """Several decode steps in one call (a draft's k proposals cost one round trip).
 
         Feeds plan["pending"] (per row, right-aligned, -1 for none) from plan["starts"], then samples
-        plan["steps"] tokens, each fed back; every rank samples the same tokens from the same logits
-        and seed. Rank 0 returns (tokens [B, steps], probs [B, steps, V] or None).
+        plan["steps"] tokens, each fed back. Row r samples under plan["sampling"][r] with a generator
+        seeded by plan["seeds"][r]; every rank samples the same tokens from the same logits and seeds.
+        Rank 0 returns (tokens [B, steps], probs [B, steps, V] or None).
         """
         from cluster.generation.layout import step_inputs
         from cluster.generation.sampling import make_generator, probabilities, sample
@@ -205,8 +206,9 @@ class RankWorker:
         rows = len(plan["starts"])
         pending = [list(p) for p in plan["pending"]]
         starts = list(plan["starts"])
-        generator = make_generator(plan["seed"])
+        generators = [make_generator(seed) for seed in plan["seeds"]]
         width = len(pending[0])
+        active = [any(t >= 0 for t in row) for row in pending]  # idle rows keep writing to the scratch slot
         tokens, probs = [], []
         feed = [row[0] for row in pending]
         for step in range(width + plan["steps"] - 1):
@@ -214,12 +216,14 @@ class RankWorker:
             logits = self._run(bucket, inputs)[0][:rows, 0].float()
             starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
             if step >= width - 1:
-                p = probabilities(logits, params)
-                picked = p.argmax(-1) if params.greedy else sample(p, generator)
+                p = torch.cat([probabilities(logits[r : r + 1], params[r]) for r in range(rows)])
+                picked = torch.stack([
+                    p[r].argmax() if params[r].greedy else sample(p[r : r + 1], generators[r])[0] for r in range(rows)
+                ])
                 tokens.append(picked)
                 if plan.get("want_probs"):
                     probs.append(p)
-                feed = picked.tolist()
+                feed = [t if on else -1 for t, on in zip(picked.tolist(), active)]
             else:
                 feed = [row[step + 1] for row in pending]
         if self.rank != 0:

@@ -86,21 +86,31 @@ class DecoderLayout:
                    int(data.get("verify_tokens", 0)))
 
 
-def prefill_inputs(layout: DecoderLayout, prompts: list[list[int]]) -> tuple[int, tuple[torch.Tensor, ...]]:
-    """Right-padded prompts: (bucket, (ids, positions, cache_mask, logit_index at each last token))."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+def prefill_inputs(layout: DecoderLayout, prompts: list[list[int] | None]) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """Right-padded prompts: (bucket, (ids, positions, cache_mask, logit_index at each last token)).
+
+    A None row is a cache slot that is not being prefilled (it holds another sequence): its tokens
+    go to the scratch slot, so its cache row is left as it was.
+    """
+    given = [p for p in prompts if p is not None]
+    if not given or any(len(p) == 0 for p in given):
         raise InputError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
+    longest = max(len(p) for p in given)
     bucket, b, size = layout.index("prefill", len(prompts), longest)
     ids = torch.zeros(b, size, dtype=torch.long)
+    positions = torch.arange(size).repeat(b, 1)
     mask = torch.zeros(b, size, dtype=torch.long)
     last = torch.zeros(b, 1, dtype=torch.long)
     mask[:, 0] = 1  # padding rows attend to something: no NaN anywhere
     for row, prompt in enumerate(prompts):
+        if prompt is None:
+            positions[row] = layout.scratch
+            continue
         ids[row, : len(prompt)] = torch.tensor(prompt)
         mask[row, : len(prompt)] = 1
         last[row, 0] = len(prompt) - 1
-    return bucket, (ids, torch.arange(size).repeat(b, 1), mask, last)
+    positions[len(prompts):] = layout.scratch  # rows of the batch bucket beyond the slots in use
+    return bucket, (ids, positions, mask, last)
 
 
 def step_inputs(layout: DecoderLayout, kind: str, tokens: list[list[int]], starts: list[int]) -> tuple[int, tuple[torch.Tensor, ...]]:

@@ -103,3 +103,85 @@ def test_a_draft_with_another_vocabulary_is_refused(pair, tmp_path):
                      backend="eager", progress=False) as odd:
         with pytest.raises(InputError, match="vocabulary of 96.*must share a tokenizer and vocabulary"):
             generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=odd)
+
+
+# -- continuous batching: sessions share the cache slots and the steps -------------------------
+
+def _run_sessions(coordinator, plan, draft=None):
+    """plan: (step at which to open, GenerationRequest, use draft); returns each session's tokens.
+
+    Sessions join while others are mid-generation and are closed as soon as they finish.
+    """
+    done, running, step = {}, {}, 0
+    while len(done) < len(plan):
+        for index, (at, request, drafted) in enumerate(plan):
+            if at == step:
+                running[index] = (coordinator.generate_open(request, draft if drafted else None), [[] for _ in request.prompts])
+        for index, (session, got) in list(running.items()):
+            result = coordinator.generate_step(session)
+            for row, new in enumerate(result.tokens):
+                got[row] += new
+            if result.done:
+                coordinator.generate_close(session)
+                done[index] = running.pop(index)[1]
+        step += 1
+    return [done[i] for i in range(len(plan))]
+
+
+def test_sessions_joining_mid_generation_get_the_tokens_they_get_alone(pair):
+    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.sampling import SamplingParams
+
+    _, target, draft, _ = pair
+    sampled = SamplingParams(temperature=0.9, top_k=30, seed=11)
+    plan = [
+        (0, GenerationRequest((tuple(PROMPTS[0]),), 20), False),
+        (3, GenerationRequest((tuple(PROMPTS[1]),), 9, sampled), False),  # joins at step 3, leaves early
+        (5, GenerationRequest((tuple(PROMPTS[2]), tuple(PROMPTS[3])), 16, speculation_length=3), True),
+        (14, GenerationRequest((tuple(PROMPTS[3]),), 6), False),  # takes the slot the second one freed
+    ]
+    together = _run_sessions(target._coordinator, plan, draft._coordinator)
+    alone = [_run_sessions(target._coordinator, [(0, request, drafted)], draft._coordinator)[0]
+             for _, request, drafted in plan]
+    assert together == alone
+    assert together[0] == [generate(target, PROMPTS[:1], max_new_tokens=20).sequences[0]]
+    assert [len(row) for row in together[1]] == [9]
+
+
+def test_a_full_cache_refuses_new_sessions_until_one_closes(pair):
+    from cluster.errors import Overloaded
+    from cluster.generation.engine import GenerationRequest
+
+    _, target, _, _ = pair
+    coordinator = target._coordinator
+    first = coordinator.generate_open(GenerationRequest(tuple(map(tuple, PROMPTS[:3])), 4))
+    second = coordinator.generate_open(GenerationRequest((tuple(PROMPTS[3]),), 4))
+    with pytest.raises(Overloaded, match="slots"):
+        coordinator.generate_open(GenerationRequest((tuple(PROMPTS[0]),), 4))
+    coordinator.generate_close(first)
+    third = coordinator.generate_open(GenerationRequest((tuple(PROMPTS[0]),), 4))
+    for session in (second, third):
+        coordinator.generate_close(session)
+
+
+def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
+    from cluster.generation.engine import GenerationRequest
+
+    _, target, _, _ = pair
+    coordinator = target._coordinator
+    requests = [GenerationRequest((tuple(PROMPTS[0]),), 3), GenerationRequest((tuple(PROMPTS[1]),), 5),
+                GenerationRequest((), 3)]
+    round_ = coordinator.generate_batch([(r, None) for r in requests])
+    first, second, refused = round_["opened"]
+    assert isinstance(refused, InputError) and "non-empty" in str(refused)
+    got = {first: list(round_["steps"][first].tokens[0]), second: list(round_["steps"][second].tokens[0])}
+    summaries = {}
+    while len(summaries) < 2:
+        round_ = coordinator.generate_batch()
+        for session, step in round_["steps"].items():
+            got[session] += step.tokens[0]
+        summaries.update(round_["summaries"])
+    assert [len(got[first]), len(got[second])] == [3, 5]
+    assert summaries[first]["finish"] == ["length"]
+    assert got[first] == generate(target, PROMPTS[:1], max_new_tokens=3).sequences[0]
+    assert coordinator.generate_batch()["steps"] == {}
