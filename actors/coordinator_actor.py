@@ -123,8 +123,8 @@ class RemoteCoordinator:
     def generate_close(self, session_id):
         return self._call("generate_close", session_id)
 
-    def generate_batch(self, opens=(), closes=()):
-        return self._call("generate_batch", opens, closes)
+    def generate_batch(self, opens=(), closes=(), keep=None):
+        return self._call("generate_batch", opens, closes, keep)
 
     def model_state(self):
         return self._call("model_state")

@@ -259,13 +259,18 @@ class Coordinator:
         self._gateway_sessions.discard(session_id)
         return self._batch.close(session_id) if self._batch is not None else {}
 
-    def generate_batch(self, opens: Sequence[tuple[Any, Any]] = (), closes: Sequence[int] = ()) -> dict[str, Any]:
+    def generate_batch(self, opens: Sequence[tuple[Any, Any]] = (), closes: Sequence[int] = (),
+                       keep: Sequence[int] | None = None) -> dict[str, Any]:
         """One scheduling round for a server: close sessions, admit requests, take one step.
 
-        Returns {"opened": [session id, or the error refusing that request], "steps": {session: StepResult},
-        "summaries": {session: summary}}; sessions that finished in this step are closed, with summaries.
+        `keep`, when given, lists the server's sessions still wanted: the others are closed too (a
+        server resynchronising after a round it lost track of). Returns {"opened": [session id, or
+        the error refusing that request], "steps": {session: StepResult}, "summaries": {session:
+        summary}}; sessions that finished in this step are closed, with summaries.
         """
         batch = self._decode_batch()
+        if keep is not None:
+            closes = [*closes, *(s for s in self._gateway_sessions if s not in set(keep))]
         summaries = {s: self.generate_close(s) for s in closes}
         opened: list[Any] = []
         for request, draft in opens:

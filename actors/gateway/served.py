@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from actors.gateway.batching import BatchingConfig, DynamicBatcher
+from actors.gateway.scheduling import Generation, ReplicaScheduler
 from cluster.errors import CoordinatorLost, InputError, ModelUnavailable, Overloaded, RankFailure
 from cluster.serving import ServingSpec
 
@@ -36,7 +37,6 @@ class Replica:
     in_flight: int = 0
     error: str = ""
     recoveries: int = 0
-    generating: bool = False  # a decoder's KV cache serves one generation at a time
     recreating: Any = None  # the task recreating a lost coordinator
 
 
@@ -60,11 +60,15 @@ class ServedModel:
             self.max_length = max(layout.get("prompt_buckets", [0]))
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)),
-                                      on_batch=self._record_batch)
-        self._generate_free: asyncio.Condition | None = None  # signalled when a replica stops generating
-        self._generate_waiting = 0
+                                      on_batch=self.record_batch)
+        self.call_timeout_s = replicas[0].coordinator._config.call_timeout_s if replicas else 60.0
+        self.schedulers: list[ReplicaScheduler] = []
+        if spec.task == "generate":  # continuous batching: one scheduler per replica's KV cache
+            layout = (self.info.get("extra") or {}).get("decoder", {}).get("layout", {})
+            slots = max(layout.get("batch_buckets", [1]))
+            self.schedulers = [ReplicaScheduler(self, r, slots) for r in replicas]
 
-    def _record_batch(self, rows: int) -> None:
+    def record_batch(self, rows: int) -> None:
         if self.metrics is not None:
             self.metrics.batch_size.labels(model=self.name).observe(rows)
 
@@ -123,10 +127,10 @@ class ServedModel:
         return [t.detach().contiguous().numpy() for t in leaves]
 
     async def generate(self, prompt: str, sampling: Any, draft: "ServedModel | None", timeout: float):
-        """Stream (token id, text piece) pairs, then a final stats dict; one generation at a time per model.
+        """Stream (token id, text piece) pairs, then a final stats dict.
 
-        Each step is one call to the coordinator: a client that goes away stops the generation on the
-        ranks within one step (the session is closed in `finally`).
+        The request joins its replica's running batch at the next step (continuous batching). A
+        client that goes away frees its slot at the next step.
         """
         from cluster.generation.engine import GenerationRequest
         from cluster.generation.sampling import SamplingParams
@@ -140,88 +144,75 @@ class ServedModel:
         params = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
         request = GenerationRequest((tuple(ids),), sampling.max_new_tokens, params, self.tokenizer.eos_token_id,
                                     sampling.speculation_length)
-        if self._generate_waiting >= self.batcher.config.max_queue:
-            raise Overloaded(f"model {self.name!r} has {self._generate_waiting} generations waiting; retry later")
+        waiting = sum(len(s.waiting) for s in self.schedulers)
+        if waiting >= self.batcher.config.max_queue:
+            raise Overloaded(f"model {self.name!r} has {waiting} generations waiting; retry later")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self._generate_waiting += 1
+        generation = Generation(request, draft)
+        scheduler = self.route(generation)
+        started = loop.time()
+        generated: list[int] = []
+        text, reason, first, summary = "", "", None, {}
         try:
-            replica = await asyncio.wait_for(self._claim_generator(), timeout)
+            while not reason:
+                item = await asyncio.wait_for(generation.out.get(), max(0.0, deadline - loop.time()))
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, dict):  # the summary: the sequence finished
+                    summary, reason = item, (item.get("finish") or ["length"])[0] or "length"
+                    break
+                first = first or loop.time() - started
+                for token in item.tokens[0]:
+                    generated.append(token)
+                    full = self.tokenizer.decode(generated, skip_special_tokens=True)
+                    if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+                        yield token, ""
+                        continue
+                    piece, text = full[len(text):], full
+                    hit = next((s for s in sampling.stop if s in text), None)
+                    if hit is not None:
+                        cut = text.index(hit)
+                        yield token, piece[: max(0, len(piece) - (len(text) - cut))]
+                        reason = "stop"
+                        break
+                    yield token, piece
         finally:
-            self._generate_waiting -= 1
-        try:
-            draft_coordinator = draft.pick_replica().coordinator if draft is not None else None
-            started = loop.time()
-            session = await self._on(replica, "generate_open", request, draft_coordinator, timeout=timeout)
-            try:
-                generated: list[int] = []
-                text, reason, first = "", "", None
-                while not reason:
-                    step = await self._on(replica, "generate_step", session, timeout=max(0.0, deadline - loop.time()))
-                    first = first or loop.time() - started
-                    for token in step.tokens[0]:
-                        generated.append(token)
-                        full = self.tokenizer.decode(generated, skip_special_tokens=True)
-                        if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                            yield token, ""
-                            continue
-                        piece, text = full[len(text):], full
-                        hit = next((s for s in sampling.stop if s in text), None)
-                        if hit is not None:
-                            cut = text.index(hit)
-                            yield token, piece[: max(0, len(piece) - (len(text) - cut))]
-                            reason = "stop"
-                            break
-                        yield token, piece
-                    if not reason and step.done:
-                        reason = step.finish_reasons[0] or "length"
-            finally:
-                try:
-                    summary = await replica.coordinator.call_async("generate_close", session, timeout=30)
-                except Exception:  # the replica is gone: nothing to close
-                    summary = {}
-            elapsed = loop.time() - started
-            spec = summary.get("speculation") or {}
-            if self.metrics is not None:
-                self.metrics.tokens.labels(self.name).inc(len(generated))
-                self.metrics.tokens_per_second.labels(self.name).set(len(generated) / elapsed if elapsed else 0)
-                self.metrics.draft_proposed.labels(self.name).inc(spec.get("proposed", 0))
-                self.metrics.draft_accepted.labels(self.name).inc(spec.get("accepted", 0))
-            yield None, {
-                "prompt_tokens": len(ids), "generated_tokens": len(generated), "finish_reason": reason,
-                "draft_tokens_proposed": int(spec.get("proposed", 0)), "draft_tokens_accepted": int(spec.get("accepted", 0)),
-                "acceptance_rate": float(spec.get("acceptance_rate", 0.0)), "mean_accepted_length": float(spec.get("mean_accepted_length", 0.0)),
-                "time_to_first_token_ms": (first or 0.0) * 1e3, "total_ms": elapsed * 1e3,
-                "tokens_per_second": len(generated) / elapsed if elapsed else 0.0,
-            }
-        finally:
-            replica.generating = False
-            async with self._generate_cond():
-                self._generate_free.notify_all()
+            if not summary:
+                scheduler.cancel(generation)
+        elapsed = loop.time() - started
+        spec = summary.get("speculation") or {}
+        if self.metrics is not None:
+            self.metrics.tokens.labels(self.name).inc(len(generated))
+            self.metrics.tokens_per_second.labels(self.name).set(len(generated) / elapsed if elapsed else 0)
+            self.metrics.draft_proposed.labels(self.name).inc(spec.get("proposed", 0))
+            self.metrics.draft_accepted.labels(self.name).inc(spec.get("accepted", 0))
+        yield None, {
+            "prompt_tokens": len(ids), "generated_tokens": len(generated), "finish_reason": reason,
+            "draft_tokens_proposed": int(spec.get("proposed", 0)), "draft_tokens_accepted": int(spec.get("accepted", 0)),
+            "acceptance_rate": float(spec.get("acceptance_rate", 0.0)), "mean_accepted_length": float(spec.get("mean_accepted_length", 0.0)),
+            "time_to_first_token_ms": (first or 0.0) * 1e3, "total_ms": elapsed * 1e3,
+            "tokens_per_second": len(generated) / elapsed if elapsed else 0.0,
+        }
 
-    def _generate_cond(self) -> asyncio.Condition:
-        if self._generate_free is None:
-            self._generate_free = asyncio.Condition()
-        return self._generate_free
+    def generations_on(self, replica: Replica) -> int:
+        return sum(len(s.active) for s in self.schedulers if s.replica is replica)
 
-    async def _claim_generator(self) -> Replica:
-        """A ready replica with no generation running (waits for one to free up)."""
-        async with self._generate_cond():
-            while True:
-                free = [r for r in self.replicas if r.ready and not r.generating]
-                if free:
-                    replica = min(free, key=lambda r: r.in_flight)
-                    replica.generating = True
-                    return replica
-                if not self.ready:
-                    raise ModelUnavailable(f"model {self.name!r} has no ready replica right now; retry shortly")
-                await self._wait_free()
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.depth + sum(len(s.waiting) for s in self.schedulers)
 
-    async def _wait_free(self) -> None:
-        try:
-            await asyncio.wait_for(self._generate_free.wait(), 1.0)  # re-check readiness at least every second
-        except asyncio.TimeoutError:
-            pass
+    def route(self, generation: Generation) -> ReplicaScheduler:
+        """Queue a generation on the least loaded ready replica (not one lent out as a draft)."""
+        ready = [s for s in self.schedulers if s.replica.ready and s.lent_to is None] or \
+            [s for s in self.schedulers if s.replica.ready]
+        if not ready:
+            error = ModelUnavailable(f"model {self.name!r} has no ready replica right now; retry shortly")
+            generation.out.put_nowait(error)
+            raise error
+        scheduler = min(ready, key=lambda s: s.load)
+        scheduler.submit(generation)
+        return scheduler
 
     # -- batches ----------------------------------------------------------------------------
     async def _run_batch(self, payloads: list[list[tuple[str, Any]]]) -> list[list[np.ndarray]]:
@@ -282,12 +273,12 @@ class ServedModel:
         try:
             return await replica.coordinator.call_async(method, *args, timeout=timeout)
         except (ModelUnavailable, RankFailure) as exc:
-            self._lost(replica, exc)
+            self.lost(replica, exc)
             raise ModelUnavailable(f"model {self.name!r} replica {replica.index}: {_first_line(exc)}") from None
         finally:
             replica.in_flight -= 1
 
-    def _lost(self, replica: Replica, exc: Exception) -> None:
+    def lost(self, replica: Replica, exc: Exception) -> None:
         if replica.ready:
             log.warning("model %s replica %d lost: %s", self.name, replica.index, _first_line(exc))
         replica.ready, replica.error = False, _first_line(exc)
@@ -327,7 +318,7 @@ class ServedModel:
                     log.warning("model %s replica %d ready again", self.name, replica.index)
                 replica.ready, replica.error = True, ""
             except (ModelUnavailable, RankFailure) as exc:
-                self._lost(replica, exc)
+                self.lost(replica, exc)
             except asyncio.TimeoutError:  # busy (a long generation step), not lost: a failure shows as an error
                 log.info("model %s replica %d: health check timed out (busy)", self.name, replica.index)
             except Exception as exc:  # any other failure: do not route requests here
@@ -336,5 +327,7 @@ class ServedModel:
 
     async def close(self) -> None:
         await self.batcher.close()
+        for scheduler in self.schedulers:
+            await scheduler.close()
         for replica in self.replicas:
             replica.coordinator.close()

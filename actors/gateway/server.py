@@ -141,9 +141,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         except Exception:  # status must answer even when a replica does not
                             pid = 0
                     replicas.append(pb.ReplicaStatus(index=r.index, ready=r.ready, ranks=ranks, error=r.error,
-                                                     in_flight=r.in_flight + int(r.generating), coordinator_pid=pid, recoveries=r.recoveries))
+                                                     in_flight=r.in_flight + m.generations_on(r), coordinator_pid=pid, recoveries=r.recoveries))
                 models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.info.get("tp_degree", 0),
-                                             queue_depth=m.batcher.depth, replicas=replicas))
+                                             queue_depth=m.queue_depth, replicas=replicas))
             return pb.StatusResponse(models=models, gateway_version=_version())
         return await self._unary("GetStatus", request, context, handler)
 
@@ -319,7 +319,7 @@ class Gateway:
             any_ready |= ready
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.ready.labels(name).set(1 if ready else 0)
-            self.metrics.queue_depth.labels(name).set(model.batcher.depth)
+            self.metrics.queue_depth.labels(name).set(model.queue_depth)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING if any_ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _health_loop(self) -> None:

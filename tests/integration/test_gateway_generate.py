@@ -18,8 +18,8 @@ from tests.integration.harness import GatewayThread
 
 pytestmark = pytest.mark.integration
 
-LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64, 256), verify_tokens=5)
-DRAFT_LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64, 256))
+LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256), verify_tokens=5)
+DRAFT_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256))
 PROMPT = "The for statement is used to iterate"
 
 
@@ -121,3 +121,35 @@ def test_many_concurrent_cancellations_do_not_wedge_the_model(decoders):
         list(pool.map(cancel_a_few, range(4)))
     with Client(served.target, timeout=30, retries=0) as client:
         assert client.generate(PROMPT, model="target", max_new_tokens=10).stats.generated_tokens == 10
+
+
+def test_concurrent_generations_share_steps_and_each_gets_its_own_tokens(decoders):
+    """Continuous batching: 7 clients on 4 cache slots (plain, speculative, sampled) join and leave
+    mid-generation; each stream equals what that request generates alone."""
+    import concurrent.futures as futures
+
+    served, _ = decoders
+    requests = [
+        dict(prompt=f"{PROMPT} number {i}", max_new_tokens=12 + 5 * i,
+             **({"draft_model": "draft", "speculation_length": 1 + i % 4} if i % 3 == 1 else {}),
+             **({"temperature": 0.8, "top_k": 50, "seed": 100 + i} if i % 3 == 2 else {}))
+        for i in range(7)
+    ]
+
+    def run(kwargs):
+        kwargs = dict(kwargs)
+        with Client(served.target, timeout=120, retries=0) as client:
+            return _tokens(client.generate_stream(kwargs.pop("prompt"), model="target", **kwargs))[0]
+
+    def extra_rows():  # rows per step beyond one, summed over the steps so far
+        sample = served.gateway.metrics.registry.get_sample_value
+        labels = {"model": "target"}
+        return (sample("tpcluster_batch_rows_sum", labels) or 0) - (sample("tpcluster_batch_rows_count", labels) or 0)
+
+    alone = [run(r) for r in requests]
+    before = extra_rows()
+    with futures.ThreadPoolExecutor(7) as pool:
+        together = list(pool.map(run, requests))
+    assert together == alone
+    assert [len(t) for t in together] == [r["max_new_tokens"] for r in requests]
+    assert extra_rows() > before  # steps carried several sequences
