@@ -166,6 +166,10 @@ def summary(results: dict[str, Any]) -> str:
     if "gateway" in results:
         g = results["gateway"]
         parts.append(f"gateway +{g['gateway_added_p50_ms']:.1f} ms p50; batching gain at 32 clients x{g['classify_32_clients_batching_gain']:.2f}")
+    if "generate" in results:
+        g = results["generate"]
+        parts.append("Generate continuous batching gain at 1/8/32 clients "
+                     + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32)))
     if "soak" in results:
         s = results["soak"]
         parts.append(f"soak {s['requests']} requests, {s['crashes']} crashes, {s['lost']} lost, p99 {s['good_p99_ms']:.0f} ms")
@@ -190,7 +194,9 @@ def chart(results: dict[str, Any], path: str) -> None:
     if "decoder" in results:
         bars += [(f"speculative k={k}: time/token vs target-only", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
     if "gateway" in results:
-        bars.append(("32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
+        bars.append(("Classify, 32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
+    if "generate" in results:
+        bars.append(("Generate, 32 clients: time/token, batching on vs off", 1 / results["generate"]["generate_32_clients_batching_gain"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -322,6 +328,52 @@ def bench_gateway(results: dict[str, Any], repeats: int) -> None:
     results["gateway"] = out
 
 
+def bench_generate(results: dict[str, Any], repeats: int) -> None:
+    """Generate throughput (tokens/s) through the gateway at 1/8/32 concurrent clients, continuous
+    batching on (every KV-cache slot) and off (one sequence per replica)."""
+    import concurrent.futures as futures
+
+    from actors.gateway.app import BackgroundGateway, ServeConfig
+    from actors.gateway.batching import BatchingConfig
+    from actors.gateway.server import GatewayConfig
+    from clients.client import Client
+    from cluster.models.defaults import ensure_decoders
+
+    folders = {"pair-target": ensure_decoders()["pair-target"]}
+    new, seconds = 32, 8.0
+    prompts = ["The for statement is used to", "A class definition defines", "Return a new list containing",
+               "The import statement", "An expression statement is", "The while loop"]
+    out: dict[str, Any] = {"setup": f"shipped target TP=2, greedy, {new} new tokens per request, {seconds:.0f} s per point"}
+    for name, sequences in (("batching_on", 0), ("batching_off", 1)):
+        batching = BatchingConfig(max_queue=1024, max_sequences=sequences)
+        served = BackgroundGateway(ServeConfig(models=folders, batching=batching, gateway=GatewayConfig(port=0)))
+        try:
+            out["slots"] = served.models["pair-target"].schedulers[0].capacity if name == "batching_on" else out.get("slots")
+            for clients in (1, 8, 32):
+                stop = time.monotonic() + seconds
+                tokens, latencies = [0], []
+
+                def worker(i: int) -> None:
+                    with Client(served.target, timeout=300) as c:
+                        while time.monotonic() < stop:
+                            began = time.perf_counter()
+                            result = c.generate(prompts[i % len(prompts)], model="pair-target", max_new_tokens=new)
+                            latencies.append(time.perf_counter() - began)
+                            tokens[0] += result.stats.generated_tokens
+
+                start = time.perf_counter()
+                with futures.ThreadPoolExecutor(clients) as pool:
+                    list(pool.map(worker, range(clients)))
+                out[f"generate_{name}_{clients}_clients_tok_s"] = tokens[0] / (time.perf_counter() - start)
+                out[f"generate_{name}_{clients}_clients_p50_s"] = statistics.median(latencies)
+        finally:
+            served.close()
+    for clients in (1, 8, 32):
+        out[f"generate_{clients}_clients_batching_gain"] = (out[f"generate_batching_on_{clients}_clients_tok_s"]
+                                                           / out[f"generate_batching_off_{clients}_clients_tok_s"])
+    results["generate"] = out
+
+
 def bench_soak(results: dict[str, Any], repeats: int, clients: int = 8, seconds: float = 60.0) -> None:
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.server import GatewayConfig
@@ -335,4 +387,4 @@ def bench_soak(results: dict[str, Any], repeats: int, clients: int = 8, seconds:
         served.close()
 
 
-SECTIONS.update({"decoder": bench_decoder, "gateway": bench_gateway, "soak": bench_soak})
+SECTIONS.update({"decoder": bench_decoder, "gateway": bench_gateway, "generate": bench_generate, "soak": bench_soak})

@@ -115,7 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
     token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
     batching = BatchingConfig(max_batch_rows=1 if args.no_batching else args.max_batch, max_wait_s=0 if args.no_batching else args.max_wait_ms / 1e3,
-                              max_queue=args.max_queue)
+                              max_queue=args.max_queue, max_sequences=1 if args.no_batching else args.max_sequences)
     config = ServeConfig(
         models=models, replicas=args.replicas, address=args.address, neuron_cores=args.neuron_cores, batching=batching,
         gateway=GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, auth_token=token,
@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="rows per dynamic batch")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     serve.add_argument("--max-queue", type=int, default=256, help="queued requests per model before RESOURCE_EXHAUSTED")
-    serve.add_argument("--no-batching", action="store_true")
+    serve.add_argument("--max-sequences", type=int, default=0,
+                       help="Generate: sequences decoded together per replica (default: every KV-cache slot)")
+    serve.add_argument("--no-batching", action="store_true", help="one request per forward, one sequence per replica")
     serve.add_argument("--auth-token-file", help="require 'authorization: Bearer <token>' with this token")
     serve.add_argument("--tls-cert", help="server certificate (PEM)")
     serve.add_argument("--tls-key", help="server private key (PEM)")

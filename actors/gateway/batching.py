@@ -20,9 +20,10 @@ class BatchingConfig:
     max_batch_rows: int = 16
     max_wait_s: float = 0.005
     max_queue: int = 256
+    max_sequences: int = 0  # Generate: sequences decoded together per replica; 0: every KV-cache slot
 
     def __post_init__(self) -> None:
-        if self.max_batch_rows < 1 or self.max_wait_s < 0 or self.max_queue < 1:
+        if self.max_batch_rows < 1 or self.max_wait_s < 0 or self.max_queue < 1 or self.max_sequences < 0:
             raise ValueError(f"invalid batching config {self}")
 
 

@@ -24,6 +24,11 @@ from cluster.serving import ServingSpec
 log = logging.getLogger("tpcluster.gateway")
 
 
+def _leaves(outputs: Any) -> list[np.ndarray]:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    return [t.detach().contiguous().numpy() for t in leaves]
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -62,10 +67,13 @@ class ServedModel:
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency=max(1, len(replicas)),
                                       on_batch=self.record_batch)
         self.call_timeout_s = replicas[0].coordinator._config.call_timeout_s if replicas else 60.0
+        self.infer_batcher = DynamicBatcher(name, self._run_infer_batch, batching,
+                                            concurrency=max(1, len(replicas)), on_batch=self.record_batch)
         self.schedulers: list[ReplicaScheduler] = []
         if spec.task == "generate":  # continuous batching: one scheduler per replica's KV cache
             layout = (self.info.get("extra") or {}).get("decoder", {}).get("layout", {})
             slots = max(layout.get("batch_buckets", [1]))
+            slots = min(slots, batching.max_sequences) if batching.max_sequences else slots
             self.schedulers = [ReplicaScheduler(self, r, slots) for r in replicas]
 
     def record_batch(self, rows: int) -> None:
@@ -120,11 +128,57 @@ class ServedModel:
         return np.stack(await asyncio.wait_for(self.batcher.submit(rows, len(rows)), timeout))
 
     async def infer(self, tensors: list[np.ndarray], timeout: float) -> list[np.ndarray]:
+        """Named raw tensors through the model. Requests whose inputs share a batch dimension and the
+        rest of their shapes are merged along dim 0 with their concurrent peers (dynamic batching)."""
         self._need_task("infer", "embed", "classify")
         inputs = tuple(torch.from_numpy(t) for t in tensors)
-        outputs = await self.call("forward", inputs, timeout=timeout)
-        leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-        return [t.detach().contiguous().numpy() for t in leaves]
+        rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 0
+        if 0 < rows < self.max_rows and all(t.dim() > 0 and t.shape[0] == rows for t in inputs):
+            result = await asyncio.wait_for(self.infer_batcher.submit(inputs, rows), timeout)
+            if isinstance(result, BaseException):  # this request's own error, found when it ran alone
+                raise result
+            return result
+        return _leaves(await self.call("forward", inputs, timeout=timeout))
+
+    async def _run_infer_batch(self, payloads: list[tuple[torch.Tensor, ...]]) -> list[list[np.ndarray]]:
+        groups: dict[tuple, list[int]] = {}
+        for index, inputs in enumerate(payloads):
+            key = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+            groups.setdefault(key, []).append(index)
+        results: list[Any] = [None] * len(payloads)
+        for indices in groups.values():
+            chunk, rows = [], 0
+            for index in [*indices, None]:
+                size = 0 if index is None else int(payloads[index][0].shape[0])
+                if chunk and (index is None or rows + size > self.max_rows):
+                    await self._infer_merged([payloads[i] for i in chunk], chunk, results)
+                    chunk, rows = [], 0
+                if index is not None:
+                    chunk.append(index)
+                    rows += size
+        return results
+
+    async def _infer_merged(self, group: list[tuple[torch.Tensor, ...]], indices: list[int], results: list[Any]) -> None:
+        """One forward for requests of the same shape; outputs are split back by rows. An output
+        without the batch rows, or a failure that may be one request's fault, runs them one by one."""
+        sizes = [int(inputs[0].shape[0]) for inputs in group]
+        if len(group) > 1:
+            merged = tuple(torch.cat(parts) for parts in zip(*group))
+            try:
+                outputs = _leaves(await self.call("forward", merged, timeout=self.call_timeout_s))
+            except InputError:
+                outputs = None
+            if outputs is not None and all(o.ndim > 0 and o.shape[0] >= sum(sizes) for o in outputs):
+                at = 0
+                for index, size in zip(indices, sizes):
+                    results[index] = [o[at : at + size] for o in outputs]
+                    at += size
+                return
+        for index, inputs in zip(indices, group):
+            try:
+                results[index] = _leaves(await self.call("forward", inputs, timeout=self.call_timeout_s))
+            except InputError as exc:
+                results[index] = exc
 
     async def generate(self, prompt: str, sampling: Any, draft: "ServedModel | None", timeout: float):
         """Stream (token id, text piece) pairs, then a final stats dict.
@@ -200,7 +254,7 @@ class ServedModel:
 
     @property
     def queue_depth(self) -> int:
-        return self.batcher.depth + sum(len(s.waiting) for s in self.schedulers)
+        return self.batcher.depth + self.infer_batcher.depth + sum(len(s.waiting) for s in self.schedulers)
 
     def route(self, generation: Generation) -> ReplicaScheduler:
         """Queue a generation on the least loaded ready replica (not one lent out as a draft)."""
@@ -327,6 +381,7 @@ class ServedModel:
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.infer_batcher.close()
         for scheduler in self.schedulers:
             await scheduler.close()
         for replica in self.replicas:

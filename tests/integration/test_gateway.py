@@ -136,8 +136,25 @@ def test_concurrent_requests_share_forwards(gateway, client):
     assert rows - before[1] == 16 and batches - before[0] < 13  # 12 single-text requests + one of 4, in fewer forwards
 
 
-def _batched_rows(gateway):
-    metric = gateway.gateway.metrics.batch_size.labels(model="minilm-embed")
+def test_concurrent_infer_requests_share_forwards(gateway, client):
+    """Raw-tensor requests of one shape are merged along the batch dimension and split back."""
+    texts = [f"raw tensors for request {i}" for i in range(8)]
+    encoded = [_tokens([t]) for t in texts]
+    length = max(e[0].shape[1] for e in encoded)
+    inputs = [[torch.nn.functional.pad(x, (0, length - x.shape[1])).numpy() for x in e] for e in encoded]
+    alone = [client.infer("minilm-embed", tensors)[0] for tensors in inputs]
+    before = _batched_rows(gateway)
+    with futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda tensors: client.infer("minilm-embed", tensors)[0], inputs))
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape == (1, 384)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    batches, rows = _batched_rows(gateway)
+    assert rows - before[1] == 8 and batches - before[0] < 8
+
+
+def _batched_rows(gateway, model="minilm-embed"):
+    metric = gateway.gateway.metrics.batch_size.labels(model=model)
     samples = {s.name: s.value for s in metric.collect()[0].samples if s.name.endswith(("_count", "_sum"))}
     return samples["tpcluster_batch_rows_count"], samples["tpcluster_batch_rows_sum"]
 
