@@ -16,7 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
-DEFAULTS_VERSION = 3
+DEFAULTS_VERSION = 4
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 
@@ -59,8 +59,8 @@ def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_
     tmp.rename(folder)
 
 
-DECODER_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(32, 128), cache_buckets=(256, 512), verify_tokens=7)
-DRAFT_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(32, 128), cache_buckets=(256, 512))
+DECODER_LAYOUT = dict(batch_buckets=(1, 4, 16), prompt_buckets=(32, 128), cache_buckets=(256, 512), verify_tokens=7)
+DRAFT_LAYOUT = dict(batch_buckets=(1, 4, 16), prompt_buckets=(32, 128), cache_buckets=(256, 512))
 
 
 def build_decoder(source: Path, folder: Path, tp_degree: int, layout: dict, tokenizer: Path, name: str) -> None:
