@@ -14,24 +14,34 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.rank_group import RayRankGroup
-from actors.runtime import ensure_ray
+from actors.runtime import NAMESPACE, ensure_ray
 from cluster.coordinator import Coordinator, CoordinatorConfig
 from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
 
 
 @ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
 class CoordinatorActor:
-    def __init__(self, tp_degree: int, config: CoordinatorConfig, group_name: str) -> None:
+    def __init__(self, tp_degree: int, config: CoordinatorConfig, group_name: str, label: dict | None = None,
+                 node_ip: str | None = None) -> None:
         self._tp_degree = tp_degree
         self._config = config
         self._group_name = group_name
+        self._label = dict(label or {})
+        self._node_ip = node_ip
         self._coordinator: Coordinator | None = None
 
     def call(self, method: str, *args: Any) -> Any:
         if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
+            first = RayRankGroup(self._tp_degree, name=self._group_name, node_ip=self._node_ip)
+            # a rebuild goes wherever the cores are: the first node may be the one that was lost
             factory = lambda: RayRankGroup(self._tp_degree, name=self._group_name)  # noqa: E731
-            self._coordinator = Coordinator(factory(), self._config, rank_group_factory=factory)
+            self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
         return getattr(self._coordinator, method)(*args)
+
+    def identity(self) -> dict[str, Any]:
+        """What a gateway or batch job checks before it adopts this resident replica."""
+        return {"label": self._label, "group_name": self._group_name, "config": self._config,
+                "loaded": self._coordinator is not None and self._coordinator.state is not None}
 
     def close(self) -> None:
         if self._coordinator is not None:
@@ -138,6 +148,9 @@ class RemoteCoordinator:
     def info(self) -> dict[str, Any]:
         return self._call("info")
 
+    def describe_ranks(self) -> list[dict[str, Any]]:
+        return self._call("describe_ranks")
+
     def health(self) -> list[int]:
         return self._call("health")
 
@@ -161,9 +174,41 @@ class RemoteCoordinator:
             remove_orphaned_group(self.group_name)
 
 
-def launch_coordinator(tp_degree: int, config: CoordinatorConfig) -> RemoteCoordinator:
+def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | None = None, label: dict | None = None,
+                       node_ip: str | None = None) -> RemoteCoordinator:
+    """A coordinator actor. With `name` it is a named, detached actor in our namespace: it outlives
+    the process that created it (a gateway, a batch job), which find it again with `find_coordinator`."""
     import uuid
 
     ensure_ray()
     group_name = f"tpcluster-{uuid.uuid4().hex[:12]}"
-    return RemoteCoordinator(CoordinatorActor.remote(tp_degree, config, group_name), config, group_name)
+    options: dict[str, Any] = {}
+    if name:
+        options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached"}
+    actor = CoordinatorActor.options(**options).remote(tp_degree, config, group_name, label, node_ip)
+    return RemoteCoordinator(actor, config, group_name)
+
+
+def coordinator_name(model: str, replica: int) -> str:
+    """The name under which replica `replica` of model `model` is found in the cluster."""
+    return f"{model}.replica{replica}"
+
+
+def find_coordinator(name: str, timeout: float = 10.0) -> tuple[RemoteCoordinator, dict] | None:
+    """The resident coordinator named `name`, with its label; None when there is none, or it is dead."""
+    ensure_ray()
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        identity = ray.get(actor.identity.remote(), timeout=timeout)
+    except Exception:  # dead or wedged: the caller replaces it
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+        return None
+    if not identity["loaded"]:
+        return None
+    return RemoteCoordinator(actor, identity["config"], identity["group_name"]), identity["label"]

@@ -19,7 +19,8 @@ _SMALL = (int, float, str, bool, type(None))
 
 
 class RayRankGroup(RankGroup):
-    def __init__(self, world_size: int, placement_timeout_s: float = 30.0, name: str | None = None) -> None:
+    def __init__(self, world_size: int, placement_timeout_s: float = 30.0, name: str | None = None,
+                 node_ip: str | None = None) -> None:
         self.world_size = world_size
         largest, total = neuron_core_capacity()
         if largest < world_size:
@@ -28,12 +29,16 @@ class RayRankGroup(RankGroup):
                 f"{largest} ({total} in the cluster): lower tp_degree or add a larger node"
             )
         # named, so whoever holds the model can remove it should this group's coordinator die
-        self._pg = placement_group([{"neuron_cores": 1}] * world_size, strategy="STRICT_PACK", name=name or "")
+        bundles: list[dict[str, float]] = [{"neuron_cores": 1} for _ in range(world_size)]
+        if node_ip:  # Ray's per-node resource pins the packed group to that node
+            bundles[0][f"node:{node_ip}"] = 0.001
+        self._pg = placement_group(bundles, strategy="STRICT_PACK", name=name or "")
         ready, _ = ray.wait([self._pg.ready()], timeout=placement_timeout_s)
         if not ready:
             remove_placement_group(self._pg)
+            where = f"node {node_ip}" if node_ip else "no node"
             raise CapacityError(
-                f"no node had {world_size} free NeuronCores within {placement_timeout_s:.0f} s "
+                f"{where} had {world_size} free NeuronCores within {placement_timeout_s:.0f} s "
                 "(other models hold them): close a model (ParallelModel.close()) or add capacity"
             )
         self._actors = [

@@ -118,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_queue=args.max_queue, max_sequences=1 if args.no_batching else args.max_sequences)
     config = ServeConfig(
         models=models, replicas=args.replicas, address=args.address, neuron_cores=args.neuron_cores, batching=batching,
+        resident=args.resident,
         gateway=GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, auth_token=token,
                               tls_cert=read(args.tls_cert), tls_key=read(args.tls_key), grace_s=args.grace),
     )
@@ -201,22 +202,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _batch_model(spec: str, address: str | None):
-    """A ServedModel for a batch job: NAME=PATH, or the name of an embedded default."""
+    """A ServedModel for a batch job: the resident replicas named NAME (a gateway's, on a cluster),
+    else NAME=PATH of a saved model, or an embedded default's name, loaded for this job."""
     from pathlib import Path
 
+    import cluster
     from actors.gateway.app import ServeConfig, load_models
+    from actors.gateway.served import Replica, ServedModel
+    from cluster.serving import ServingSpec
 
     name, sep, path = spec.partition("=")
-    if sep:
-        return load_models(ServeConfig(models={name: Path(path)}, address=address))[name]
-    from cluster.models.defaults import ensure_all_defaults
-    import cluster
-
     cluster.init(address=address)
+    if address is not None:
+        replicas = _resident_replicas(name)
+        if replicas:
+            folder = Path(replicas[0][1]["path"])
+            print(f"[batch] using {len(replicas)} resident replica(s) of {name!r}", file=sys.stderr, flush=True)
+            return ServedModel(name, folder, ServingSpec.read(folder), [Replica(i, c, adopted=True) for i, (c, _) in enumerate(replicas)],
+                               ServeConfig().batching, resident=True)
+    if sep:
+        return load_models(ServeConfig(models={name: Path(path)}, address=address, resident=False))[name]
+    from cluster.models.defaults import ensure_all_defaults
+
     folders = ensure_all_defaults()
     if name not in folders:
         raise SystemExit(f"unknown model {name!r}: give NAME=PATH of a saved model, or one of {sorted(folders)}")
-    return load_models(ServeConfig(models={name: folders[name]}, address=address))[name]
+    return load_models(ServeConfig(models={name: folders[name]}, address=address, resident=False))[name]
+
+
+def _resident_replicas(name: str) -> list:
+    """(coordinator, label) of every resident replica of model `name`, in replica order."""
+    from actors.coordinator_actor import coordinator_name, find_coordinator
+
+    found = []
+    while (replica := find_coordinator(coordinator_name(name, len(found)))) is not None:
+        found.append(replica)
+    return found
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    """Free the resident replicas of models (what `serve --resident` leaves loaded)."""
+    import cluster
+
+    cluster.init(address=args.address)
+    for name in args.models:
+        replicas = _resident_replicas(name)
+        for coordinator, _ in replicas:
+            coordinator.close()
+        print(f"{name}: unloaded {len(replicas)} resident replica(s)")
+    return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -297,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown")
     serve.add_argument("--ready-file", help="write the bound port here once serving")
+    serve.add_argument("--resident", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep replicas loaded after exit and adopt resident ones at start "
+                            "(default: on with --address, off on a local cluster)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request as JSON")
     serve.set_defaults(func=cmd_serve)
 
@@ -323,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--output", required=True)
     submit.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help="the Jobs API (http://head:8265)")
     submit.set_defaults(func=cmd_submit)
+    unload = sub.add_parser("unload", help="free the resident replicas of models on a cluster")
+    unload.add_argument("models", nargs="+", metavar="NAME")
+    unload.add_argument("--address", default="auto", help="the Ray cluster (default: auto)")
+    unload.set_defaults(func=cmd_unload)
     jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
     jobs.add_argument("action", choices=["status", "logs", "stop"])
     jobs.add_argument("id")

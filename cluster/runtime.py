@@ -31,14 +31,18 @@ def shutdown() -> None:
     stop_ray()
 
 
-def start_coordinator(tp_degree: int, backend: str, config: CoordinatorConfig) -> Any:
-    """A started coordinator (collective group formed) for a TP group of `tp_degree` ranks."""
+def start_coordinator(tp_degree: int, backend: str, config: CoordinatorConfig, **placement: Any) -> Any:
+    """A started coordinator (collective group formed) for a TP group of `tp_degree` ranks.
+
+    `placement` (Ray backends): name and label make it a named resident coordinator; node_ip pins
+    its ranks to one node.
+    """
     if backend == "eager":
         coordinator: Any = Coordinator(InProcessRankGroup(tp_degree), config)
     else:
         from actors.coordinator_actor import launch_coordinator
 
-        coordinator = launch_coordinator(tp_degree, config)
+        coordinator = launch_coordinator(tp_degree, config, **placement)
     try:
         coordinator.start()
     except BaseException:

@@ -24,3 +24,11 @@ def ray_cluster():
     cluster.init(neuron_cores=8)
     yield
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm_tp2(ray_cluster, tmp_path_factory):
+    """The embedded MiniLM models traced at TP=2 (batch 1/4/16 x 32 tokens), shared by the tests that serve them."""
+    from cluster.models.defaults import ensure_defaults
+
+    return ensure_defaults(tp_degree=2, batch_buckets=(1, 4, 16), seq_buckets=(32,), root=tmp_path_factory.mktemp("minilm-tp2"))

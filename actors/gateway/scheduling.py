@@ -44,7 +44,8 @@ class ReplicaScheduler:
         self.closing: dict[int, Generation] = {}
         self.draft_lender: ReplicaScheduler | None = None  # the draft replica lent to this batch
         self.lent_to: ReplicaScheduler | None = None  # set while this replica serves as another batch's draft
-        self._resync = False  # after a failed round: the coordinator closes every session not active here
+        self._resync = True  # first round, or after a failed one: the coordinator closes sessions not active here
+        # (left by a failed round, or by a previous gateway on an adopted replica)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 

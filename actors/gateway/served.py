@@ -43,12 +43,14 @@ class Replica:
     error: str = ""
     recoveries: int = 0
     recreating: Any = None  # the task recreating a lost coordinator
+    adopted: bool = False  # a resident replica this gateway found loaded, rather than loaded itself
 
 
 class ServedModel:
     def __init__(self, name: str, folder: Path | None, spec: ServingSpec, replicas: list[Replica],
-                 batching: BatchingConfig, metrics: Any = None) -> None:
+                 batching: BatchingConfig, metrics: Any = None, resident: bool = False) -> None:
         self.name = name
+        self.resident = resident  # replicas are named and detached: recreated under the same name
         self.folder = folder
         self.spec = spec
         self.replicas = replicas
@@ -339,17 +341,21 @@ class ServedModel:
         if isinstance(exc, CoordinatorLost) and replica.recreating is None and self.folder is not None:
             replica.recreating = asyncio.get_running_loop().create_task(self._recreate(replica))
 
-    async def _recreate(self, replica: Replica) -> None:
-        """Load the replica again from its saved model (its coordinator died, and its ranks with it)."""
+    def _load_again(self, index: int) -> Any:
+        from actors.coordinator_actor import coordinator_name
         from cluster.trace import parallel_model_load
 
+        return parallel_model_load(self.folder, name=coordinator_name(self.name, index) if self.resident else None)
+
+    async def _recreate(self, replica: Replica) -> None:
+        """Load the replica again from its saved model (its coordinator died, and its ranks with it)."""
         delay = 1.0
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, replica.coordinator.close)  # frees what the dead coordinator held
         try:
             while True:
                 try:
-                    model = await loop.run_in_executor(None, parallel_model_load, self.folder)
+                    model = await loop.run_in_executor(None, self._load_again, replica.index)
                     replica.coordinator, replica.ready, replica.error = model._coordinator, True, ""
                     replica.recoveries += 1
                     log.warning("model %s replica %d recreated", self.name, replica.index)
@@ -379,10 +385,14 @@ class ServedModel:
                 replica.ready, replica.error = False, _first_line(exc)
         return self.ready
 
-    async def close(self) -> None:
+    async def close(self, release: bool = True) -> None:
+        """Stop serving; `release` also unloads the replicas (resident ones otherwise stay loaded)."""
         await self.batcher.close()
         await self.infer_batcher.close()
         for scheduler in self.schedulers:
             await scheduler.close()
         for replica in self.replicas:
-            replica.coordinator.close()
+            if replica.recreating is not None:
+                replica.recreating.cancel()
+            if release:
+                replica.coordinator.close()

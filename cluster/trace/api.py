@@ -6,6 +6,7 @@ import os
 import site
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import cloudpickle
@@ -123,10 +124,21 @@ def parallel_model_save(model: ParallelModel, path: str | os.PathLike) -> None:
     artifact.write(path, model._coordinator.export())
 
 
-def parallel_model_load(path: str | os.PathLike, coordinator_config: CoordinatorConfig | None = None) -> ParallelModel:
-    """Load a saved model onto fresh rank actors; every file is checked against the manifest."""
+def parallel_model_load(path: str | os.PathLike, coordinator_config: CoordinatorConfig | None = None, *,
+                        name: str | None = None, node_ip: str | None = None) -> ParallelModel:
+    """Load a saved model onto fresh rank actors; every file is checked against the manifest.
+
+    With `name`, the replica stays resident under that name after this process exits (see
+    actors.coordinator_actor.find_coordinator); `node_ip` places its ranks on that node.
+    """
     state, graphs, weights = artifact.read(path)
-    coordinator = runtime.start_coordinator(state.tp_degree, state.backend, coordinator_config or CoordinatorConfig())
+    placement: dict = {}
+    if name is not None:
+        placement.update(name=name, label={"path": str(Path(path).resolve()), "manifest": artifact.digest(path)})
+    if node_ip is not None:
+        placement["node_ip"] = node_ip
+    coordinator = runtime.start_coordinator(state.tp_degree, state.backend, coordinator_config or CoordinatorConfig(),
+                                            **placement)
     try:
         coordinator.load(state, graphs, weights)
     except BaseException:

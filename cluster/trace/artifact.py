@@ -217,6 +217,14 @@ def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[d
     return state, graphs, weights
 
 
+def digest(path: str | os.PathLike) -> str:
+    """The model's identity: the sha256 of its manifest (which holds every file's sha256)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise ArtifactError(f"{path} is not a saved model (no {MANIFEST}); save one with parallel_model_save")
+    return _sha256(manifest.read_bytes())
+
+
 def tensor_bytes(path: str | os.PathLike) -> int:
     """Bytes of tensor data in a saved model (graph files' inlined weights included)."""
     from safetensors import safe_open

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from cluster.models.bert import minilm_embedder, minilm_path
-from cluster.models.defaults import ensure_defaults
 
 pytestmark = pytest.mark.integration
 RECORDS = 2000
 
 
-def _write_input(path):
+def write_input(path):
     words = "tensor parallel ranks serve resident shards behind a gateway on a ray cluster".split()
     rng = np.random.default_rng(0)
     with open(path, "w") as out:
@@ -40,9 +39,9 @@ def _start(folder, tmp_path):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def test_killed_job_resumes_exactly_once(ray_cluster, tmp_path):
-    folder = ensure_defaults(tp_degree=2, batch_buckets=(1, 4, 16), seq_buckets=(32,), root=tmp_path / "models")["minilm-embed"]
-    _write_input(tmp_path / "in.jsonl")
+def test_killed_job_resumes_exactly_once(minilm_tp2, tmp_path):
+    folder = minilm_tp2["minilm-embed"]
+    write_input(tmp_path / "in.jsonl")
     first = _start(folder, tmp_path)
     deadline = time.monotonic() + 240
     out = tmp_path / "out.jsonl"
@@ -62,13 +61,18 @@ def test_killed_job_resumes_exactly_once(ray_cluster, tmp_path):
     counts = json.loads(stdout.strip().splitlines()[-1])
     assert counts["skipped"] >= written_before - 1
 
+    check_exactly_once(tmp_path / "in.jsonl", out)
+
+
+def check_exactly_once(input_path, out):
+    """One result per good record, the three bad lines reported once each, embeddings as in-process."""
     results = [json.loads(line) for line in open(out)]
     ids = [r["id"] for r in results]
     assert sorted(ids) == sorted(f"r{i}" for i in range(RECORDS)) and len(ids) == len(set(ids))
     errors = [json.loads(line) for line in open(str(out) + ".errors")]
     assert sorted(e["line"] for e in errors) == [12, 23, 34]  # bad JSON, no id, duplicate id: each once
 
-    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(tmp_path / "in.jsonl") if line.startswith('{"id"')}
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(input_path) if line.startswith('{"id"')}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
