@@ -170,6 +170,8 @@ def summary(results: dict[str, Any]) -> str:
         g = results["generate"]
         parts.append("Generate continuous batching gain at 1/8/32 clients "
                      + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32)))
+    if "batch" in results:
+        parts.append(f"batch job x{results['batch']['batch_job_over_loop']:.2f} records/s of an in-process loop")
     if "soak" in results:
         s = results["soak"]
         parts.append(f"soak {s['requests']} requests, {s['crashes']} crashes, {s['lost']} lost, p99 {s['good_p99_ms']:.0f} ms")
@@ -197,6 +199,8 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars.append(("Classify, 32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
     if "generate" in results:
         bars.append(("Generate, 32 clients: time/token, batching on vs off", 1 / results["generate"]["generate_32_clients_batching_gain"]))
+    if "batch" in results:
+        bars.append(("batch job: time/record vs in-process loop", 1 / results["batch"]["batch_job_over_loop"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -374,6 +378,43 @@ def bench_generate(results: dict[str, Any], repeats: int) -> None:
     results["generate"] = out
 
 
+def bench_batch(results: dict[str, Any], repeats: int, records: int = 1000) -> None:
+    """Batch-job throughput (records/s, clients.batch.run_batch with dynamic batching) against a plain
+    in-process loop calling the same model (the same saved MiniLM embedder at TP=2) record by record."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from actors.gateway.app import ServeConfig, load_models
+    from clients.batch import run_batch
+    from cluster.models.bert import minilm_path
+    from cluster.models.defaults import ensure_defaults
+    from cluster.trace import parallel_model_load
+
+    folder = ensure_defaults()["minilm-embed"]
+    texts = [f"{SENTENCES[i % len(SENTENCES)]} (record {i})" for i in range(records)]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    out: dict[str, Any] = {"setup": f"{records} records, MiniLM embedder TP=2, one process, local cluster"}
+    with parallel_model_load(folder) as model:
+        started = time.perf_counter()
+        for text in texts:
+            enc = tokenizer([text], return_tensors="pt")
+            model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        out["in_process_loop_records_s"] = records / (time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+        served = load_models(ServeConfig(models={"minilm-embed": folder}, resident=False))["minilm-embed"]
+        try:
+            started = time.perf_counter()
+            counts = asyncio.run(run_batch(served, source, target, Path(tmp) / "errors.jsonl", log_every_s=1e9))
+            out["batch_job_records_s"] = counts["written"] / (time.perf_counter() - started)
+        finally:
+            asyncio.run(served.close())
+    out["batch_job_over_loop"] = out["batch_job_records_s"] / out["in_process_loop_records_s"]
+    results["batch"] = out
+
+
 def bench_soak(results: dict[str, Any], repeats: int, clients: int = 8, seconds: float = 60.0) -> None:
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.server import GatewayConfig
@@ -387,4 +428,5 @@ def bench_soak(results: dict[str, Any], repeats: int, clients: int = 8, seconds:
         served.close()
 
 
-SECTIONS.update({"decoder": bench_decoder, "gateway": bench_gateway, "generate": bench_generate, "soak": bench_soak})
+SECTIONS.update({"decoder": bench_decoder, "gateway": bench_gateway, "generate": bench_generate, "batch": bench_batch,
+                 "soak": bench_soak})

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the result as JSON")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="measure against in-process baselines (ratios)")
-    bench.add_argument("--only", nargs="*", choices=["core", "separation", "buckets", "trace_once", "decoder", "gateway", "generate", "soak"])
+    bench.add_argument("--only", nargs="*", choices=["core", "separation", "buckets", "trace_once", "decoder", "gateway", "generate", "batch", "soak"])
     bench.add_argument("--soak-clients", type=int, default=8)
     bench.add_argument("--soak-seconds", type=float, default=60.0)
     bench.add_argument("--repeats", type=int, default=30)
