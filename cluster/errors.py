@@ -95,3 +95,8 @@ class CoordinatorLost(ModelUnavailable):
 
 class Overloaded(ClusterError):
     """The model's request queue is full: retry later, or raise the gateway's --max-queue."""
+
+
+class DraftUnavailable(ClusterError):
+    """The draft model of a speculative generation failed (its replica is lost or rebuilding): the
+    target is fine; retry, or generate without a draft."""

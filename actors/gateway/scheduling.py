@@ -85,6 +85,13 @@ class ReplicaScheduler:
                 await self._wake.wait()
                 continue
             opens = self._take_opens()
+            if not (opens or self.active or self.closing):  # waiting for a draft replica to be free
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
             closes = dict(self.closing)
             self.closing.clear()
             keep = sorted(self.active) if self._resync else None

@@ -27,7 +27,7 @@ from clients.protocol import SERVICE
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
 from cluster.errors import (
-    ClusterError, ClusterTimeout, InputError, ModelNotFound, ModelUnavailable, Overloaded, RankFailure,
+    ClusterError, ClusterTimeout, DraftUnavailable, InputError, ModelNotFound, ModelUnavailable, Overloaded, RankFailure,
 )
 
 log = logging.getLogger("tpcluster.gateway")
@@ -58,7 +58,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, InputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (ModelUnavailable, RankFailure)):
+    if isinstance(exc, (ModelUnavailable, RankFailure, DraftUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, (asyncio.TimeoutError, ClusterTimeout)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish before its deadline"

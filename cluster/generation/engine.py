@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from cluster.errors import ClusterError, InputError, Overloaded
+from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
@@ -238,7 +238,7 @@ class DecodeBatch:
             draft_prompts: list[list[int] | None] = [None] * self._width(drafted)
             for member in drafted:
                 draft_prompts[member.slot] = member.sequence
-            self.draft.forward_bucket(*prefill_inputs(self.draft.layout, draft_prompts))
+            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, draft_prompts))
         for member in new:
             member.started = True
             member.cached = member.draft_cached = member.prompt_length
@@ -287,6 +287,16 @@ class DecodeBatch:
             m.cached += 1 + a
             m.emit(out[0, : a + 1].tolist())
 
+    def _on_draft(self, call: Callable[..., Any], *args: Any) -> Any:
+        """A call to the draft's ranks; its failure is the draft's, not this (target) model's."""
+        try:
+            return call(*args)
+        except (InputError, Overloaded):
+            raise
+        except ClusterError as exc:
+            raise DraftUnavailable(f"draft model {self.draft.name!r} failed: {str(exc).splitlines()[0]}; "
+                                   "retry, or generate without a draft") from None
+
     def _propose(self, drafted: list[_Sequence], k_max: int) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]]]:
         """k_max draft tokens per speculating row, in one call to the draft's ranks."""
         width = self._width(drafted)
@@ -297,7 +307,7 @@ class DecodeBatch:
             sampling[m.slot], seeds[m.slot] = m.request.sampling, m.seed()
         longest = max(map(len, pending))
         pending = [[-1] * (longest - len(p)) + p for p in pending]  # right-aligned
-        proposals, q = self.draft.decode_loop({
+        proposals, q = self._on_draft(self.draft.decode_loop, {
             "pending": pending, "starts": starts, "steps": k_max, "layout": self.draft.layout,
             "sampling": sampling, "seeds": seeds, "want_probs": any(not m.request.sampling.greedy for m in drafted),
         })

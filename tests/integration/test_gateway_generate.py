@@ -153,3 +153,23 @@ def test_concurrent_generations_share_steps_and_each_gets_its_own_tokens(decoder
     assert together == alone
     assert [len(t) for t in together] == [r["max_new_tokens"] for r in requests]
     assert extra_rows() > before  # steps carried several sequences
+
+
+def test_a_draft_model_serves_its_own_requests_while_lent_for_speculation(decoders):
+    """The draft's one replica is lent to the target's batch while it speculates: its own Generate
+    requests wait for it and then run, and nobody's tokens change."""
+    import concurrent.futures as futures
+
+    served, _ = decoders
+    jobs = [("target", dict(draft_model="draft", speculation_length=3)), ("draft", {}), ("target", {})] * 3
+
+    def run(i):
+        model, kwargs = jobs[i]
+        with Client(served.target, timeout=120, retries=0) as client:
+            return _tokens(client.generate_stream(f"{PROMPT} {i}", model=model, max_new_tokens=20, **kwargs))[0]
+
+    alone = [run(i) for i in range(len(jobs))]
+    with futures.ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(run, range(len(jobs)))) == alone
+    draft_scheduler = served.models["draft"].schedulers[0]
+    assert draft_scheduler.lent_to is None and not served.models["target"].schedulers[0].active  # all returned
