@@ -8,6 +8,7 @@ errors are turned back into ours here, in one place.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import ray
@@ -62,10 +63,11 @@ def translate(exc: Exception, method: str) -> ClusterError:
 class RemoteCoordinator:
     """Driver-side stand-in for a Coordinator living in a CoordinatorActor."""
 
-    def __init__(self, actor: Any, config: CoordinatorConfig, group_name: str = "") -> None:
+    def __init__(self, actor: Any, config: CoordinatorConfig, group_name: str = "", name: str | None = None) -> None:
         self._actor = actor
         self._config = config
         self.group_name = group_name
+        self.name = name  # a resident (named, detached) coordinator's name
 
     def _submit(self, method: str, args: tuple) -> Any:
         if self._actor is None:
@@ -172,6 +174,14 @@ class RemoteCoordinator:
             from actors.rank_group import remove_orphaned_group
 
             remove_orphaned_group(self.group_name)
+        if self.name:  # the name is free again only once Ray has seen the actor die
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(self.name, namespace=NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.1)
 
 
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | None = None, label: dict | None = None,
@@ -186,7 +196,7 @@ def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | No
     if name:
         options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached"}
     actor = CoordinatorActor.options(**options).remote(tp_degree, config, group_name, label, node_ip)
-    return RemoteCoordinator(actor, config, group_name)
+    return RemoteCoordinator(actor, config, group_name, name)
 
 
 def coordinator_name(model: str, replica: int) -> str:
@@ -204,11 +214,10 @@ def find_coordinator(name: str, timeout: float = 10.0) -> tuple[RemoteCoordinato
     try:
         identity = ray.get(actor.identity.remote(), timeout=timeout)
     except Exception:  # dead or wedged: the caller replaces it
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:
-            pass
+        RemoteCoordinator(actor, CoordinatorConfig(), name=name).close()
         return None
-    if not identity["loaded"]:
+    coordinator = RemoteCoordinator(actor, identity["config"], identity["group_name"], name)
+    if not identity["loaded"]:  # its loader died half way: free the name and the cores
+        coordinator.close()
         return None
-    return RemoteCoordinator(actor, identity["config"], identity["group_name"]), identity["label"]
+    return coordinator, identity["label"]

@@ -44,6 +44,7 @@ class ReplicaScheduler:
         self.closing: dict[int, Generation] = {}
         self.draft_lender: ReplicaScheduler | None = None  # the draft replica lent to this batch
         self.lent_to: ReplicaScheduler | None = None  # set while this replica serves as another batch's draft
+        self.in_round = False  # a generate_batch call is in flight (its admissions not yet active)
         self._resync = True  # first round, or after a failed one: the coordinator closes sessions not active here
         # (left by a failed round, or by a previous gateway on an adopted replica)
         self._wake = asyncio.Event()
@@ -95,6 +96,7 @@ class ReplicaScheduler:
             closes = dict(self.closing)
             self.closing.clear()
             keep = sorted(self.active) if self._resync else None
+            self.in_round = True
             try:
                 result = await self.replica.coordinator.call_async(
                     "generate_batch", [(g.request, d) for g, d in opens], list(closes), keep,
@@ -102,8 +104,14 @@ class ReplicaScheduler:
             except Exception as exc:
                 self._failed(exc, [g for g, _ in opens])
                 continue
+            finally:
+                self.in_round = False
             self._resync = False
-            self._deliver(result, [g for g, _ in opens], closes)
+            try:
+                self._deliver(result, [g for g, _ in opens], closes)
+            except Exception as exc:  # a bug here must not leave its clients waiting for their deadlines
+                log.exception("model %s replica %d: delivering a step failed", self.model.name, self.replica.index)
+                self._failed(exc, [])
 
     def _admissible(self) -> bool:
         return bool(self.waiting) and self.lent_to is None and self.replica.ready
@@ -131,7 +139,8 @@ class ReplicaScheduler:
         if held is not None:
             return held.replica.coordinator if held.model is draft_model else None
         for candidate in draft_model.schedulers:
-            if candidate.replica.ready and candidate.lent_to is None and not candidate.active and not candidate.closing:
+            idle = not (candidate.active or candidate.closing or candidate.in_round)
+            if candidate.replica.ready and candidate.lent_to is None and idle:
                 candidate.lent_to, self.draft_lender = self, candidate
                 return candidate.replica.coordinator
         return None
