@@ -204,7 +204,7 @@ def chart(results: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("ratio to the in-process / baseline figure of the same run (lower is better)")
+    ax.set_xlabel("ratio to the same run's baseline (lower is better)")
     ax.set_title(f"tpcluster bench ({results['machine']})", fontsize=8)
     ax.invert_yaxis()
     fig.tight_layout()
