@@ -24,6 +24,58 @@ from cluster.serving import ServingSpec
 log = logging.getLogger("tpcluster.gateway")
 
 
+class TextStream:
+    """Token ids to streamed text: each token carries the text that became final with it.
+
+    Text that could still be the start of a stop sequence, or half a multi-byte character, is held
+    back until the next token decides it, so a client never receives part of a stop sequence. The
+    last token is held until the next one (or the end) so that it can carry what is still held.
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.tokens: list[int] = []
+        self.stopped = False
+        self._sent = 0
+        self._text = ""
+        self._last: list[Any] | None = None  # [token, text] not yet handed out
+
+    def push(self, token: int) -> list[tuple[int, str]]:
+        self.tokens.append(token)
+        self._text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [self._text.find(s) for s in self.stops if s in self._text]
+        if hits:
+            safe, self.stopped = min(hits), True
+        elif self._text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+            safe = self._sent
+        else:
+            safe = len(self._text) - self._held(self._text)
+        safe = max(safe, self._sent)
+        out = [tuple(self._last)] if self._last is not None else []
+        self._last = [token, self._text[self._sent : safe]]
+        self._sent = safe
+        if self.stopped:
+            out.append(tuple(self._last))
+            self._last = None
+        return out
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins a stop sequence."""
+        return max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+    def finish(self) -> list[tuple[int, str]]:
+        """What is still held, with the last token (the sequence ended without a stop)."""
+        if self._last is None:
+            return []
+        token, piece = self._last
+        self._last = None
+        if not self.stopped:
+            piece += self._text[self._sent :].rstrip("\ufffd")
+            self._sent = len(self._text)
+        return [(token, piece)]
+
+
 def _leaves(outputs: Any) -> list[np.ndarray]:
     leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     return [t.detach().contiguous().numpy() for t in leaves]
@@ -208,8 +260,8 @@ class ServedModel:
         generation = Generation(request, draft)
         scheduler = self.route(generation)
         started = loop.time()
-        generated: list[int] = []
-        text, reason, first, summary = "", "", None, {}
+        text = TextStream(self.tokenizer, sampling.stop)
+        reason, first, summary = "", None, {}
         try:
             while not reason:
                 item = await asyncio.wait_for(generation.out.get(), max(0.0, deadline - loop.time()))
@@ -220,36 +272,42 @@ class ServedModel:
                     break
                 first = first or loop.time() - started
                 for token in item.tokens[0]:
-                    generated.append(token)
-                    full = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    if full.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                        yield token, ""
-                        continue
-                    piece, text = full[len(text):], full
-                    hit = next((s for s in sampling.stop if s in text), None)
-                    if hit is not None:
-                        cut = text.index(hit)
-                        yield token, piece[: max(0, len(piece) - (len(text) - cut))]
+                    for event in text.push(token):
+                        yield event
+                    if text.stopped:
                         reason = "stop"
                         break
-                    yield token, piece
+            for event in text.finish():
+                yield event
         finally:
             if not summary:
                 scheduler.cancel(generation)
+        if reason == "stop" and not summary:  # the slot is freed at the next round, with the counts
+            summary = await self._summary_after_stop(generation, min(5.0, max(0.0, deadline - loop.time())))
         elapsed = loop.time() - started
         spec = summary.get("speculation") or {}
         if self.metrics is not None:
-            self.metrics.tokens.labels(self.name).inc(len(generated))
-            self.metrics.tokens_per_second.labels(self.name).set(len(generated) / elapsed if elapsed else 0)
+            self.metrics.tokens.labels(self.name).inc(len(text.tokens))
+            self.metrics.tokens_per_second.labels(self.name).set(len(text.tokens) / elapsed if elapsed else 0)
             self.metrics.draft_proposed.labels(self.name).inc(spec.get("proposed", 0))
             self.metrics.draft_accepted.labels(self.name).inc(spec.get("accepted", 0))
         yield None, {
-            "prompt_tokens": len(ids), "generated_tokens": len(generated), "finish_reason": reason,
+            "prompt_tokens": len(ids), "generated_tokens": len(text.tokens), "finish_reason": reason,
             "draft_tokens_proposed": int(spec.get("proposed", 0)), "draft_tokens_accepted": int(spec.get("accepted", 0)),
             "acceptance_rate": float(spec.get("acceptance_rate", 0.0)), "mean_accepted_length": float(spec.get("mean_accepted_length", 0.0)),
             "time_to_first_token_ms": (first or 0.0) * 1e3, "total_ms": elapsed * 1e3,
-            "tokens_per_second": len(generated) / elapsed if elapsed else 0.0,
+            "tokens_per_second": len(text.tokens) / elapsed if elapsed else 0.0,
         }
+
+    @staticmethod
+    async def _summary_after_stop(generation: Generation, timeout: float) -> dict:
+        try:
+            while not isinstance(item := await asyncio.wait_for(generation.out.get(), timeout), dict):
+                if isinstance(item, BaseException):
+                    return {}
+            return item
+        except asyncio.TimeoutError:
+            return {}
 
     def generations_on(self, replica: Replica) -> int:
         return sum(len(s.active) for s in self.schedulers if s.replica is replica)

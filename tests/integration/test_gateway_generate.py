@@ -173,3 +173,15 @@ def test_a_draft_model_serves_its_own_requests_while_lent_for_speculation(decode
         assert list(pool.map(run, range(len(jobs)))) == alone
     draft_scheduler = served.models["draft"].schedulers[0]
     assert draft_scheduler.lent_to is None and not served.models["target"].schedulers[0].active  # all returned
+
+
+def test_a_stop_sequence_ends_the_stream_with_its_stats(decoders):
+    served, _ = decoders
+    with Client(served.target, timeout=120, retries=0) as client:
+        full = client.generate(PROMPT, model="target", max_new_tokens=40, draft_model="draft", speculation_length=3)
+        stop = full.text[len(full.text) // 2:][:6]
+        assert stop.strip(), full.text
+        cut = client.generate(PROMPT, model="target", max_new_tokens=40, draft_model="draft", speculation_length=3, stop=[stop])
+    assert cut.stats.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.stats.draft_tokens_proposed > 0  # the counts came with the freed slot

@@ -185,3 +185,16 @@ def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
     assert summaries[first]["finish"] == ["length"]
     assert got[first] == generate(target, PROMPTS[:1], max_new_tokens=3).sequences[0]
     assert coordinator.generate_batch()["steps"] == {}
+
+
+def test_generate_batch_keep_closes_sessions_a_server_lost_track_of(pair):
+    from cluster.generation.engine import GenerationRequest
+
+    _, target, _, _ = pair
+    coordinator = target._coordinator
+    kept, lost = coordinator.generate_batch([(GenerationRequest((tuple(PROMPTS[0]),), 30), None),
+                                             (GenerationRequest((tuple(PROMPTS[1]),), 30), None)])["opened"]
+    round_ = coordinator.generate_batch(keep=[kept])  # e.g. a gateway restarted, or a round that timed out
+    assert lost in round_["summaries"] and set(round_["steps"]) == {kept}
+    coordinator.generate_batch(closes=[kept])
+    assert coordinator.generate_batch()["steps"] == {}
