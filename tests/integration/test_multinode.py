@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on loopback addresses: placement across nodes, a gateway that is killed
-and restarted and finds its resident replicas, and a batch job through Ray's Jobs API killed half way.
+and restarted (attached through Ray Client) and finds its resident replicas, and a batch job through
+Ray's Jobs API killed half way.
 
 The head runs on 127.0.0.2 and a worker on 127.0.0.3 (Ray rewrites 127.0.0.1 to the outer address;
 see FIELD-NOTES), each advertising 4 logical NeuronCores. Everything this module starts carries a
@@ -117,23 +118,24 @@ def models(minilm_tp2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    gcs, dashboard = _port(HEAD), _port(HEAD)
+    gcs, dashboard, client = _port(HEAD), _port(HEAD), _port(HEAD)
     temp = tempfile.mkdtemp(prefix="/tmp/tpc-")  # Ray's socket paths must stay short
     procs = [_node(HEAD, gcs, ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={HEAD}",
-                               f"--dashboard-port={dashboard}", f"--ray-client-server-port={_port(HEAD)}", f"--temp-dir={temp}"],
+                               f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}", f"--temp-dir={temp}"],
                    open(logs / "head.log", "w"))]
     try:
         _wait_for_nodes(f"{HEAD}:{gcs}", 1)
         procs.append(_node(WORKER, gcs, [f"--address={HEAD}:{gcs}"], open(logs / "worker.log", "w")))
         _wait_for_nodes(f"{HEAD}:{gcs}", 2)
-        yield {"address": f"{HEAD}:{gcs}", "jobs": f"http://{HEAD}:{dashboard}", "procs": procs, "logs": logs}
+        yield {"address": f"{HEAD}:{gcs}", "client": f"ray://{HEAD}:{client}", "jobs": f"http://{HEAD}:{dashboard}",
+               "procs": procs, "logs": logs}
     finally:
         _stop_everything(procs)
 
 
-def _serve(cluster, models, name):
+def _serve(cluster, models, name, address):
     ready = cluster["logs"] / f"{name}.port"
-    args = [str(BIN / "tpcluster"), "serve", "--address", cluster["address"], "--replicas", "2", "--port", "0",
+    args = [str(BIN / "tpcluster"), "serve", "--address", address, "--replicas", "2", "--port", "0",
             "--ready-file", str(ready), *(f"--model={n}={f}" for n, f in models.items())]
     proc = _start(args, open(cluster["logs"] / f"{name}.log", "w"))
     cluster["procs"].append(proc)
@@ -158,7 +160,7 @@ def test_replicas_spread_over_nodes_and_survive_a_gateway_restart(two_nodes, mod
     with torch.no_grad():
         expected = minilm_embedder(tensor_parallel=False)[0](enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0].numpy()
 
-    gateway, target = _serve(two_nodes, models, "gateway1")
+    gateway, target = _serve(two_nodes, models, "gateway1", two_nodes["address"])
     with Client(target, timeout=120) as client:
         embed = _replicas(client, "embed")
         assert [nodes for _, nodes, _ in embed] in ([[HEAD], [WORKER]], [[WORKER], [HEAD]])  # packed, and spread
@@ -168,7 +170,7 @@ def test_replicas_spread_over_nodes_and_survive_a_gateway_restart(two_nodes, mod
 
     os.killpg(gateway.pid, signal.SIGKILL)  # no clean shutdown at all
     gateway.wait(10)
-    _, target = _serve(two_nodes, models, "gateway2")
+    _, target = _serve(two_nodes, models, "gateway2", two_nodes["client"])  # this one through Ray Client
     with Client(target, timeout=120) as client:
         assert _replicas(client, "embed") == embed  # the same coordinator processes: adopted, not reloaded
         for _ in range(4):  # both replicas answer
