@@ -174,7 +174,11 @@ class RankWorker:
 
     # -- serving ----------------------------------------------------------------------------
     def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """Run one bucket's graph; state outputs (io_aliases) update the state and are not returned."""
+        """Run one bucket's graph; state outputs (io_aliases) update the state and are not returned.
+
+        A state output may hold only the leading rows of its state (a batch bucket smaller than the
+        state's batch): it updates those rows.
+        """
         if not self._calls:
             raise ClusterError("this rank holds no traced shard; trace or load the model first")
         with torch.no_grad():
@@ -182,7 +186,14 @@ class RankWorker:
             if not self._aliases:
                 return outputs
             for name, index in self._aliases.items():
-                self._weights[name].copy_(outputs[index])
+                state, new = self._weights[name], outputs[index]
+                if new.shape == state.shape:
+                    state.copy_(new)
+                elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
+                    state[: new.shape[0]].copy_(new)
+                else:
+                    raise ClusterError(f"state output {index} has shape {tuple(new.shape)}; state {name!r} is "
+                                       f"{tuple(state.shape)}: return the state, or its leading rows")
             kept = set(self._aliases.values())
             return tuple(o for i, o in enumerate(outputs) if i not in kept)
 

@@ -16,7 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
-DEFAULTS_VERSION = 4
+DEFAULTS_VERSION = 5
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 

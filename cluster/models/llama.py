@@ -7,8 +7,9 @@ indices and the rank keeps them; they never travel to the coordinator.
 
 The decode contract every traced graph follows:
     forward(input_ids [B, n], position_ids [B, n], cache_mask [B, L], logit_index [B, m])
-      -> (logits [B, m, vocab], k_cache_0, v_cache_0, k_cache_1, ...)
-New tokens are written into cache rows [:B] at their positions; queries attend to cache positions
+      -> (logits [B, m, vocab], k_cache_0[:B], v_cache_0[:B], k_cache_1[:B], ...)
+New tokens are written into cache rows [:B] at their positions (the cache outputs are those rows;
+the rank copies them into the state); queries attend to cache positions
 j < L with cache_mask[b, j] == 1 and j <= their own position; logits come from positions logit_index.
 """
 
@@ -94,6 +95,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, bias=False, gather_output=False)
         self.v_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, bias=False, gather_output=False)
         self.o_proj = layers.RowParallelLinear(shape.num_attention_heads * hd, shape.hidden_size, bias=False, input_is_parallel=True)
+        self.full_cache_outputs = False  # True where state outputs must have the state's shape (Neuron aliasing)
         self.register_buffer("k_cache", torch.zeros(max_batch, self.kv_heads, max_cache, hd), persistent=False)
         self.register_buffer("v_cache", torch.zeros(max_batch, self.kv_heads, max_cache, hd), persistent=False)
 
@@ -116,6 +118,8 @@ class LlamaAttention(nn.Module):
         scores = scores.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ values
         out = self.o_proj(out.transpose(1, 2).reshape(batch, n, self.heads * self.head_dim))
+        if not self.full_cache_outputs:  # the batch's rows only: the rank updates those rows of the state
+            return out, k_rows, v_rows
         new_k = torch.cat([k_rows, self.k_cache[batch:]], dim=0)
         new_v = torch.cat([v_rows, self.v_cache[batch:]], dim=0)
         return out, new_k, new_v
@@ -189,12 +193,18 @@ class LlamaForCausalLM(nn.Module):
 
 
 def llama_from_checkpoint(folder: str | os.PathLike, max_batch: int = 4, max_cache: int = 512,
-                          sharded: bool = False, checkpoint: str | os.PathLike | None = None) -> tuple[nn.Module, dict]:
-    """(model, io_aliases) for this rank from a transformers Llama folder (config.json + weights)."""
+                          sharded: bool = False, checkpoint: str | os.PathLike | None = None,
+                          full_cache_outputs: bool = False) -> tuple[nn.Module, dict]:
+    """(model, io_aliases) for this rank from a transformers Llama folder (config.json + weights).
+
+    The cache outputs are the batch bucket's rows only, unless `full_cache_outputs` (the whole
+    cache, for backends whose aliasing needs the state's shape)."""
     from cluster.parallel_layers import load
 
     folder = Path(folder)
     model = LlamaForCausalLM(LlamaShape.from_folder(folder), max_batch, max_cache).eval()
+    for layer in model.model.layers:
+        layer.self_attn.full_cache_outputs = full_cache_outputs
     if checkpoint is None:
         candidates = [folder / "model.safetensors", folder / "pytorch_model.bin"]
         checkpoint = next((c for c in candidates if c.exists()), candidates[0])
@@ -226,7 +236,11 @@ def trace_llama(folder: str | os.PathLike, tp_degree: int = 2, layout: Any = Non
         "layout": layout.to_json(), "vocab_size": shape.vocab_size, "eos_token_id": shape.eos_token_id, "name": name,
         "tokenizer_sha": hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer.exists() else "",
     }}
-    func = functools.partial(llama_from_checkpoint, str(folder.resolve()), layout.max_batch, layout.max_cache)
+    from cluster.trace.backends import resolve_backend
+
+    full = resolve_backend(trace_options.get("backend", "auto")) == "neuron"  # Neuron aliases whole tensors
+    func = functools.partial(llama_from_checkpoint, str(folder.resolve()), layout.max_batch, layout.max_cache,
+                             full_cache_outputs=full)
     return parallel_model_trace(func, examples, tp_degree=tp_degree, inline_weights_to_neff=False,
                                 bucket_config=BucketModelConfig(lambda: shape_bucket_kernel(signatures)),
                                 metadata=metadata, progress=progress, **trace_options)

@@ -101,3 +101,37 @@ def test_minilm_heads_must_divide_by_tp_degree():
 
     with pytest.raises(ShardingError, match="12 heads do not divide by tp_degree 8"):
         parallel_model_trace(minilm_embedder, torch.zeros(1, 4, dtype=torch.long), tp_degree=8, backend="eager", progress=False)
+
+
+class Counter(torch.nn.Module):
+    """State [4, 3] (io_aliases); each call adds x to the rows of its batch and returns them."""
+
+    def __init__(self, wrong: bool = False):
+        super().__init__()
+        self.register_buffer("state", torch.zeros(4, 3))
+        self.wrong = wrong
+
+    def forward(self, x):
+        rows = self.state[: x.shape[0]] + x
+        return rows.sum(), (rows[:, :2] if self.wrong else rows)
+
+
+def counter_model():
+    model = Counter()
+    return model, {model.state: 1}
+
+
+def wrong_counter_model():
+    model = Counter(wrong=True)
+    return model, {model.state: 1}
+
+
+def test_state_outputs_may_update_only_the_batch_rows():
+    ones = torch.ones(2, 3)
+    with parallel_model_trace(counter_model, ones, tp_degree=1, backend="eager", inline_weights_to_neff=False, progress=False) as model:
+        model(ones)
+        assert float(model(ones * 2)[0]) == 18.0  # rows 0-1 hold 1 + 2 each; rows 2-3 were never touched
+    with parallel_model_trace(wrong_counter_model, ones, tp_degree=1, backend="eager", inline_weights_to_neff=False,
+                              progress=False) as model:
+        with pytest.raises(cluster.errors.ClusterError, match=r"state output 1 has shape \(2, 2\)"):
+            model(ones)
