@@ -282,11 +282,38 @@ def bench_decoder(results: dict[str, Any], repeats: int) -> None:
     results["decoder"] = out
 
 
+def _closed_loop(target: str, clients: int, seconds: float, request: Callable[[Any, int], int]) -> tuple[int, list[float], float]:
+    """`clients` threads, each with its own Client, call `request(client, thread index)` back to back
+    for `seconds`; returns (sum of what the calls returned, each call's latency, elapsed seconds)."""
+    import concurrent.futures as futures
+
+    from clients.client import Client
+
+    stop = time.monotonic() + seconds
+    counted, latencies = [0], []
+
+    def worker(i: int) -> None:
+        with Client(target, timeout=300) as client:
+            while time.monotonic() < stop:
+                began = time.perf_counter()
+                counted[0] += request(client, i)
+                latencies.append(time.perf_counter() - began)
+
+    start = time.perf_counter()
+    with futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return counted[0], latencies, time.perf_counter() - start
+
+
+def _batching_gains(out: dict[str, Any], task: str, unit: str) -> None:
+    for clients in (1, 8, 32):
+        out[f"{task}_{clients}_clients_batching_gain"] = (out[f"{task}_batching_on_{clients}_clients_{unit}"]
+                                                         / out[f"{task}_batching_off_{clients}_clients_{unit}"])
+
+
 def bench_gateway(results: dict[str, Any], repeats: int) -> None:
     """The gateway's added latency over an in-process ParallelModel call, and Classify throughput at
     1/8/32 concurrent clients with dynamic batching on and off."""
-    import concurrent.futures as futures
-
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.batching import BatchingConfig
     from actors.gateway.server import GatewayConfig
@@ -311,36 +338,24 @@ def bench_gateway(results: dict[str, Any], repeats: int) -> None:
                     out["gateway_added_p90_ms"] = out["gateway_embed"]["p90_ms"] - out["in_process_embed"]["p90_ms"]
                     out["gateway_added_p99_ms"] = out["gateway_embed"]["p99_ms"] - out["in_process_embed"]["p99_ms"]
                 for clients in (1, 8, 32):
-                    stop = time.monotonic() + 6.0
-                    done = [0]
+                    def classify(c: Any, _: int) -> int:
+                        c.classify([(SENTENCES[0], SENTENCES[2])], model="minilm-paraphrase")
+                        return 1
 
-                    def worker(_: int) -> None:
-                        with Client(served.target) as c:
-                            while time.monotonic() < stop:
-                                c.classify([(SENTENCES[0], SENTENCES[2])], model="minilm-paraphrase")
-                                done[0] += 1
-
-                    start = time.perf_counter()
-                    with futures.ThreadPoolExecutor(clients) as pool:
-                        list(pool.map(worker, range(clients)))
-                    out[f"classify_{name}_{clients}_clients_rps"] = done[0] / (time.perf_counter() - start)
+                    done, _, seconds = _closed_loop(served.target, clients, 6.0, classify)
+                    out[f"classify_{name}_{clients}_clients_rps"] = done / seconds
         finally:
             served.close()
-    for clients in (1, 8, 32):
-        out[f"classify_{clients}_clients_batching_gain"] = (out[f"classify_batching_on_{clients}_clients_rps"]
-                                                           / out[f"classify_batching_off_{clients}_clients_rps"])
+    _batching_gains(out, "classify", "rps")
     results["gateway"] = out
 
 
 def bench_generate(results: dict[str, Any], repeats: int) -> None:
     """Generate throughput (tokens/s) through the gateway at 1/8/32 concurrent clients, continuous
     batching on (every KV-cache slot) and off (one sequence per replica)."""
-    import concurrent.futures as futures
-
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.batching import BatchingConfig
     from actors.gateway.server import GatewayConfig
-    from clients.client import Client
     from cluster.models.defaults import ensure_decoders
 
     folders = {"pair-target": ensure_decoders()["pair-target"]}
@@ -352,29 +367,18 @@ def bench_generate(results: dict[str, Any], repeats: int) -> None:
         batching = BatchingConfig(max_queue=1024, max_sequences=sequences)
         served = BackgroundGateway(ServeConfig(models=folders, batching=batching, gateway=GatewayConfig(port=0)))
         try:
-            out["slots"] = served.models["pair-target"].schedulers[0].capacity if name == "batching_on" else out.get("slots")
+            if name == "batching_on":
+                out["slots"] = served.models["pair-target"].schedulers[0].capacity
             for clients in (1, 8, 32):
-                stop = time.monotonic() + seconds
-                tokens, latencies = [0], []
+                def generate(c: Any, i: int) -> int:
+                    return c.generate(prompts[i % len(prompts)], model="pair-target", max_new_tokens=new).stats.generated_tokens
 
-                def worker(i: int) -> None:
-                    with Client(served.target, timeout=300) as c:
-                        while time.monotonic() < stop:
-                            began = time.perf_counter()
-                            result = c.generate(prompts[i % len(prompts)], model="pair-target", max_new_tokens=new)
-                            latencies.append(time.perf_counter() - began)
-                            tokens[0] += result.stats.generated_tokens
-
-                start = time.perf_counter()
-                with futures.ThreadPoolExecutor(clients) as pool:
-                    list(pool.map(worker, range(clients)))
-                out[f"generate_{name}_{clients}_clients_tok_s"] = tokens[0] / (time.perf_counter() - start)
+                tokens, latencies, elapsed = _closed_loop(served.target, clients, seconds, generate)
+                out[f"generate_{name}_{clients}_clients_tok_s"] = tokens / elapsed
                 out[f"generate_{name}_{clients}_clients_p50_s"] = statistics.median(latencies)
         finally:
             served.close()
-    for clients in (1, 8, 32):
-        out[f"generate_{clients}_clients_batching_gain"] = (out[f"generate_batching_on_{clients}_clients_tok_s"]
-                                                           / out[f"generate_batching_off_{clients}_clients_tok_s"])
+    _batching_gains(out, "generate", "tok_s")
     results["generate"] = out
 
 
