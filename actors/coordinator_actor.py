@@ -1,23 +1,27 @@
 """The coordinator as a Ray actor, and the driver-side handle that calls it with bounded waits.
 
 `CoordinatorActor` hosts a cluster.coordinator.Coordinator over a RayRankGroup. `RemoteCoordinator`
-has the Coordinator's methods; each is one actor call and one bounded `ray.get`, and Ray's wrapper
-errors are turned back into ours here, in one place.
+is the typed handle (cluster.handle.CoordinatorHandle) that calls it: each method is one actor
+call and one bounded wait, and Ray's wrapper errors are turned back into ours here, in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.rank_group import RayRankGroup
 from actors.runtime import NAMESPACE, ensure_ray
-from cluster.coordinator import Coordinator, CoordinatorConfig
+from cluster.coordinator import Coordinator, CoordinatorConfig, Exported, ModelState
 from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
+from cluster.handle import CoordinatorInfo, GenerationRound
+from cluster.trace.config import TraceSpec
+
+_GRACE_S = 5.0  # beyond a call's own timeout (enforced on the ranks), for the reply to travel
 
 
 @ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
@@ -33,9 +37,10 @@ class CoordinatorActor:
 
     def call(self, method: str, *args: Any) -> Any:
         if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
-            first = RayRankGroup(self._tp_degree, name=self._group_name, node_ip=self._node_ip)
+            wait = self._config.placement_timeout_s
+            first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip)
             # a rebuild goes wherever the cores are: the first node may be the one that was lost
-            factory = lambda: RayRankGroup(self._tp_degree, name=self._group_name)  # noqa: E731
+            factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name)  # noqa: E731
             self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
         return getattr(self._coordinator, method)(*args)
 
@@ -61,13 +66,15 @@ def translate(exc: Exception, method: str) -> ClusterError:
 
 
 class RemoteCoordinator:
-    """Driver-side stand-in for a Coordinator living in a CoordinatorActor."""
+    """A CoordinatorHandle (cluster.handle) for a Coordinator living in a CoordinatorActor: each
+    method is one actor call and one bounded wait. `aio` has the serving calls for asyncio."""
 
     def __init__(self, actor: Any, config: CoordinatorConfig, group_name: str = "", name: str | None = None) -> None:
         self._actor = actor
-        self._config = config
+        self.config = config
         self.group_name = group_name
         self.name = name  # a resident (named, detached) coordinator's name
+        self.aio = AsyncRemoteCoordinator(self)
 
     def _submit(self, method: str, args: tuple) -> Any:
         if self._actor is None:
@@ -75,86 +82,72 @@ class RemoteCoordinator:
         return self._actor.call.remote(method, *args)
 
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        timeout = timeout or self._config.call_timeout_s
+        timeout = timeout or self.config.call_timeout_s
         ref = self._submit(method, args)
         try:
-            return ray.get(ref, timeout=timeout + 5.0)
-        except GetTimeoutError:  # the call itself finishes on the coordinator; its result is dropped
-            raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from None
+            return ray.get(ref, timeout=timeout + _GRACE_S)
+        except GetTimeoutError as exc:  # the call itself finishes on the coordinator; its result is dropped
+            raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.0f} s") from exc
         except (RayTaskError, RayActorError) as exc:
-            raise translate(exc, method) from None
-
-    async def call_async(self, method: str, *args: Any, timeout: float) -> Any:
-        """The same call from asyncio: awaits the actor without blocking the event loop.
-
-        When `timeout` runs out (a client's deadline) or the caller is cancelled, the wait ends and
-        the result is dropped; the call itself is left to finish. Cancelling it in Ray would
-        interrupt the coordinator, or with it a rank, inside a collective (seen: a rank died, a
-        replica wedged). Work waiting for a batch is dropped before it is sent (the batcher), and a
-        generation stops at its next step.
-        """
-        ref = self._submit(method, args)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
-        except (RayTaskError, RayActorError) as exc:
-            raise translate(exc, method) from None
+            raise translate(exc, method) from exc
 
     def start(self) -> list[dict[str, Any]]:
-        return self._call("start", timeout=self._config.rendezvous_timeout_s + 60)
+        return self._call("start", timeout=self.config.rendezvous_timeout_s + self.config.call_timeout_s)
 
-    def build(self, spec, kernel) -> None:
-        self._call("build", spec, kernel, timeout=self._config.trace_timeout_s)
+    def build(self, spec: TraceSpec, kernel: bytes | None) -> None:
+        self._call("build", spec, kernel, timeout=self.config.trace_timeout_s)
 
-    def trace_bucket(self, bucket, example) -> dict[str, Any]:
-        return self._call("trace_bucket", bucket, example, timeout=self._config.trace_timeout_s)
+    def trace_bucket(self, bucket: int, example: tuple) -> dict[str, Any]:
+        return self._call("trace_bucket", bucket, example, timeout=self.config.trace_timeout_s)
 
     def finish_trace(self) -> None:
         self._call("finish_trace")
 
-    def load(self, state, graphs, weights) -> None:
-        self._call("load", state, graphs, weights, timeout=self._config.trace_timeout_s)
+    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
+        self._call("load", state, graphs, weights, timeout=self.config.trace_timeout_s)
 
-    def forward(self, inputs) -> Any:
+    def export(self) -> Exported:
+        return self._call("export", timeout=self.config.trace_timeout_s)
+
+    def forward(self, inputs: Any) -> Any:
         return self._call("forward", inputs)
 
-    def export(self):
-        return self._call("export", timeout=self._config.trace_timeout_s)
-
-    def forward_bucket(self, bucket, inputs) -> Any:
+    def forward_bucket(self, bucket: int, inputs: tuple) -> Any:
         return self._call("forward_bucket", bucket, inputs)
 
-    def decode_loop(self, plan) -> Any:
+    def decode_loop(self, plan: Any) -> Any:
         return self._call("decode_loop", plan)
 
-    def generate_open(self, request, draft=None) -> int:
+    def generate_open(self, request: Any, draft: Any = None) -> int:
         return self._call("generate_open", request, draft)
 
-    def generate_step(self, session_id):
+    def generate_step(self, session_id: int) -> Any:
         return self._call("generate_step", session_id)
 
-    def generate_close(self, session_id):
+    def generate_close(self, session_id: int) -> Any:
         return self._call("generate_close", session_id)
 
-    def generate_batch(self, opens=(), closes=(), keep=None):
-        return self._call("generate_batch", opens, closes, keep)
+    def generate_batch(self, opens: Sequence = (), closes: Sequence[int] = (), sessions: Sequence[int] = (),
+                       resync: bool = False) -> GenerationRound:
+        return self._call("generate_batch", opens, closes, sessions, resync)
 
-    def model_state(self):
+    def model_state(self) -> ModelState:
         return self._call("model_state")
 
-    def weight_specs(self):
+    def weight_specs(self) -> list[dict[str, Any]]:
         return self._call("weight_specs")
 
-    def replace_weights(self, states) -> None:
+    def replace_weights(self, states: Sequence[dict]) -> None:
         self._call("replace_weights", states)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> CoordinatorInfo:
         return self._call("info")
 
     def describe_ranks(self) -> list[dict[str, Any]]:
-        return self._call("describe_ranks")
+        return self._call("describe_ranks", timeout=self.config.health_timeout_s)
 
     def health(self) -> list[int]:
-        return self._call("health")
+        return self._call("health", timeout=self.config.health_timeout_s)
 
     def close(self) -> None:
         if self._actor is None:
@@ -163,7 +156,7 @@ class RemoteCoordinator:
         if not ray.is_initialized():
             return  # the cluster is gone, and the actors with it
         try:
-            ray.get(actor.close.remote(), timeout=10)
+            ray.get(actor.close.remote(), timeout=self.config.close_timeout_s)
         except Exception:  # a dead or stuck coordinator: killing it frees its ranks' cores
             pass
         try:
@@ -175,7 +168,7 @@ class RemoteCoordinator:
 
             remove_orphaned_group(self.group_name)
         if self.name:  # the name is free again only once Ray has seen the actor die
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 3 * self.config.close_timeout_s
             while time.monotonic() < deadline:
                 try:
                     ray.get_actor(self.name, namespace=NAMESPACE)
@@ -184,10 +177,50 @@ class RemoteCoordinator:
                 time.sleep(0.1)
 
 
+class AsyncRemoteCoordinator:
+    """The serving calls of a RemoteCoordinator, awaited without blocking the event loop (an
+    AsyncCoordinatorHandle).
+
+    When `timeout` runs out (a client's deadline) or the caller is cancelled, the wait ends
+    (ClusterTimeout) and the result is dropped; the call itself is left to finish. Cancelling it
+    in Ray would interrupt the coordinator, or with it a rank, inside a collective (seen: a rank
+    died, a replica wedged). Work waiting for a batch is dropped before it is sent (the batcher),
+    and a generation stops at its next step.
+    """
+
+    def __init__(self, remote: RemoteCoordinator) -> None:
+        self._remote = remote
+
+    async def _call(self, method: str, *args: Any, timeout: float) -> Any:
+        ref = self._remote._submit(method, args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.1f} s") from exc
+        except (RayTaskError, RayActorError) as exc:
+            raise translate(exc, method) from exc
+
+    async def forward(self, inputs: Any, *, timeout: float) -> Any:
+        return await self._call("forward", inputs, timeout=timeout)
+
+    async def generate_batch(self, opens: Sequence, closes: Sequence[int], sessions: Sequence[int], resync: bool, *,
+                             timeout: float) -> GenerationRound:
+        return await self._call("generate_batch", opens, closes, sessions, resync, timeout=timeout)
+
+    async def info(self, *, timeout: float) -> CoordinatorInfo:
+        return await self._call("info", timeout=timeout)
+
+    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
+        return await self._call("describe_ranks", timeout=timeout)
+
+    async def health(self, *, timeout: float) -> list[int]:
+        return await self._call("health", timeout=timeout)
+
+
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | None = None, label: dict | None = None,
                        node_ip: str | None = None) -> RemoteCoordinator:
     """A coordinator actor. With `name` it is a named, detached actor in our namespace: it outlives
-    the process that created it (a gateway, a batch job), which find it again with `find_coordinator`."""
+    the process that created it (a gateway, a batch job), which find it again with `actors.replicas.find_resident`."""
     import uuid
 
     ensure_ray()
@@ -197,27 +230,3 @@ def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | No
         options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached"}
     actor = CoordinatorActor.options(**options).remote(tp_degree, config, group_name, label, node_ip)
     return RemoteCoordinator(actor, config, group_name, name)
-
-
-def coordinator_name(model: str, replica: int) -> str:
-    """The name under which replica `replica` of model `model` is found in the cluster."""
-    return f"{model}.replica{replica}"
-
-
-def find_coordinator(name: str, timeout: float = 10.0) -> tuple[RemoteCoordinator, dict] | None:
-    """The resident coordinator named `name`, with its label; None when there is none, or it is dead."""
-    ensure_ray()
-    try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return None
-    try:
-        identity = ray.get(actor.identity.remote(), timeout=timeout)
-    except Exception:  # dead or wedged: the caller replaces it
-        RemoteCoordinator(actor, CoordinatorConfig(), name=name).close()
-        return None
-    coordinator = RemoteCoordinator(actor, identity["config"], identity["group_name"], name)
-    if not identity["loaded"]:  # its loader died half way: free the name and the cores
-        coordinator.close()
-        return None
-    return coordinator, identity["label"]

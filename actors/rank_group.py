@@ -19,7 +19,7 @@ _SMALL = (int, float, str, bool, type(None))
 
 
 class RayRankGroup(RankGroup):
-    def __init__(self, world_size: int, placement_timeout_s: float = 30.0, name: str | None = None,
+    def __init__(self, world_size: int, placement_timeout_s: float, name: str | None = None,
                  node_ip: str | None = None) -> None:
         self.world_size = world_size
         largest, total = neuron_core_capacity()
@@ -77,10 +77,10 @@ class RayRankGroup(RankGroup):
             try:
                 ray.get(ready[0], timeout=0)  # raises now if this rank failed
             except RayActorError as exc:
-                raise RankFailure(rank_of[ready[0]], f"the rank's process died during {method} ({type(exc).__name__})") from None
+                raise RankFailure(rank_of[ready[0]], f"the rank's process died during {method} ({type(exc).__name__})") from exc
             except RayTaskError as exc:
                 cause = exc.cause if exc.cause is not None else exc
-                raise rank_exception(rank_of[ready[0]], cause, str(exc)) from None
+                raise rank_exception(rank_of[ready[0]], cause, str(exc)) from exc
         return ray.get(refs, timeout=0)
 
     def close(self) -> None:

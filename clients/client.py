@@ -2,6 +2,9 @@
 
 Depends only on grpc, numpy and the generated protocol. Unary calls retry on UNAVAILABLE with
 backoff; every call has a deadline; errors are the typed tree in clients.errors.
+
+Each RPC's request and the decoding of its reply are written once, as an `_Rpc` built by the
+shared `_Base` methods; the two classes differ only in how they call the stub and wait.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, NamedTuple, Sequence
 
 import grpc
 import numpy as np
@@ -17,9 +20,7 @@ import numpy as np
 from clients.errors import TpClusterError, Unavailable, from_rpc_error
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
-
-_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-           "int8": "i1", "uint8": "u1", "bool": "?"}
+from clients.protocol.tensors import from_tensor, to_tensor
 
 
 @dataclass
@@ -43,16 +44,22 @@ class Generation:
     stats: GenerateStats | None = None
 
 
-def to_tensor(name: str, array: np.ndarray) -> pb.Tensor:
-    array = np.asarray(array)
-    dtype = next((k for k, v in _DTYPES.items() if np.dtype(v) == array.dtype.newbyteorder("<") or np.dtype(v) == array.dtype), None)
-    if dtype is None:
-        raise TypeError(f"dtype {array.dtype} cannot be sent; use one of {sorted(_DTYPES)}")
-    return pb.Tensor(name=name, dtype=dtype, shape=list(array.shape), data=np.ascontiguousarray(array.astype(_DTYPES[dtype])).tobytes())
+def _add_event(result: Generation, event: pb.GenerateResponse) -> None:
+    """Fold one streamed event (a token, or the closing stats) into `result`."""
+    if event.HasField("token"):
+        result.text += event.token.text
+        result.token_ids.append(event.token.id)
+    else:
+        result.stats = GenerateStats(**{f: getattr(event.stats, f) for f in GenerateStats.__dataclass_fields__})
 
 
-def from_tensor(tensor: pb.Tensor) -> np.ndarray:
-    return np.frombuffer(tensor.data, dtype=np.dtype(_DTYPES[tensor.dtype])).reshape(list(tensor.shape)).copy()
+class _Rpc(NamedTuple):
+    """One unary call: the Inference stub's method, its request, and how its reply becomes the result."""
+
+    method: str
+    request: Any
+    parse: Callable[[Any], Any]
+    timeout: float | None = None
 
 
 def _classify_inputs(inputs: Sequence[str | tuple[str, str]]) -> list[pb.TextInput]:
@@ -68,8 +75,18 @@ def _generate_request(prompt: str, model: str, max_new_tokens: int, temperature:
                               stop=list(stop), draft_model=draft_model, speculation_length=speculation_length)
 
 
-def _stats(message: pb.GenerateStats) -> GenerateStats:
-    return GenerateStats(**{f: getattr(message, f) for f in GenerateStats.__dataclass_fields__})
+def _health_status(reply: Any) -> str:
+    from grpc_health.v1 import health_pb2
+
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _health_check(channel: Any, service: str, timeout: float, metadata: Any) -> Any:
+    """The Check call on `channel` (its reply, or an awaitable of it on an aio channel)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                    timeout=timeout, metadata=metadata)
 
 
 def _channel_args(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -78,92 +95,130 @@ def _channel_args(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 class _Base:
-    def __init__(self, target: str, token: str | None, root_certificates: bytes | None, timeout: float, retries: int,
-                 max_message_bytes: int) -> None:
+    """What both clients share: the channel's settings, every RPC's request and reply decoding,
+    and the retry decision. Subclasses set `_channels` (grpc or grpc.aio) and do the calling."""
+
+    _channels: Any
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_certificates: bytes | None = None,
+                 timeout: float = 60.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls = root_certificates
         self._options = _channel_args(max_message_bytes)
+        if root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = self._channels.secure_channel(target, credentials, options=self._options)
+        else:
+            self._channel = self._channels.insecure_channel(target, options=self._options)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    def _backoff(self, exc: grpc.RpcError, attempt: int) -> float:
+        """Seconds to wait before retrying a failed call; raises its typed error when it is not retried."""
+        error = from_rpc_error(exc)
+        if not isinstance(error, Unavailable) or attempt == self.retries:
+            raise error from exc
+        return 0.1 * 2 ** attempt
+
+    def _invoke(self, rpc: _Rpc) -> Any:
+        """The stub call of `rpc` (its reply, or an awaitable of it on an aio channel)."""
+        return getattr(self._stub, rpc.method)(rpc.request, timeout=rpc.timeout or self.timeout, metadata=self._metadata)
+
+    def _start_generate(self, prompt: str, model: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                        seed: int | None, stop: Sequence[str], draft_model: str, speculation_length: int,
+                        timeout: float | None) -> Any:
+        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
+                                    speculation_length)
+        return self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
+    @staticmethod
+    def _list_models() -> _Rpc:
+        return _Rpc("ListModels", pb.ListModelsRequest(), lambda reply: list(reply.models))
+
+    @staticmethod
+    def _get_model(model: str) -> _Rpc:
+        return _Rpc("GetModel", pb.GetModelRequest(model=model), lambda reply: reply)
+
+    @staticmethod
+    def _status() -> _Rpc:
+        return _Rpc("GetStatus", pb.GetStatusRequest(), lambda reply: reply)
+
+    @staticmethod
+    def _embed(texts: Sequence[str], model: str, timeout: float | None) -> _Rpc:
+        return _Rpc("Embed", pb.EmbedRequest(model=model, texts=list(texts)),
+                    lambda reply: np.array([e.values for e in reply.embeddings], dtype=np.float32), timeout)
+
+    @staticmethod
+    def _classify(inputs: Sequence[str | tuple[str, str]], model: str, timeout: float | None) -> _Rpc:
+        return _Rpc("Classify", pb.ClassifyRequest(model=model, inputs=_classify_inputs(inputs)),
+                    lambda reply: list(reply.results), timeout)
+
+    @staticmethod
+    def _infer(model: str, inputs: Sequence[np.ndarray], timeout: float | None) -> _Rpc:
+        request = pb.InferRequest(model=model, inputs=[to_tensor(f"input_{i}", a) for i, a in enumerate(inputs)])
+        return _Rpc("Infer", request, lambda reply: [from_tensor(t) for t in reply.outputs], timeout)
 
 
 class Client(_Base):
     """Blocking client: `with Client("127.0.0.1:50051") as c: c.embed(["text"])`."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_certificates: bytes | None = None,
-                 timeout: float = 60.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
-        super().__init__(target, token, root_certificates, timeout, retries, max_message_bytes)
-        if root_certificates is not None:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=self._options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        self._stub = pb_grpc.InferenceStub(self._channel)
+    _channels = grpc
 
-    def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        delay = 0.1
+    def _unary(self, rpc: _Rpc) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                reply = self._invoke(rpc)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if not isinstance(error, Unavailable) or attempt == self.retries:
-                    raise error from None
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(self._backoff(exc, attempt))
+            else:
+                return rpc.parse(reply)
 
     def list_models(self) -> list[pb.ModelMetadata]:
-        return list(self._unary("ListModels", pb.ListModelsRequest()).models)
+        return self._unary(self._list_models())
 
     def get_model(self, model: str) -> pb.ModelMetadata:
-        return self._unary("GetModel", pb.GetModelRequest(model=model))
+        return self._unary(self._get_model(model))
 
     def status(self) -> pb.StatusResponse:
-        return self._unary("GetStatus", pb.GetStatusRequest())
+        return self._unary(self._status())
 
     def embed(self, texts: Sequence[str], model: str = "", timeout: float | None = None) -> np.ndarray:
-        response = self._unary("Embed", pb.EmbedRequest(model=model, texts=list(texts)), timeout)
-        return np.array([e.values for e in response.embeddings], dtype=np.float32)
+        return self._unary(self._embed(texts, model, timeout))
 
     def classify(self, inputs: Sequence[str | tuple[str, str]], model: str = "", timeout: float | None = None) -> list[pb.Classification]:
-        return list(self._unary("Classify", pb.ClassifyRequest(model=model, inputs=_classify_inputs(inputs)), timeout).results)
+        return self._unary(self._classify(inputs, model, timeout))
 
     def infer(self, model: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
-        request = pb.InferRequest(model=model, inputs=[to_tensor(f"input_{i}", a) for i, a in enumerate(inputs)])
-        return [from_tensor(t) for t in self._unary("Infer", request, timeout).outputs]
+        return self._unary(self._infer(model, inputs, timeout))
 
-    def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                         top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                         draft_model: str = "", speculation_length: int = 0, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
-        """Yields GenerateResponse messages: tokens as they come, then the stats."""
-        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model, speculation_length)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        """Yields GenerateResponse messages: tokens as they come, then the stats. A 0 (max_new_tokens,
+        top_p, speculation_length) asks for the server's default, as the proto says."""
+        call = self._start_generate(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
+                                    speculation_length, timeout)
         try:
             yield from call
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc) from exc
         finally:
             call.cancel()  # a consumer that stops early frees the slot on the gateway
 
     def generate(self, prompt: str, **kwargs: Any) -> Generation:
         result = Generation()
         for event in self.generate_stream(prompt, **kwargs):
-            if event.HasField("token"):
-                result.text += event.token.text
-                result.token_ids.append(event.token.id)
-            else:
-                result.stats = _stats(event.stats)
+            _add_event(result, event)
         return result
 
     def health(self, service: str = "") -> str:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         try:
-            reply = health_pb2_grpc.HealthStub(self._channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                                     timeout=self.timeout, metadata=self._metadata)
+            reply = _health_check(self._channel, service, self.timeout, self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise from_rpc_error(exc) from exc
+        return _health_status(reply)
 
     def close(self) -> None:
         self._channel.close()
@@ -178,54 +233,62 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same methods as Client (awaitable; generate_stream is an async iterator)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_certificates: bytes | None = None,
-                 timeout: float = 60.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
-        super().__init__(target, token, root_certificates, timeout, retries, max_message_bytes)
-        if root_certificates is not None:
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=self._options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        self._stub = pb_grpc.InferenceStub(self._channel)
+    _channels = grpc.aio
 
-    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        delay = 0.1
+    async def _unary(self, rpc: _Rpc) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return await getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                reply = await self._invoke(rpc)
             except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if not isinstance(error, Unavailable) or attempt == self.retries:
-                    raise error from None
-                await asyncio.sleep(delay)
-                delay *= 2
+                await asyncio.sleep(self._backoff(exc, attempt))
+            else:
+                return rpc.parse(reply)
 
     async def list_models(self) -> list[pb.ModelMetadata]:
-        return list((await self._unary("ListModels", pb.ListModelsRequest())).models)
+        return await self._unary(self._list_models())
+
+    async def get_model(self, model: str) -> pb.ModelMetadata:
+        return await self._unary(self._get_model(model))
+
+    async def status(self) -> pb.StatusResponse:
+        return await self._unary(self._status())
 
     async def embed(self, texts: Sequence[str], model: str = "", timeout: float | None = None) -> np.ndarray:
-        response = await self._unary("Embed", pb.EmbedRequest(model=model, texts=list(texts)), timeout)
-        return np.array([e.values for e in response.embeddings], dtype=np.float32)
+        return await self._unary(self._embed(texts, model, timeout))
 
     async def classify(self, inputs: Sequence[str | tuple[str, str]], model: str = "", timeout: float | None = None) -> list[pb.Classification]:
-        return list((await self._unary("Classify", pb.ClassifyRequest(model=model, inputs=_classify_inputs(inputs)), timeout)).results)
+        return await self._unary(self._classify(inputs, model, timeout))
 
     async def infer(self, model: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
-        request = pb.InferRequest(model=model, inputs=[to_tensor(f"input_{i}", a) for i, a in enumerate(inputs)])
-        return [from_tensor(t) for t in (await self._unary("Infer", request, timeout)).outputs]
+        return await self._unary(self._infer(model, inputs, timeout))
 
-    async def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+    async def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                               top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                               draft_model: str = "", speculation_length: int = 0,
                               timeout: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
-        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model, speculation_length)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        """Yields GenerateResponse messages: tokens as they come, then the stats."""
+        call = self._start_generate(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
+                                    speculation_length, timeout)
         try:
             async for event in call:
                 yield event
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc) from exc
         finally:
             call.cancel()
+
+    async def generate(self, prompt: str, **kwargs: Any) -> Generation:
+        result = Generation()
+        async for event in self.generate_stream(prompt, **kwargs):
+            _add_event(result, event)
+        return result
+
+    async def health(self, service: str = "") -> str:
+        try:
+            reply = await _health_check(self._channel, service, self.timeout, self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return _health_status(reply)
 
     async def close(self) -> None:
         await self._channel.close()

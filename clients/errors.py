@@ -3,7 +3,8 @@
     TpClusterError            (base; .code is the grpc.StatusCode, .details the server's message)
     ├── NotFound              no such model
     ├── InvalidArgument       bad shapes, empty text, too-long input, bad sampling parameters
-    ├── ResourceExhausted     the model's queue is full, or the payload is too large
+    ├── ResourceExhausted     the model's queue is full, the payload is too large, or no capacity
+    ├── FailedPrecondition    the model folder or checkpoint cannot be used as it is (fix it, then retry)
     ├── Unavailable           no ready replica, ranks lost; retried automatically for unary calls
     ├── DeadlineExceeded      the call's deadline passed
     ├── Unauthenticated       missing or wrong bearer token
@@ -38,6 +39,10 @@ class ResourceExhausted(TpClusterError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class FailedPrecondition(TpClusterError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(TpClusterError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -58,8 +63,8 @@ class InternalError(TpClusterError):
     code = grpc.StatusCode.INTERNAL
 
 
-_BY_CODE = {cls.code: cls for cls in (NotFound, InvalidArgument, ResourceExhausted, Unavailable, DeadlineExceeded,
-                                      Unauthenticated, Cancelled, InternalError)}
+_BY_CODE = {cls.code: cls for cls in (NotFound, InvalidArgument, ResourceExhausted, FailedPrecondition, Unavailable,
+                                      DeadlineExceeded, Unauthenticated, Cancelled, InternalError)}
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TpClusterError:

@@ -70,8 +70,13 @@ def _cancelled(model: str):
     return call
 
 
-def run_soak(target: str, models: dict[str, str], clients: int = 8, seconds: float = 30.0, seed: int = 0) -> dict[str, Any]:
-    """Drive the gateway at `target`; models maps task (embed/classify/generate) to a served model name."""
+def run_soak(target: str, models: dict[str, str], clients: int = 8, seconds: float = 30.0, seed: int = 0,
+             per_client: int | None = None) -> dict[str, Any]:
+    """Drive the gateway at `target`; models maps task (embed/classify/generate) to a served model name.
+
+    Each client sends requests for `seconds`, or, with `per_client`, exactly that many (a test's
+    fixed workload, independent of the machine's speed).
+    """
     mix = _requests(models)
     weights = [w for _, w, _ in mix]
     outcomes: collections.Counter[str] = collections.Counter()
@@ -85,7 +90,9 @@ def run_soak(target: str, models: dict[str, str], clients: int = 8, seconds: flo
     def worker(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
         with Client(target, retries=0, timeout=60) as client:
-            while time.monotonic() < stop_at:
+            sent = 0
+            while (sent < per_client) if per_client is not None else (time.monotonic() < stop_at):
+                sent += 1
                 kind, _, call = rng.choices(mix, weights)[0]
                 with lock:
                     started_calls[0] += 1
@@ -107,7 +114,7 @@ def run_soak(target: str, models: dict[str, str], clients: int = 8, seconds: flo
     for t in threads:
         t.start()
     for t in threads:
-        t.join(seconds + 120)
+        t.join(max(0.0, stop_at - time.monotonic()) + 120 if per_client is None else None)
     hung = sum(t.is_alive() for t in threads)
     with Client(target, retries=0, timeout=60) as probe:
         memory_end = {"gateway_process": _rss(), **_ranks_memory(probe)}

@@ -15,8 +15,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cluster.backoff import Backoff
 from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
+from cluster.handle import AsyncOverThreads, CoordinatorInfo, GenerationRound
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
 from cluster.trace.backends import get_backend
@@ -25,14 +27,21 @@ from cluster.trace.config import TraceSpec
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    call_timeout_s: float = 120.0
-    trace_timeout_s: float = 1800.0
-    rendezvous_timeout_s: float = 60.0
+    """Every bound on a replica's waits, in one place (the gateway and batch jobs read them too)."""
+
+    call_timeout_s: float = 120.0  # one serving call on the ranks (a forward, a generation step)
+    trace_timeout_s: float = 1800.0  # build, trace, load, export (Neuron compilation takes minutes)
+    rendezvous_timeout_s: float = 60.0  # forming the collective group, and every collective
+    health_timeout_s: float = 10.0  # a health check or status call on the ranks
+    placement_timeout_s: float = 30.0  # NeuronCores for the ranks: else CapacityError, never a pending actor
+    close_timeout_s: float = 10.0  # a coordinator's orderly close, before it is killed
     threads_per_rank: int = 0  # 0: this node's CPUs divided among the ranks
     verify_tolerance: float = 1e-4
+    rebuild_backoff: Backoff = Backoff()  # between attempts to rebuild a lost replica
 
     def __post_init__(self) -> None:
-        for name in ("call_timeout_s", "trace_timeout_s", "rendezvous_timeout_s", "verify_tolerance"):
+        for name in ("call_timeout_s", "trace_timeout_s", "rendezvous_timeout_s", "health_timeout_s",
+                     "placement_timeout_s", "close_timeout_s", "verify_tolerance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CoordinatorConfig.{name} must be positive")
 
@@ -78,8 +87,8 @@ class Coordinator:
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
-        self._gateway_sessions: set[int] = set()
         self.rebuilds = 0
+        self.aio = AsyncOverThreads(self)
 
     def start(self) -> list[dict[str, Any]]:
         """Form the collective group on a fresh rendezvous; returns where each rank runs."""
@@ -149,18 +158,17 @@ class Coordinator:
             return call()
         except RankError as exc:  # peers may be stuck in a collective with it: the group is unusable
             self._fail(exc)
-            raise RankFailure(exc.rank, f"{exc.message}; the replica is rebuilding") from None
+            raise RankFailure(exc.rank, f"{exc.message}; the replica is rebuilding") from exc
 
     def _fail(self, exc: Exception) -> None:
         self._broken = str(exc).split("\n", 1)[0]
         self._batch = None  # the caches are gone with the ranks
-        self._gateway_sessions = set()
         if self._factory is not None and self._payload is not None and self._rebuilding is None:
             self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
             self._rebuilding.start()
 
     def _rebuild(self) -> None:
-        delay = 1.0
+        delays = self.config.rebuild_backoff.delays()
         while True:
             try:
                 self.ranks.close()
@@ -174,8 +182,7 @@ class Coordinator:
                 break
             except Exception as exc:  # keep trying: capacity may come back
                 self._broken = f"rebuild failed: {str(exc).splitlines()[0]}"
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                time.sleep(next(delays))
         self._rebuilding = None
 
     def _set_kernel(self, kernel: bytes | None) -> None:
@@ -224,7 +231,7 @@ class Coordinator:
         return self._batch
 
     def _draft_endpoint(self, draft: Any) -> Any:
-        """The draft's endpoint: calls into another model's coordinator (a RemoteCoordinator, or a local one)."""
+        """The draft's endpoint: calls into another model's coordinator (a handle, remote or local)."""
         from cluster.generation.engine import DecoderEndpoint
         from cluster.generation.layout import DecoderLayout
 
@@ -232,7 +239,7 @@ class Coordinator:
         batch = self._batch
         if batch is not None and batch.draft is not None and batch.draft.key == key:
             return batch.draft
-        info = draft.info()["extra"].get("decoder")
+        info = draft.info().decoder
         if not info:
             raise InputError("the draft model is not a decoder traced for generation")
         if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
@@ -243,7 +250,8 @@ class Coordinator:
     def generate_open(self, request: Any, draft: Any = None) -> int:
         """Admit a request's prompts into the model's batch (one KV-cache slot each); returns a session id.
 
-        Sessions share decode steps: a step taken for one advances every open sequence.
+        Sessions share decode steps: a step taken for one advances every open sequence. The
+        session belongs to the caller, who closes it.
         """
         batch = self._decode_batch()
         return batch.open(request, self._draft_endpoint(draft) if draft is not None else None)
@@ -255,38 +263,45 @@ class Coordinator:
             self._serving(batch.step)
         return batch.take(session_id)
 
-    def generate_close(self, session_id: int) -> dict[str, Any]:
-        self._gateway_sessions.discard(session_id)
-        return self._batch.close(session_id) if self._batch is not None else {}
+    def generate_close(self, session_id: int) -> Any:
+        """Free the session's slots; its summary (None when it was not open)."""
+        return self._batch.close(session_id) if self._batch is not None else None
 
     def generate_batch(self, opens: Sequence[tuple[Any, Any]] = (), closes: Sequence[int] = (),
-                       keep: Sequence[int] | None = None) -> dict[str, Any]:
+                       sessions: Sequence[int] = (), resync: bool = False) -> GenerationRound:
         """One scheduling round for a server: close sessions, admit requests, take one step.
 
-        `keep`, when given, lists the server's sessions still wanted: the others are closed too (a
-        server resynchronising after a round it lost track of). Returns {"opened": [session id, or
-        the error refusing that request], "steps": {session: StepResult}, "summaries": {session:
-        summary}}; sessions that finished in this step are closed, with summaries.
+        `sessions` are the caller's open sessions: the round returns their new tokens (and those of
+        the sessions it admits). With `resync`, every other open session is closed too (a caller
+        that lost track of a round, or a new gateway on an adopted replica). Sessions that finish
+        in this step are closed, with summaries.
         """
         batch = self._decode_batch()
-        if keep is not None:
-            closes = [*closes, *(s for s in self._gateway_sessions if s not in set(keep))]
-        summaries = {s: self.generate_close(s) for s in closes}
-        opened: list[Any] = []
+        owned = set(sessions)
+        if resync:
+            closes = [*closes, *(s for s in batch.sessions if s not in owned)]
+        round_ = GenerationRound()
+        for session in closes:
+            owned.discard(session)
+            summary = self.generate_close(session)
+            if summary is not None:
+                round_.summaries[session] = summary
         for request, draft in opens:
             try:
                 session = self.generate_open(request, draft)
-                self._gateway_sessions.add(session)
-                opened.append(session)
+                owned.add(session)
+                round_.opened.append(session)
             except ClusterError as exc:
-                opened.append(exc)
+                round_.opened.append(exc)
         if batch.has_work():
             self._serving(batch.step)
-        steps = {s: batch.take(s) for s in sorted(self._gateway_sessions)}
-        for session, step in steps.items():
+        for session in sorted(owned):
+            if session not in batch.sessions:
+                continue
+            round_.steps[session] = step = batch.take(session)
             if step.done:
-                summaries[session] = self.generate_close(session)
-        return {"opened": opened, "steps": steps, "summaries": summaries}
+                round_.summaries[session] = self.generate_close(session)
+        return round_
 
     @staticmethod
     def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:
@@ -313,26 +328,24 @@ class Coordinator:
     def replace_weights(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
         self.ranks.replace_weights(states, self.config.call_timeout_s)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> CoordinatorInfo:
         state = self.state
-        return {
-            "tp_degree": self.ranks.world_size,
-            "backend": state.backend if state else None,
-            "buckets": [[s.to_json() for s in sig] for sig in state.buckets] if state else [],
-            "inline_weights": state.inline_weights if state else None,
-            "trace_mode": list(state.trace_mode) if state else [],
-            "extra": dict(state.extra) if state else {},
-            "pid": os.getpid(),
-            "broken": self._broken,
-            "rebuilds": self.rebuilds,
-        }
+        if state is None:
+            return CoordinatorInfo(tp_degree=self.ranks.world_size, pid=os.getpid(), broken=self._broken,
+                                   rebuilds=self.rebuilds)
+        return CoordinatorInfo(
+            tp_degree=self.ranks.world_size, backend=state.backend,
+            buckets=[[s.to_json() for s in sig] for sig in state.buckets], inline_weights=state.inline_weights,
+            trace_mode=list(state.trace_mode), extra=dict(state.extra), pid=os.getpid(), broken=self._broken,
+            rebuilds=self.rebuilds,
+        )
 
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._serving(lambda: self.ranks.describe(self.config.call_timeout_s))
 
     def health(self) -> list[int]:
         """Every rank answers, or ModelUnavailable (a rank lost now starts the rebuild)."""
-        return self._serving(lambda: self.ranks.ping(min(self.config.call_timeout_s, 10.0)))
+        return self._serving(lambda: self.ranks.ping(self.config.health_timeout_s))
 
     def close(self) -> None:
         self.ranks.close()

@@ -1,6 +1,8 @@
 """Every error tpcluster raises, under one base class.
 
-This module imports nothing from the package, so any layer may import it.
+This module imports nothing from the package, so any layer may import it. Each class names the
+gRPC status it stands for (`status`, a `grpc.StatusCode` name; the gateway maps it in one place,
+and a test pins the table), so an error means the same to every client.
 
     ClusterError
     ├── ShardingError (ValueError)      a size does not divide by the TP degree
@@ -16,7 +18,8 @@ This module imports nothing from the package, so any layer may import it.
     ├── ModelNotFound (KeyError)        no model of that name is served
     ├── ModelUnavailable                the model has no ready replica right now
     │   └── CoordinatorLost             a replica's coordinator process died (reload it)
-    └── Overloaded                      the model's queue is full: retry later
+    ├── Overloaded                      the model's queue is full: retry later
+    └── DraftUnavailable                a speculative generation's draft failed (the target is fine)
 """
 
 from __future__ import annotations
@@ -25,37 +28,55 @@ from __future__ import annotations
 class ClusterError(Exception):
     """Base class of every tpcluster error."""
 
+    status = "INTERNAL"
+
 
 class ShardingError(ClusterError, ValueError):
     """A layer's size does not split evenly across the tensor-parallel ranks."""
+
+    status = "INVALID_ARGUMENT"
 
 
 class CheckpointError(ClusterError):
     """A checkpoint does not fit the model (keys, shapes) or cannot be read."""
 
+    status = "FAILED_PRECONDITION"
+
 
 class InputError(ClusterError, ValueError):
     """Inputs given at call time do not match what the model was traced with."""
+
+    status = "INVALID_ARGUMENT"
 
 
 class BucketError(InputError):
     """No bucket can take the input, or the bucket kernel returned an invalid bucket."""
 
+    status = "INVALID_ARGUMENT"
+
 
 class ArtifactError(ClusterError):
     """A saved model folder cannot be loaded: names the file and the reason."""
+
+    status = "FAILED_PRECONDITION"
 
 
 class BackendUnavailable(ClusterError):
     """The requested tracing backend is not installed or has no device here."""
 
+    status = "FAILED_PRECONDITION"
+
 
 class CapacityError(ClusterError):
     """The cluster has too few NeuronCores (on one node) for the requested rank group."""
 
+    status = "RESOURCE_EXHAUSTED"
+
 
 class RankError(ClusterError):
     """Code running inside rank `rank` raised; `remote_traceback` is the rank's traceback."""
+
+    status = "INTERNAL"
 
     def __init__(self, rank: int, message: str, remote_traceback: str = "") -> None:
         self.rank = rank
@@ -73,13 +94,19 @@ class RankError(ClusterError):
 class RankFailure(RankError):
     """Rank `rank` died or stopped answering; the replica must be rebuilt before it serves again."""
 
+    status = "UNAVAILABLE"
+
 
 class ClusterTimeout(ClusterError, TimeoutError):
     """A bounded wait on the cluster ran out."""
 
+    status = "DEADLINE_EXCEEDED"
+
 
 class ModelNotFound(ClusterError, KeyError):
     """No model of that name is served here."""
+
+    status = "NOT_FOUND"
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "model not found"
@@ -88,15 +115,23 @@ class ModelNotFound(ClusterError, KeyError):
 class ModelUnavailable(ClusterError):
     """The model has no ready replica (ranks starting, lost, or rebuilding): retry shortly."""
 
+    status = "UNAVAILABLE"
+
 
 class CoordinatorLost(ModelUnavailable):
     """A replica's coordinator process died; whoever holds the model recreates it from the saved model."""
+
+    status = "UNAVAILABLE"
 
 
 class Overloaded(ClusterError):
     """The model's request queue is full: retry later, or raise the gateway's --max-queue."""
 
+    status = "RESOURCE_EXHAUSTED"
+
 
 class DraftUnavailable(ClusterError):
     """The draft model of a speculative generation failed (its replica is lost or rebuilding): the
     target is fine; retry, or generate without a draft."""
+
+    status = "UNAVAILABLE"

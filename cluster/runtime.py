@@ -1,15 +1,18 @@
 """The one seam between the torch library and the Ray layer.
 
 Entry points that start ranks (`parallel_model_trace`, `parallel_model_load`) get a coordinator
-from `start_coordinator`: in-process threads for the `eager` backend, otherwise a coordinator actor
-over one Ray actor per rank (imported lazily, so the rest of `cluster` never imports Ray).
+handle (cluster.handle.CoordinatorHandle) from here: in-process threads for the `eager` backend,
+otherwise a coordinator actor over one Ray actor per rank (imported lazily, so the rest of
+`cluster` never imports Ray).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from cluster.coordinator import Coordinator, CoordinatorConfig
+from cluster.handle import CoordinatorHandle
 from cluster.rank_group import InProcessRankGroup
 
 
@@ -31,20 +34,35 @@ def shutdown() -> None:
     stop_ray()
 
 
-def start_coordinator(tp_degree: int, backend: str, config: CoordinatorConfig, **placement: Any) -> Any:
-    """A started coordinator (collective group formed) for a TP group of `tp_degree` ranks.
-
-    `placement` (Ray backends): name and label make it a named resident coordinator; node_ip pins
-    its ranks to one node.
-    """
+def start_coordinator(tp_degree: int, backend: str, config: CoordinatorConfig) -> CoordinatorHandle:
+    """A started coordinator (collective group formed) for a TP group of `tp_degree` ranks."""
     if backend == "eager":
-        coordinator: Any = Coordinator(InProcessRankGroup(tp_degree), config)
+        coordinator: CoordinatorHandle = Coordinator(InProcessRankGroup(tp_degree), config)
     else:
         from actors.coordinator_actor import launch_coordinator
 
-        coordinator = launch_coordinator(tp_degree, config, **placement)
+        coordinator = launch_coordinator(tp_degree, config)
     try:
         coordinator.start()
+    except BaseException:
+        coordinator.close()
+        raise
+    return coordinator
+
+
+def load_coordinator(path: str | os.PathLike, config: CoordinatorConfig, *, name: str | None = None,
+                     node_ip: str | None = None) -> CoordinatorHandle:
+    """A coordinator holding the saved model in `path` (see actors.replicas.launch_replica)."""
+    from cluster.trace import artifact
+
+    if artifact.read_manifest(path)["backend"] != "eager":
+        from actors.replicas import launch_replica
+
+        return launch_replica(path, config, name=name, node_ip=node_ip)
+    state, graphs, weights = artifact.read(path)
+    coordinator = start_coordinator(state.tp_degree, state.backend, config)
+    try:
+        coordinator.load(state, graphs, weights)
     except BaseException:
         coordinator.close()
         raise

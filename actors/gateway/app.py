@@ -11,7 +11,8 @@ from pathlib import Path
 
 from actors.gateway.batching import BatchingConfig
 from actors.gateway.server import Gateway, GatewayConfig
-from actors.gateway.served import Replica, ServedModel
+from actors.gateway.pool import ReplicaPool
+from actors.gateway.served import ServedModel
 from cluster.serving import ServingSpec
 
 log = logging.getLogger("tpcluster.gateway")
@@ -41,7 +42,6 @@ class ServeConfig:
 def load_models(config: ServeConfig) -> dict[str, ServedModel]:
     """Load every model's replicas onto the cluster (blocking; runs before the server starts)."""
     import cluster
-    from cluster.trace import parallel_model_load
 
     cluster.init(address=config.address, neuron_cores=config.neuron_cores)
     folders = dict(config.models)
@@ -51,37 +51,18 @@ def load_models(config: ServeConfig) -> dict[str, ServedModel]:
         folders = ensure_all_defaults()
     models: dict[str, ServedModel] = {}
     for name, folder in folders.items():
-        nodes: set[str] = set()
-        replicas = [load_replica(name, Path(folder), index, nodes, config.keeps_resident) for index in range(config.replicas)]
-        models[name] = ServedModel(name, Path(folder), ServingSpec.read(folder), replicas, config.batching,
-                                   resident=config.keeps_resident)
-        log.info("serving %s from %s: %d replica(s) on %s", name, folder, config.replicas, sorted(nodes) or "one node")
+        pool = ReplicaPool.load(name, Path(folder), config.replicas, config.keeps_resident)
+        models[name] = ServedModel(name, ServingSpec.read(folder), pool, config.batching)
     return models
 
 
-def load_replica(model: str, folder: Path, index: int, nodes: set[str], resident: bool) -> Replica:
-    """Replica `index` of `model`: the resident one when it holds this very artifact, else a new one
-    placed on a node that holds no replica of the model yet (`nodes`, updated here)."""
-    from actors.coordinator_actor import coordinator_name, find_coordinator
-    from actors.placement import pick_node, rank_nodes
-    from cluster.trace import artifact, parallel_model_load
-
-    name = coordinator_name(model, index) if resident else None
-    if name is not None:
-        found = find_coordinator(name)
-        if found is not None:
-            coordinator, label = found
-            if label.get("manifest") == artifact.digest(folder):
-                nodes |= rank_nodes(coordinator.describe_ranks())
-                log.info("model %s replica %d: adopted the resident replica", model, index)
-                return Replica(index, coordinator, adopted=True)
-            log.warning("model %s replica %d: the resident replica holds another model (%s); replacing it",
-                        model, index, label.get("path"))
-            coordinator.close()
-    tp_degree = int(artifact.read_manifest(folder)["tp_degree"])
-    loaded = parallel_model_load(folder, name=name, node_ip=pick_node(tp_degree, nodes))
-    nodes |= rank_nodes(loaded._coordinator.describe_ranks())
-    return Replica(index, loaded._coordinator)
+def adopt_model(name: str, folder: Path | None = None, batching: BatchingConfig = BatchingConfig()) -> ServedModel | None:
+    """The resident replicas of model `name` (a gateway's, on this cluster) as a ServedModel for this
+    process (a batch job); None when none holds `folder` (default: the folder they were loaded from)."""
+    pool = ReplicaPool.adopt_resident(name, folder)
+    if pool is None:
+        return None
+    return ServedModel(name, ServingSpec.read(pool.folder), pool, batching)
 
 
 async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> None:

@@ -59,10 +59,10 @@ class DynamicBatcher:
         future = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(Pending(payload, rows, future))
-        except asyncio.QueueFull:
+        except asyncio.QueueFull as exc:
             raise Overloaded(
                 f"model {self.name!r} has {self.config.max_queue} requests queued; retry later"
-            ) from None
+            ) from exc
         return await future
 
     async def _collect(self) -> None:

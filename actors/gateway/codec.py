@@ -1,4 +1,5 @@
-"""The only place protobuf messages meet Python values: decode requests, encode responses.
+"""The only place protobuf messages meet Python values: decode requests, encode responses
+(the servicers in actors.gateway.server only call these).
 
 Every check on what a client sent happens here and raises InputError (INVALID_ARGUMENT) or
 Overloaded (RESOURCE_EXHAUSTED) with a message the client can act on.
@@ -7,53 +8,42 @@ Overloaded (RESOURCE_EXHAUSTED) with a message the client can act on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from clients.protocol import inference_pb2 as pb
+from clients.protocol import tensors
 from cluster.errors import InputError, Overloaded
+from cluster.generation.defaults import DEFAULTS
+from cluster.generation.engine import GenerationRequest
+from cluster.generation.sampling import SamplingParams
 
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "float64": np.dtype("<f8"),
-    "int64": np.dtype("<i8"), "int32": np.dtype("<i4"), "int16": np.dtype("<i2"), "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"), "bool": np.dtype("?"),
-}
 MAX_TENSOR_ELEMENTS = 1 << 26  # 64 Mi elements: larger payloads are refused, not buffered
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000
-MAX_NEW_TOKENS = 4096
 
 
 def decode_tensor(message: pb.Tensor, index: int) -> tuple[str, np.ndarray]:
+    """(name, array) of an input tensor; the wire format itself is clients.protocol.tensors'."""
     label = f"input {index}" + (f" ({message.name!r})" if message.name else "")
-    dtype = DTYPES.get(message.dtype)
-    if dtype is None:
-        raise InputError(f"{label}: unknown dtype {message.dtype!r}; use one of {sorted(DTYPES)}")
-    shape = list(message.shape)
-    if any(d < 0 for d in shape):
-        raise InputError(f"{label}: negative dimension in shape {shape}")
     count = 1
-    for d in shape:
-        count *= d
+    for d in message.shape:
+        count *= max(d, 0)
         if count > MAX_TENSOR_ELEMENTS:
-            raise Overloaded(f"{label}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements; send smaller tensors")
-    expected = count * dtype.itemsize
-    if len(message.data) != expected:
-        raise InputError(
-            f"{label}: shape {shape} of {message.dtype} needs {expected} bytes, got {len(message.data)}; "
-            "data must be the C-order little-endian bytes of the tensor"
-        )
-    array = np.frombuffer(message.data, dtype=dtype).reshape(shape)
-    return message.name, array.astype(dtype.newbyteorder("="), copy=True)
+            raise Overloaded(f"{label}: shape {list(message.shape)} has more than {MAX_TENSOR_ELEMENTS} elements; "
+                             "send smaller tensors")
+    try:
+        return message.name, tensors.from_tensor(message)
+    except ValueError as exc:
+        raise InputError(f"{label}: {exc}") from exc
 
 
 def encode_tensor(name: str, array: np.ndarray) -> pb.Tensor:
-    dtype_name = next((k for k, v in DTYPES.items() if v == array.dtype.newbyteorder("<") or v == array.dtype), None)
-    if dtype_name is None:
-        raise InputError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry")
-    data = np.ascontiguousarray(array.astype(DTYPES[dtype_name], copy=False)).tobytes()
-    return pb.Tensor(name=name, dtype=dtype_name, shape=list(array.shape), data=data)
+    try:
+        return tensors.to_tensor(name, array)
+    except TypeError as exc:
+        raise InputError(f"output {name!r} has dtype {array.dtype}, which the protocol cannot carry") from exc
 
 
 def decode_texts(texts: Any, what: str = "texts") -> list[str]:
@@ -78,14 +68,20 @@ def decode_pairs(inputs: Any) -> list[tuple[str, str | None]]:
 
 @dataclass(frozen=True)
 class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
-    draft_model: str
-    speculation_length: int
+    """A Generate request's parameters, with the wire's zeros resolved to the defaults."""
+
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    draft_model: str = ""
+    speculation_length: int = DEFAULTS.speculation_length
+
+    def request(self, prompt_ids: list[int], eos_token_id: int | None) -> GenerationRequest:
+        params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        return GenerationRequest((tuple(prompt_ids),), self.max_new_tokens, params, eos_token_id, self.speculation_length)
 
 
 def decode_generate(request: pb.GenerateRequest) -> tuple[str, Sampling]:
@@ -95,22 +91,70 @@ def decode_generate(request: pb.GenerateRequest) -> tuple[str, Sampling]:
     if len(prompt) > MAX_TEXT_CHARS:
         raise InputError(f"prompt has {len(prompt)} characters; at most {MAX_TEXT_CHARS}")
     s = request.sampling
-    max_new = request.max_new_tokens or 64
-    if max_new > MAX_NEW_TOKENS:
-        raise InputError(f"max_new_tokens {max_new} is above {MAX_NEW_TOKENS}")
+    if request.max_new_tokens > DEFAULTS.max_new_tokens_limit:
+        raise InputError(f"max_new_tokens {request.max_new_tokens} is above {DEFAULTS.max_new_tokens_limit}")
     if not (0.0 <= s.temperature <= 100.0) or s.temperature != s.temperature:
         raise InputError(f"temperature {s.temperature} is out of range; use 0 (greedy) to 100")
     if not (0.0 <= s.top_p <= 1.0) or s.top_p != s.top_p:
         raise InputError(f"top_p {s.top_p} is out of range; use a value in (0, 1], or 0 for no top-p")
     if s.top_k > 1_000_000:
         raise InputError(f"top_k {s.top_k} is out of range")
-    if request.speculation_length > 16:
-        raise InputError(f"speculation_length {request.speculation_length} is above 16")
+    if request.speculation_length > DEFAULTS.speculation_length_limit:
+        raise InputError(f"speculation_length {request.speculation_length} is above {DEFAULTS.speculation_length_limit}")
     if any(not stop for stop in request.stop) or len(request.stop) > 16:
         raise InputError("stop sequences must be non-empty strings, at most 16 of them")
+    max_new, top_p, k = DEFAULTS.resolve(request.max_new_tokens, s.top_p, request.speculation_length)
     return prompt, Sampling(
-        max_new_tokens=max_new, temperature=float(s.temperature), top_k=int(s.top_k),
-        top_p=float(s.top_p) if s.top_p else 1.0, seed=int(s.seed) if s.HasField("seed") else None,
-        stop=tuple(request.stop), draft_model=request.draft_model,
-        speculation_length=int(request.speculation_length or 4),
+        max_new_tokens=max_new, temperature=float(s.temperature), top_k=int(s.top_k), top_p=top_p,
+        seed=int(s.seed) if s.HasField("seed") else None, stop=tuple(request.stop), draft_model=request.draft_model,
+        speculation_length=k,
+    )
+
+
+# -- responses ---------------------------------------------------------------------------------
+def embed_response(vectors: np.ndarray) -> pb.EmbedResponse:
+    return pb.EmbedResponse(embeddings=[pb.Embedding(values=v.tolist()) for v in vectors], dimensions=int(vectors.shape[1]))
+
+
+def classify_response(results: Sequence[Any]) -> pb.ClassifyResponse:
+    """From actors.gateway.served.Classification rows."""
+    return pb.ClassifyResponse(results=[pb.Classification(logits=r.logits.tolist(), label_id=r.label_id, label=r.label)
+                                        for r in results])
+
+
+def infer_response(outputs: Sequence[np.ndarray]) -> pb.InferResponse:
+    return pb.InferResponse(outputs=[encode_tensor(f"output_{i}", a) for i, a in enumerate(outputs)])
+
+
+def generate_event(token: int | None, piece: Any) -> pb.GenerateResponse:
+    """A streamed token (id, text), or with token None the final stats (a dict of GenerateStats fields)."""
+    if token is None:
+        return pb.GenerateResponse(stats=pb.GenerateStats(**piece))
+    return pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
+
+
+def model_metadata(model: Any) -> pb.ModelMetadata:
+    """A served model's metadata (actors.gateway.served.ServedModel)."""
+    info = model.pool.info
+    buckets = [pb.Bucket(inputs=[pb.TensorSpec(name=f"input_{i}", dtype=s["dtype"], shape=s["shape"]) for i, s in enumerate(sig)])
+               for sig in info.buckets]
+    inputs = []
+    if info.buckets:  # dimensions that differ between buckets are -1
+        for i, spec in enumerate(info.buckets[0]):
+            dims = [d if all(len(sig[i]["shape"]) > j and sig[i]["shape"][j] == d for sig in info.buckets) else -1
+                    for j, d in enumerate(spec["shape"])]
+            inputs.append(pb.TensorSpec(name=f"input_{i}", dtype=spec["dtype"], shape=dims))
+    return pb.ModelMetadata(name=model.name, task=model.spec.task, tp_degree=info.tp_degree, backend=info.backend or "",
+                            buckets=buckets, inputs=inputs, ready=model.pool.ready, replicas=len(model.pool.replicas),
+                            ready_replicas=model.pool.ready_count, labels=list(model.spec.labels),
+                            max_sequence_length=model.max_length)
+
+
+def replica_status(replica: Any, ranks: list[dict[str, Any]], pid: int, in_flight: int) -> pb.ReplicaStatus:
+    """A replica (actors.gateway.pool.Replica) with its ranks as its coordinator described them."""
+    return pb.ReplicaStatus(
+        index=replica.index, ready=replica.ready, error=replica.error, in_flight=in_flight, coordinator_pid=pid,
+        recoveries=replica.recoveries,
+        ranks=[pb.RankStatus(rank=r["rank"], node=r.get("node", r.get("host", "")), neuron_cores=r.get("neuron_cores", ""),
+                             pid=r["pid"], memory_bytes=r.get("memory_bytes", 0)) for r in ranks],
     )

@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.errors import ClusterError, ModelUnavailable, RankFailure
+from cluster.handle import GenerationRound
 
 log = logging.getLogger("tpcluster.gateway")
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The last item of a generation's queue: its sequence finished or was closed."""
+
+    summary: Any  # cluster.generation.engine.SessionSummary
 
 
 @dataclass(eq=False)
@@ -29,7 +37,7 @@ class Generation:
 
     request: Any  # cluster.generation.engine.GenerationRequest
     draft: Any = None  # the draft's ServedModel
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then a summary dict, or an exception
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
     session: int | None = None
     cancelled: bool = False
 
@@ -95,12 +103,11 @@ class ReplicaScheduler:
                 continue
             closes = dict(self.closing)
             self.closing.clear()
-            keep = sorted(self.active) if self._resync else None
             self.in_round = True
             try:
-                result = await self.replica.coordinator.call_async(
-                    "generate_batch", [(g.request, d) for g, d in opens], list(closes), keep,
-                    timeout=self.model.call_timeout_s)
+                result = await self.replica.coordinator.aio.generate_batch(
+                    [(g.request, d) for g, d in opens], list(closes), sorted(self.active), self._resync,
+                    timeout=self.model.pool.config.call_timeout_s)
             except Exception as exc:
                 self._failed(exc, [g for g, _ in opens])
                 continue
@@ -152,8 +159,8 @@ class ReplicaScheduler:
             if lender.waiting:
                 lender.wake()
 
-    def _deliver(self, result: dict[str, Any], opened: list[Generation], closes: dict[int, Generation]) -> None:
-        for generation, outcome in zip(opened, result["opened"]):
+    def _deliver(self, result: GenerationRound, opened: list[Generation], closes: dict[int, Generation]) -> None:
+        for generation, outcome in zip(opened, result.opened):
             if isinstance(outcome, BaseException):
                 generation.out.put_nowait(outcome)
             elif generation.cancelled:  # went away while its admission was in flight
@@ -162,28 +169,29 @@ class ReplicaScheduler:
             else:
                 generation.session = outcome
                 self.active[outcome] = generation
-        if result["steps"]:
-            self.model.record_batch(len(result["steps"]))
-        for session, step in result["steps"].items():
+        if result.steps:
+            self.model.record_batch(len(result.steps))
+        for session, step in result.steps.items():
             generation = self.active.get(session)
             if generation is not None:
                 generation.out.put_nowait(step)
-        for session, summary in result["summaries"].items():
+        for session, summary in result.summaries.items():
             generation = self.active.pop(session, None) or closes.get(session)
             if generation is not None:
-                generation.out.put_nowait(summary)
+                generation.out.put_nowait(Ended(summary))
         self._release_draft()
 
     def _failed(self, exc: BaseException, opened: list[Generation]) -> None:
         """A round failed: its requests get the error; the next round closes whatever it left open."""
         where = f"model {self.model.name!r} replica {self.replica.index}"
         if isinstance(exc, (ModelUnavailable, RankFailure)):  # ranks or coordinator lost, with the caches
-            self.model.lost(self.replica, exc)
+            self.model.pool.lost(self.replica, exc)
             error: ClusterError = ModelUnavailable(f"{where}: {str(exc).splitlines()[0]}")
-        elif isinstance(exc, asyncio.TimeoutError):
-            error = ModelUnavailable(f"{where} did not finish a step within {self.model.call_timeout_s:.0f} s; retry")
+        elif isinstance(exc, ClusterError):  # a timeout (ClusterTimeout) included: DEADLINE_EXCEEDED everywhere
+            error = exc
         else:
-            error = exc if isinstance(exc, ClusterError) else ClusterError(f"{where}: generation failed: {exc}")
+            error = ClusterError(f"{where}: generation failed: {exc}")
+            error.__cause__ = exc
         log.warning("%s: %d generation(s) failed: %s", where, len(self.active) + len(opened), str(error).splitlines()[0])
         for generation in [*self.active.values(), *opened]:
             generation.out.put_nowait(error)

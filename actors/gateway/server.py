@@ -26,12 +26,9 @@ from actors.gateway.served import ServedModel
 from clients.protocol import SERVICE
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
-from cluster.errors import (
-    ClusterError, ClusterTimeout, DraftUnavailable, InputError, ModelNotFound, ModelUnavailable, Overloaded, RankFailure,
-)
+from cluster.errors import ClusterError, ClusterTimeout, InputError, ModelNotFound
 
 log = logging.getLogger("tpcluster.gateway")
-DEFAULT_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,7 @@ class GatewayConfig:
     grace_s: float = 10.0
     max_message_bytes: int = 64 << 20
     health_interval_s: float = 2.0
+    default_deadline_s: float = 120.0  # a request that comes without a deadline gets this one
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -52,18 +50,12 @@ class GatewayConfig:
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, InputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (ModelUnavailable, RankFailure, DraftUnavailable)):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    """The status code of an exception: our errors name theirs (ClusterError.status); a wait that
+    ran out is DEADLINE_EXCEEDED wherever it happened; anything else is INTERNAL."""
     if isinstance(exc, (asyncio.TimeoutError, ClusterTimeout)):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "the request did not finish before its deadline"
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the request did not finish before its deadline"
     if isinstance(exc, ClusterError):
-        return grpc.StatusCode.INTERNAL, str(exc)
+        return grpc.StatusCode[exc.status], str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the gateway log"
 
 
@@ -76,19 +68,21 @@ class ModelRegistry:
             return next(iter(self.models.values()))
         try:
             return self.models[name]
-        except KeyError:
-            raise ModelNotFound(f"no model named {name!r}; served models: {sorted(self.models)}") from None
-
-
-def _timeout(context: grpc.aio.ServicerContext) -> float:
-    remaining = context.time_remaining()
-    return DEFAULT_TIMEOUT_S if remaining is None else max(0.0, remaining)
+        except KeyError as exc:
+            raise ModelNotFound(f"no model named {name!r}; served models: {sorted(self.models)}") from exc
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, registry: ModelRegistry, metrics: GatewayMetrics) -> None:
+    """Each method: decode (codec) -> model call (ServedModel) -> encode (codec)."""
+
+    def __init__(self, registry: ModelRegistry, metrics: GatewayMetrics, default_deadline_s: float) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.default_deadline_s = default_deadline_s
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.default_deadline_s if remaining is None else max(0.0, remaining)
 
     @contextlib.asynccontextmanager
     async def _observed(self, method: str, model: str, context: grpc.aio.ServicerContext):
@@ -119,12 +113,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListModels(self, request, context):
         async def handler():
-            return pb.ListModelsResponse(models=[_metadata(m) for m in self.registry.models.values()])
+            return pb.ListModelsResponse(models=[codec.model_metadata(m) for m in self.registry.models.values()])
         return await self._unary("ListModels", request, context, handler)
 
     async def GetModel(self, request, context):
         async def handler():
-            return _metadata(self.registry.get(request.model))
+            return codec.model_metadata(self.registry.get(request.model))
         return await self._unary("GetModel", request, context, handler)
 
     async def GetStatus(self, request, context):
@@ -132,17 +126,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             models = []
             for m in self.registry.models.values():
                 replicas = []
-                for r in m.replicas:
-                    ranks = await _rank_status(r) if r.ready else []
-                    pid = 0
-                    if r.ready:
-                        try:
-                            pid = (await r.coordinator.call_async("info", timeout=5.0)).get("pid", 0)
-                        except Exception:  # status must answer even when a replica does not
-                            pid = 0
-                    replicas.append(pb.ReplicaStatus(index=r.index, ready=r.ready, ranks=ranks, error=r.error,
-                                                     in_flight=r.in_flight + m.generations_on(r), coordinator_pid=pid, recoveries=r.recoveries))
-                models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.info.get("tp_degree", 0),
+                for r in m.pool.replicas:
+                    ranks, pid = await m.pool.describe(r)
+                    replicas.append(codec.replica_status(r, ranks, pid, r.in_flight + m.generations_on(r)))
+                models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.pool.info.tp_degree,
                                              queue_depth=m.queue_depth, replicas=replicas))
             return pb.StatusResponse(models=models, gateway_version=_version())
         return await self._unary("GetStatus", request, context, handler)
@@ -150,22 +137,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Embed(self, request, context):
         async def handler():
             model = self.registry.get(request.model)
-            vectors = await model.embed(codec.decode_texts(request.texts), _timeout(context))
-            return pb.EmbedResponse(embeddings=[pb.Embedding(values=v.tolist()) for v in vectors],
-                                    dimensions=int(vectors.shape[1]))
+            return codec.embed_response(await model.embed(codec.decode_texts(request.texts), self._timeout(context)))
         return await self._unary("Embed", request, context, handler)
 
     async def Classify(self, request, context):
         async def handler():
             model = self.registry.get(request.model)
-            logits = await model.classify(codec.decode_pairs(request.inputs), _timeout(context))
-            labels = list(model.spec.labels)
-            results = []
-            for row in logits:
-                best = int(row.argmax())
-                results.append(pb.Classification(logits=row.tolist(), label_id=best,
-                                                 label=labels[best] if best < len(labels) else str(best)))
-            return pb.ClassifyResponse(results=results)
+            results = await model.classify(codec.decode_pairs(request.inputs), self._timeout(context))
+            return codec.classify_response(results)
         return await self._unary("Classify", request, context, handler)
 
     async def Infer(self, request, context):
@@ -174,27 +153,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not request.inputs:
                 raise InputError("no input tensors; send the model's inputs (see GetModel)")
             arrays = [codec.decode_tensor(t, i)[1] for i, t in enumerate(request.inputs)]
-            outputs = await model.infer(arrays, _timeout(context))
-            return pb.InferResponse(outputs=[codec.encode_tensor(f"output_{i}", a) for i, a in enumerate(outputs)])
+            return codec.infer_response(await model.infer(arrays, self._timeout(context)))
         return await self._unary("Infer", request, context, handler)
-
 
     async def Generate(self, request, context):
         async with self._observed("Generate", request.model, context):
             model = self.registry.get(request.model)
             prompt, sampling = codec.decode_generate(request)
             draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
-            stream = model.generate(prompt, sampling, draft, _timeout(context))
+            stream = model.generate(prompt, sampling, draft, self._timeout(context))
             # A client that goes away while this handler waits to send leaves `stream` suspended, and
             # its cleanup (closing the session, freeing the replica) would wait for garbage
             # collection: close it as soon as the RPC ends, whatever way it ends.
             context.add_done_callback(lambda _: asyncio.ensure_future(_close_quietly(stream)))
             async with contextlib.aclosing(stream):
                 async for token, piece in stream:
-                    if token is None:
-                        yield pb.GenerateResponse(stats=pb.GenerateStats(**piece))
-                    else:
-                        yield pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
+                    yield codec.generate_event(token, piece)
 
 
 async def _close_quietly(stream: Any) -> None:
@@ -202,32 +176,6 @@ async def _close_quietly(stream: Any) -> None:
         await stream.aclose()
     except RuntimeError:  # running right now: the cancellation reaches it there and its cleanup runs
         pass
-
-
-def _metadata(model: ServedModel) -> pb.ModelMetadata:
-    meta = model.metadata()
-    buckets = [pb.Bucket(inputs=[pb.TensorSpec(name=f"input_{i}", dtype=s["dtype"], shape=s["shape"]) for i, s in enumerate(sig)])
-               for sig in meta["buckets"]]
-    inputs = []
-    if meta["buckets"]:
-        first = meta["buckets"][0]
-        for i, spec in enumerate(first):
-            dims = [d if all(len(sig[i]["shape"]) > j and sig[i]["shape"][j] == d for sig in meta["buckets"]) else -1
-                    for j, d in enumerate(spec["shape"])]
-            inputs.append(pb.TensorSpec(name=f"input_{i}", dtype=spec["dtype"], shape=dims))
-    return pb.ModelMetadata(name=meta["name"], task=meta["task"], tp_degree=meta["tp_degree"], backend=meta["backend"],
-                            buckets=buckets, inputs=inputs, ready=meta["ready"], replicas=meta["replicas"],
-                            ready_replicas=meta["ready_replicas"], labels=meta["labels"],
-                            max_sequence_length=meta["max_sequence_length"])
-
-
-async def _rank_status(replica) -> list[pb.RankStatus]:
-    try:
-        ranks = await replica.coordinator.call_async("describe_ranks", timeout=5.0)
-    except Exception:
-        return []
-    return [pb.RankStatus(rank=r["rank"], node=r.get("node", r.get("host", "")), neuron_cores=r.get("neuron_cores", ""),
-                          pid=r["pid"], memory_bytes=r.get("memory_bytes", 0)) for r in ranks]
 
 
 def _version() -> str:
@@ -280,7 +228,7 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
         self._health_task: asyncio.Task | None = None
-        self.servicer = InferenceServicer(self.registry, self.metrics)
+        self.servicer = InferenceServicer(self.registry, self.metrics, config.default_deadline_s)
 
     async def start(self) -> int:
         options = [
@@ -315,7 +263,7 @@ class Gateway:
     async def _refresh_health(self) -> None:
         any_ready = False
         for name, model in self.registry.models.items():
-            ready = await model.check_health()
+            ready = await model.pool.check_health()
             any_ready |= ready
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
             self.metrics.ready.labels(name).set(1 if ready else 0)

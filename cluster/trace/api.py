@@ -6,7 +6,6 @@ import os
 import site
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import cloudpickle
@@ -121,7 +120,7 @@ def parallel_model_trace(
 
 def parallel_model_save(model: ParallelModel, path: str | os.PathLike) -> None:
     """Save every rank's shard and the manifest into the folder `path`."""
-    artifact.write(path, model._coordinator.export())
+    artifact.write(path, model.coordinator.export())
 
 
 def parallel_model_load(path: str | os.PathLike, coordinator_config: CoordinatorConfig | None = None, *,
@@ -129,22 +128,10 @@ def parallel_model_load(path: str | os.PathLike, coordinator_config: Coordinator
     """Load a saved model onto fresh rank actors; every file is checked against the manifest.
 
     With `name`, the replica stays resident under that name after this process exits (see
-    actors.coordinator_actor.find_coordinator); `node_ip` places its ranks on that node.
+    actors.replicas); `node_ip` places its ranks on that node.
     """
-    state, graphs, weights = artifact.read(path)
-    placement: dict = {}
-    if name is not None:
-        placement.update(name=name, label={"path": str(Path(path).resolve()), "manifest": artifact.digest(path)})
-    if node_ip is not None:
-        placement["node_ip"] = node_ip
-    coordinator = runtime.start_coordinator(state.tp_degree, state.backend, coordinator_config or CoordinatorConfig(),
-                                            **placement)
-    try:
-        coordinator.load(state, graphs, weights)
-    except BaseException:
-        coordinator.close()
-        raise
-    return ParallelModel(coordinator)
+    config = coordinator_config or CoordinatorConfig()
+    return ParallelModel(runtime.load_coordinator(path, config, name=name, node_ip=node_ip))
 
 
 def replace_weights(model: ParallelModel, checkpoint: Any, sharded: bool = False) -> None:
@@ -153,7 +140,7 @@ def replace_weights(model: ParallelModel, checkpoint: Any, sharded: bool = False
     `checkpoint` is a path (as parallel_layers.load takes) or a whole state dict. Everything is
     checked on every rank before any rank changes: a mismatch leaves the old weights serving.
     """
-    coordinator = model._coordinator
+    coordinator = model.coordinator
     state = coordinator.model_state()
     specs = coordinator.weight_specs()
     world = len(specs)

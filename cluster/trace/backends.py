@@ -41,8 +41,8 @@ def resolve_backend(name: str) -> str:
 def get_backend(name: str) -> "Backend":
     try:
         return {"cpu": CpuBackend, "neuron": NeuronBackend, "eager": EagerBackend}[name]()
-    except KeyError:
-        raise BackendUnavailable(f"unknown backend {name!r}; use 'cpu', 'neuron' or 'auto'") from None
+    except KeyError as exc:
+        raise BackendUnavailable(f"unknown backend {name!r}; use 'cpu', 'neuron' or 'auto'") from exc
 
 
 class Backend:

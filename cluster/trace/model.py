@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from cluster.handle import CoordinatorHandle, CoordinatorInfo
 from cluster.signature import TensorSpec
 
 
@@ -17,32 +18,37 @@ class ParallelModel(torch.nn.Module):
     the ranks (and their NeuronCores); a model is also usable as a context manager.
     """
 
-    def __init__(self, coordinator: Any) -> None:
+    def __init__(self, coordinator: CoordinatorHandle) -> None:
         super().__init__()
-        self._coordinator = coordinator
+        self._coordinator: CoordinatorHandle | None = coordinator
         self._info = coordinator.info()
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    @property
+    def coordinator(self) -> CoordinatorHandle:
+        """The handle of the coordinator that holds this model (cluster.handle.CoordinatorHandle)."""
         if self._coordinator is None:
             from cluster.errors import ClusterError
 
             raise ClusterError("this ParallelModel was closed; load it again with parallel_model_load")
-        return self._coordinator.forward(inputs)
+        return self._coordinator
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.coordinator.forward(inputs)
 
     @property
     def tp_degree(self) -> int:
-        return self._info["tp_degree"]
+        return self._info.tp_degree
 
     @property
     def backend(self) -> str:
-        return self._info["backend"]
+        return self._info.backend
 
     @property
     def buckets(self) -> list[tuple[TensorSpec, ...]]:
-        return [tuple(TensorSpec.from_json(s) for s in sig) for sig in self._info["buckets"]]
+        return [tuple(TensorSpec.from_json(s) for s in sig) for sig in self._info.buckets]
 
-    def info(self) -> dict[str, Any]:
-        return self._coordinator.info()
+    def info(self) -> CoordinatorInfo:
+        return self.coordinator.info()
 
     def close(self) -> None:
         if self._coordinator is not None:
@@ -56,4 +62,4 @@ class ParallelModel(torch.nn.Module):
         self.close()
 
     def extra_repr(self) -> str:
-        return f"tp_degree={self.tp_degree}, backend={self.backend}, buckets={len(self._info['buckets'])}"
+        return f"tp_degree={self.tp_degree}, backend={self.backend}, buckets={len(self._info.buckets)}"

@@ -1,7 +1,5 @@
 """Bad input on real rank actors: each a clear exception, no hang, and the cluster still usable."""
 
-import time
-
 import pytest
 import torch
 
@@ -48,10 +46,9 @@ def test_bad_calls_then_the_cluster_keeps_serving(ray_cluster, reference):
     with pytest.raises(ShardingError, match=r"rank \d: ParallelEmbedding\(32, 16\) num_embeddings: size 32 does not divide by tp_degree 5; pick a tp_degree"):
         cluster.trace.parallel_model_trace(block_model, ids, tp_degree=5, progress=False)
 
-    started = time.monotonic()
+    # an error, never a silently pending actor (pytest-timeout would catch a hang)
     with pytest.raises(CapacityError, match="tp_degree 16 needs 16 NeuronCores on one node, but the largest node has 8"):
         cluster.trace.parallel_model_trace(block_model, ids, tp_degree=16, progress=False)
-    assert time.monotonic() - started < 60  # bounded, never a silent pending actor
 
     with cluster.trace.parallel_model_trace(block_model, ids, tp_degree=2, progress=False) as model:
         with pytest.raises(InputError, match=r"inputs \(int64\[2, 9\]\) do not match the traced signature \(int64\[2, 6\]\)"):

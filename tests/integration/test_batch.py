@@ -32,7 +32,7 @@ def write_input(path):
 
 
 def _start(folder, tmp_path):
-    cmd = [sys.executable, "-m", "clients.cli", "batch", "--model", f"embed={folder}", "--input", str(tmp_path / "in.jsonl"),
+    cmd = [sys.executable, "-m", "actors.cli", "batch", "--model", f"embed={folder}", "--input", str(tmp_path / "in.jsonl"),
            "--output", str(tmp_path / "out.jsonl")]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONPATH": root}, stdout=subprocess.PIPE,

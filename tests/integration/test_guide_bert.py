@@ -82,7 +82,7 @@ def bucketed(ray_cluster, workdir):
 def test_autobucketing_takes_any_length_up_to_512(bucketed, workdir):
     _, reference = workdir
     model = bucketed
-    assert model.info()["trace_mode"] == ["once", "once"]
+    assert model.info().trace_mode == ["once", "once"]
     generator = torch.Generator().manual_seed(0)
     for length in (1, 20, 128, 129, 300, 512):
         ids = torch.randint(1000, 20000, (1, length), generator=generator)
@@ -141,5 +141,5 @@ def test_replace_weights_without_retracing(bucketed, workdir, tmp_path):
     with torch.no_grad():
         for inputs in (guide.paraphrase, guide.paraphrase_long, guide.not_paraphrase):
             _assert_matches(bucketed(*inputs), tuned(*inputs))
-    assert bucketed.info()["trace_mode"] == ["once", "once"]
+    assert bucketed.info().trace_mode == ["once", "once"]
     cluster.trace.replace_weights(bucketed, reference.state_dict())  # put the fixture's weights back

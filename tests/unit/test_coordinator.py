@@ -5,7 +5,7 @@ import torch
 
 import cluster
 from cluster.errors import ArtifactError, BucketError, InputError, RankError
-from cluster.parallel_layers import load, parallel_state
+from cluster.parallel_layers import parallel_state
 from cluster.parallel_layers.sharding import partition_dims, split_state_dict
 from cluster.trace import BucketModelConfig, parallel_model_save, parallel_model_trace
 from tests.unit.test_layers import Block
@@ -91,8 +91,13 @@ def test_bad_tp_degree_and_backend():
         parallel_model_trace(block_model, torch.zeros(1, 3), backend="neuron")
 
 
-def test_load_is_reexported():
-    assert load is cluster.parallel_layers.load
+def test_the_guide_names_are_exported_from_parallel_layers():
+    from cluster.parallel_layers import checkpoint, layers
+
+    assert cluster.parallel_layers.load is checkpoint.load and cluster.parallel_layers.save_sharded is checkpoint.save_sharded
+    assert cluster.parallel_layers.ColumnParallelLinear is layers.ColumnParallelLinear
+    assert sorted(cluster.parallel_layers.__all__) == ["ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear",
+                                                       "layers", "load", "parallel_state", "save_sharded"]
 
 
 def test_minilm_heads_must_divide_by_tp_degree():

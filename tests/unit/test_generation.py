@@ -168,33 +168,34 @@ def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
     from cluster.generation.engine import GenerationRequest
 
     _, target, _, _ = pair
-    coordinator = target._coordinator
+    coordinator = target.coordinator
     requests = [GenerationRequest((tuple(PROMPTS[0]),), 3), GenerationRequest((tuple(PROMPTS[1]),), 5),
                 GenerationRequest((), 3)]
     round_ = coordinator.generate_batch([(r, None) for r in requests])
-    first, second, refused = round_["opened"]
+    first, second, refused = round_.opened
     assert isinstance(refused, InputError) and "non-empty" in str(refused)
-    got = {first: list(round_["steps"][first].tokens[0]), second: list(round_["steps"][second].tokens[0])}
+    got = {first: list(round_.steps[first].tokens[0]), second: list(round_.steps[second].tokens[0])}
     summaries = {}
     while len(summaries) < 2:
-        round_ = coordinator.generate_batch()
-        for session, step in round_["steps"].items():
+        round_ = coordinator.generate_batch(sessions=[s for s in (first, second) if s not in summaries])
+        for session, step in round_.steps.items():
             got[session] += step.tokens[0]
-        summaries.update(round_["summaries"])
+        summaries.update(round_.summaries)
     assert [len(got[first]), len(got[second])] == [3, 5]
-    assert summaries[first]["finish"] == ["length"]
+    assert summaries[first].finish == ["length"]
     assert got[first] == generate(target, PROMPTS[:1], max_new_tokens=3).sequences[0]
-    assert coordinator.generate_batch()["steps"] == {}
+    assert coordinator.generate_batch(sessions=[first, second]).steps == {}  # both closed when they finished
 
 
-def test_generate_batch_keep_closes_sessions_a_server_lost_track_of(pair):
+def test_generate_batch_resync_closes_sessions_the_caller_lost_track_of(pair):
     from cluster.generation.engine import GenerationRequest
 
     _, target, _, _ = pair
-    coordinator = target._coordinator
+    coordinator = target.coordinator
     kept, lost = coordinator.generate_batch([(GenerationRequest((tuple(PROMPTS[0]),), 30), None),
-                                             (GenerationRequest((tuple(PROMPTS[1]),), 30), None)])["opened"]
-    round_ = coordinator.generate_batch(keep=[kept])  # e.g. a gateway restarted, or a round that timed out
-    assert lost in round_["summaries"] and set(round_["steps"]) == {kept}
-    coordinator.generate_batch(closes=[kept])
-    assert coordinator.generate_batch()["steps"] == {}
+                                             (GenerationRequest((tuple(PROMPTS[1]),), 30), None)]).opened
+    # e.g. a gateway restarted, or a round that timed out: the caller holds only `kept`
+    round_ = coordinator.generate_batch(sessions=[kept], resync=True)
+    assert lost in round_.summaries and set(round_.steps) == {kept}
+    assert set(coordinator.generate_batch(closes=[kept]).summaries) == {kept}
+    assert coordinator.generate_batch(sessions=[kept, lost]).steps == {}

@@ -11,7 +11,9 @@ from actors.gateway import codec
 from clients.client import from_tensor, to_tensor
 from clients.protocol import generate
 from clients.protocol import inference_pb2 as pb
+from clients.protocol import tensors
 from cluster.errors import InputError, Overloaded
+from cluster.generation.defaults import DEFAULTS
 
 
 def test_committed_stubs_match_the_proto():
@@ -46,7 +48,7 @@ def test_decode_tensor_never_crashes(dtype, shape, data):
     except (InputError, Overloaded) as exc:
         assert str(exc).startswith("input 0")
     else:
-        assert list(array.shape) == shape and array.nbytes == len(data) and array.dtype == codec.DTYPES[dtype]
+        assert list(array.shape) == shape and array.nbytes == len(data) and array.dtype == tensors.DTYPES[dtype]
 
 
 @settings(max_examples=200, deadline=None)
@@ -61,7 +63,7 @@ def test_decode_generate_never_crashes(prompt, max_new, temperature, top_p, top_
     except InputError as exc:
         assert str(exc)
     else:
-        assert text.strip() and 1 <= sampling.max_new_tokens <= codec.MAX_NEW_TOKENS
+        assert text.strip() and 1 <= sampling.max_new_tokens <= DEFAULTS.max_new_tokens_limit
         assert 0 <= sampling.temperature <= 100 and 0 < sampling.top_p <= 1 and not math.isnan(sampling.top_p)
         assert 1 <= sampling.speculation_length <= 16
 

@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from actors.gateway.served import TextStream
+from actors.gateway.text import TextStream
 from cluster.models.pair import pair_path
 
 TOKENIZER = AutoTokenizer.from_pretrained(pair_path())

@@ -1,7 +1,7 @@
 """The project's own speculative-decoding pair: a small target Llama and a tiny draft.
 
 Both share one byte-level BPE tokenizer and were trained on English text that ships with
-CPython (see ``MODEL_CARD.md`` in this folder, and ``train.py`` to re-make them)::
+CPython (see ``MODEL_CARD.md`` in this folder, and ``deploy/pair/train.py`` to re-make them)::
 
     tokenizer = AutoTokenizer.from_pretrained(pair_path())
     target = LlamaForCausalLM.from_pretrained(target_path(), dtype="float32")

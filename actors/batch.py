@@ -66,14 +66,13 @@ async def _run_one(model: Any, record: dict, timeout: float) -> dict:
         vectors = await model.embed([str(t) for t in texts], timeout)
         return {"embedding": vectors[0].tolist()} if "texts" not in record else {"embeddings": vectors.tolist()}
     if task == "classify":
-        logits = await model.classify([(str(record.get("text", "")), record.get("text_pair"))], timeout)
-        best = int(logits[0].argmax())
-        labels = list(model.spec.labels)
-        return {"label": labels[best] if best < len(labels) else best, "logits": logits[0].tolist()}
+        result = (await model.classify([(str(record.get("text", "")), record.get("text_pair"))], timeout))[0]
+        return {"label": result.label, "logits": result.logits.tolist()}
     if task == "generate":
         from actors.gateway.codec import Sampling
+        from cluster.generation.defaults import DEFAULTS
 
-        sampling = Sampling(int(record.get("max_new_tokens", 32)), 0.0, 0, 1.0, None, (), "", 4)
+        sampling = Sampling(max_new_tokens=int(record.get("max_new_tokens") or DEFAULTS.max_new_tokens))
         text = ""
         async for token, piece in model.generate(str(record.get("prompt", "")), sampling, None, timeout):
             if token is not None:
@@ -83,8 +82,9 @@ async def _run_one(model: Any, record: dict, timeout: float) -> dict:
 
 
 async def run_batch(model: Any, input_path: Path, output_path: Path, errors_path: Path, window: int = 64,
-                    log_every_s: float = 5.0) -> dict[str, int]:
-    """Process every record of input_path not yet in output_path through `model` (a ServedModel)."""
+                    log_every_s: float = 5.0, record_timeout_s: float = 600.0) -> dict[str, int]:
+    """Process every record of input_path not yet in output_path through `model` (a ServedModel);
+    a record not done within `record_timeout_s` goes to the errors file."""
     done = _done_ids(output_path)
     skip_errors = set()
     if errors_path.exists():
@@ -122,7 +122,7 @@ async def run_batch(model: Any, input_path: Path, output_path: Path, errors_path
         for number, key, record in _records(input_path, errors, skip_errors):
             if key in done:
                 continue
-            pending.append((number, key, asyncio.ensure_future(_run_one(model, record, 600.0))))
+            pending.append((number, key, asyncio.ensure_future(_run_one(model, record, record_timeout_s))))
             if len(pending) >= window:  # concurrent records share forwards through the model's batcher
                 await drain()
         await drain()

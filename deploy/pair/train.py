@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    nice -n 19 python -m cluster.models.pair.train --out cluster/models/pair --minutes 50
+    nice -n 19 python deploy/pair/train.py --out cluster/models/pair --minutes 50
 
 The script renices itself to 19 anyway and restarts itself with
 ``OMP_WAIT_POLICY=PASSIVE`` (see ``_reexec_with_passive_openmp``). The whole run,
@@ -38,7 +38,9 @@ import torch
 import transformers
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from cluster.models.pair import card, corpus, recipe
+import card  # sibling modules: this script's folder is on sys.path
+import corpus
+import recipe
 
 BATCH = 16
 WARMUP_STEPS = 100
@@ -266,7 +268,7 @@ def _reexec_with_passive_openmp(argv: Sequence[str] | None) -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     args = list(sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *args], env)
+    os.execve(sys.executable, [sys.executable, str(pathlib.Path(__file__).resolve()), *args], env)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target_steps=target.step,
         draft_steps=draft.step,
         train_minutes=train_minutes,
-        command=f"nice -n 19 python -m cluster.models.pair.train --out {out} --minutes {args.minutes:g}"
+        command=f"nice -n 19 python deploy/pair/train.py --out {out} --minutes {args.minutes:g}"
         + (f" --threads {args.threads}" if args.threads != 2 else ""),
     )
     facts = measure_pair(out, texts, run, seed=args.seed, total_minutes=lambda: clock.now() / 60.0)

@@ -6,7 +6,8 @@ import dataclasses
 import math
 import pathlib
 
-from cluster.models.pair import corpus, recipe
+import corpus  # sibling modules: deploy/pair/ is on sys.path when train.py runs
+import recipe
 
 PROMPTS = ("The for statement", "A class definition", "The json module")
 AGREEMENT_PROMPTS = (
@@ -74,7 +75,7 @@ def render(facts: CardFacts, folder: pathlib.Path) -> str:
 A small **target** and a much smaller **draft** causal language model
 (`LlamaForCausalLM`) that share one tokenizer, made for testing speculative decoding in
 tpcluster. Both were trained from scratch on English text that ships with CPython, on a
-CPU, in one run of `cluster/models/pair/train.py`. They know a little about Python's
+CPU, in one run of `deploy/pair/train.py`. They know a little about Python's
 language reference and standard library and nothing else; they are test fixtures, not
 useful language models.
 

@@ -1,0 +1,49 @@
+"""`tpcluster bench`: every figure is a ratio to an in-process baseline measured in the same run.
+
+Sections (pick with --only): core (eager vs ParallelModel TP=1/2, trace time), separation
+(artifact bytes and load time, separated vs inlined), buckets (16-token latency with buckets
+[128, 512] vs one 512 bucket), trace_once (trace time at TP 1/2/4, once vs per rank), decoder
+(the shipped pair, ours vs transformers), gateway, generate, batch and soak (through a gateway).
+
+Importing this package imports neither torch nor the cluster; each section does when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from actors.bench import sections, serving
+from actors.bench.inputs import SENTENCES
+from actors.bench.measure import machine
+from actors.bench.report import chart, summary
+
+__all__ = ["SECTIONS", "SENTENCES", "run"]
+
+SECTIONS = {
+    "core": sections.bench_core, "separation": sections.bench_separation, "buckets": sections.bench_buckets,
+    "trace_once": sections.bench_trace_once, "decoder": sections.bench_decoder, "gateway": serving.bench_gateway,
+    "generate": serving.bench_generate, "batch": serving.bench_batch, "soak": serving.bench_soak,
+}
+
+
+def run(only: list[str] | None, repeats: int, json_path: str | None, chart_path: str | None,
+        soak: tuple[int, float] = (8, 60.0)) -> dict[str, Any]:
+    """Run the sections named in `only` (all by default) on a local cluster; returns every figure and
+    a one-line "summary", and writes them as JSON to `json_path` and a chart to `chart_path` if given."""
+    import cluster
+
+    cluster.init()
+    results: dict[str, Any] = {"machine": machine(), "repeats": repeats}
+    for name in only or list(SECTIONS):
+        if name == "soak":
+            serving.bench_soak(results, repeats, *soak)
+        else:
+            SECTIONS[name](results, repeats)
+    results["summary"] = summary(results)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
+    if chart_path:
+        chart(results, chart_path)
+    return results

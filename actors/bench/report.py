@@ -1,0 +1,71 @@
+"""The benchmark's one-line summary and its chart of ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def summary(results: dict[str, Any]) -> str:
+    parts = []
+    if "core" in results:
+        c = results["core"]
+        parts.append(f"eager {c['eager_in_process']['p50_ms']:.1f} ms, TP1 x{c['tp1']['ratio_to_eager']:.2f}, TP2 x{c['tp2']['ratio_to_eager']:.2f}")
+    if "separation" in results:
+        s = results["separation"]
+        parts.append(f"separated/inlined bytes x{s['bytes_ratio']:.2f} load x{s['load_ratio']:.2f}")
+    if "buckets" in results:
+        parts.append(f"16 tokens, buckets[128,512]/single[512] x{results['buckets']['ratio']:.2f}")
+    if "trace_once" in results:
+        t = results["trace_once"]
+        parts.append("trace once/per-rank " + ", ".join(f"TP{tp} x{t[f'tp{tp}_once_over_per_rank']:.2f}" for tp in (1, 2, 4)))
+    if "decoder" in results:
+        d = results["decoder"]
+        parts.append(f"decode target-only {d['target_only_tok_s']:.0f} tok/s; speculative/target-only "
+                     + ", ".join(f"k{k} x{d[f'speculative_k{k}_over_target_only']:.2f}" for k in (2, 4, 6))
+                     + f"; vs HF assisted x{max(d[f'speculative_k{k}_over_hf_assisted'] for k in (2, 4, 6)):.2f}")
+    if "gateway" in results:
+        g = results["gateway"]
+        parts.append(f"gateway +{g['gateway_added_p50_ms']:.1f} ms p50; batching gain at 32 clients x{g['classify_32_clients_batching_gain']:.2f}")
+    if "generate" in results:
+        g = results["generate"]
+        parts.append("Generate continuous batching gain at 1/8/32 clients "
+                     + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32)))
+    if "batch" in results:
+        parts.append(f"batch job x{results['batch']['batch_job_over_loop']:.2f} records/s of an in-process loop")
+    if "soak" in results:
+        s = results["soak"]
+        parts.append(f"soak {s['requests']} requests, {s['crashes']} crashes, {s['lost']} lost, p99 {s['good_p99_ms']:.0f} ms")
+    return "; ".join(parts)
+
+
+def chart(results: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: list[tuple[str, float]] = []
+    if "core" in results:
+        bars += [("TP=1 latency", results["core"]["tp1"]["ratio_to_eager"]), ("TP=2 latency", results["core"]["tp2"]["ratio_to_eager"])]
+    if "separation" in results:
+        bars += [("separated bytes", results["separation"]["bytes_ratio"]), ("separated load", results["separation"]["load_ratio"])]
+    if "buckets" in results:
+        bars.append(("16 tok, 2 buckets", results["buckets"]["ratio"]))
+    if "trace_once" in results:
+        bars += [(f"trace once TP={tp}", results["trace_once"][f"tp{tp}_once_over_per_rank"]) for tp in (1, 2, 4)]
+    if "decoder" in results:
+        bars += [(f"speculative k={k}: time/token vs target-only", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
+    if "gateway" in results:
+        bars.append(("Classify, 32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
+    if "generate" in results:
+        bars.append(("Generate, 32 clients: time/token, batching on vs off", 1 / results["generate"]["generate_32_clients_batching_gain"]))
+    if "batch" in results:
+        bars.append(("batch job: time/record vs in-process loop", 1 / results["batch"]["batch_job_over_loop"]))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("ratio to the same run's baseline (lower is better)")
+    ax.set_title(f"tpcluster bench ({results['machine']})", fontsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

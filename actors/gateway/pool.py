@@ -1,0 +1,187 @@
+"""The control plane of one served model: its replicas, which are ready, routing, loss, recreation
+and health. The data path (actors.gateway.served) asks it for a replica and reports losses; it
+never decides where a request goes or how a replica comes back.
+
+A lost rank is rebuilt by the replica's own coordinator (it reports ready again to the health
+check); a lost coordinator (its ranks die with it) is recreated here from the saved model, under
+the same name when resident, with `CoordinatorConfig.rebuild_backoff` between attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+from actors.coordinator_actor import RemoteCoordinator
+from actors.replicas import Placement, adopt_or_launch, launch_replica, replica_name, resident_replicas
+from cluster.coordinator import CoordinatorConfig
+from cluster.errors import ClusterTimeout, CoordinatorLost, ModelUnavailable, RankFailure
+from cluster.handle import AsyncCoordinatorHandle, CoordinatorInfo
+from cluster.trace import artifact
+
+log = logging.getLogger("tpcluster.gateway")
+T = TypeVar("T")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(eq=False)
+class Replica:
+    index: int
+    coordinator: RemoteCoordinator
+    ready: bool = True
+    in_flight: int = 0
+    error: str = ""
+    recoveries: int = 0
+    recreating: asyncio.Task | None = None  # recreating a lost coordinator
+    adopted: bool = False  # a resident replica found loaded, rather than loaded by this process
+
+
+class ReplicaPool:
+    """The replicas of one model. `load` (blocking) adopts or launches them; `pick` routes;
+    `run` makes one call on a replica and takes a lost one out of rotation at once."""
+
+    def __init__(self, model: str, folder: Path | None, replicas: list[Replica], resident: bool) -> None:
+        if not replicas:
+            raise ValueError(f"model {model!r} has no replicas")
+        self.model = model
+        self.folder = folder
+        self.replicas = replicas
+        self.resident = resident  # replicas are named and detached: recreated under the same name
+        self.config: CoordinatorConfig = replicas[0].coordinator.config
+        self.info: CoordinatorInfo = replicas[0].coordinator.info()
+
+    @classmethod
+    def load(cls, model: str, folder: Path, count: int, resident: bool) -> "ReplicaPool":
+        """`count` replicas of the saved model in `folder`: resident ones adopted where they hold this
+        very folder, the others launched on nodes that hold no replica of the model yet."""
+        placement = Placement()
+        replicas = []
+        for index in range(count):
+            coordinator, adopted = adopt_or_launch(model, folder, index, placement, resident)
+            if adopted:
+                log.info("model %s replica %d: adopted the resident replica", model, index)
+            replicas.append(Replica(index, coordinator, adopted=adopted))
+        log.info("model %s from %s: %d replica(s) on %s", model, folder, count, sorted(placement.nodes) or "one node")
+        return cls(model, folder, replicas, resident)
+
+    @classmethod
+    def adopt_resident(cls, model: str, folder: Path | None = None) -> "ReplicaPool | None":
+        """The resident replicas of `model` (a gateway's, on this cluster) that hold exactly the saved
+        model in `folder` (default: the folder they were loaded from, as it is now); None when none do.
+        The same manifest-digest check as a gateway's adoption: stale shards are never served."""
+        found = resident_replicas(model)
+        if not found:
+            return None
+        folder = Path(folder or found[0][1]["path"])
+        digest = artifact.digest(folder)
+        held = [coordinator for coordinator, label in found if label.get("manifest") == digest]
+        if not held:
+            log.warning("model %s: no resident replica holds %s as it is now", model, folder)
+            return None
+        return cls(model, folder, [Replica(i, c, adopted=True) for i, c in enumerate(held)], resident=True)
+
+    # -- routing ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return any(r.ready for r in self.replicas)
+
+    @property
+    def ready_count(self) -> int:
+        return sum(r.ready for r in self.replicas)
+
+    def unavailable(self) -> ModelUnavailable:
+        return ModelUnavailable(f"model {self.model!r} has no ready replica right now; retry shortly")
+
+    def pick(self) -> Replica:
+        """The ready replica with the fewest calls in flight."""
+        ready = [r for r in self.replicas if r.ready]
+        if not ready:
+            raise self.unavailable()
+        return min(ready, key=lambda r: r.in_flight)
+
+    async def run(self, call: Callable[[AsyncCoordinatorHandle], Awaitable[T]], replica: Replica | None = None) -> T:
+        """`call(handle)` on `replica` (default: `pick()`); a lost rank or coordinator takes the
+        replica out of rotation at once and is UNAVAILABLE to the caller."""
+        replica = replica or self.pick()
+        replica.in_flight += 1
+        try:
+            return await call(replica.coordinator.aio)
+        except (ModelUnavailable, RankFailure) as exc:
+            self.lost(replica, exc)
+            raise ModelUnavailable(f"model {self.model!r} replica {replica.index}: {first_line(exc)}") from exc
+        finally:
+            replica.in_flight -= 1
+
+    # -- loss and recovery ------------------------------------------------------------------
+    def lost(self, replica: Replica, exc: BaseException) -> None:
+        if replica.ready:
+            log.warning("model %s replica %d lost: %s", self.model, replica.index, first_line(exc))
+        replica.ready, replica.error = False, first_line(exc)
+        if isinstance(exc, CoordinatorLost) and replica.recreating is None and self.folder is not None:
+            replica.recreating = asyncio.get_running_loop().create_task(self._recreate(replica))
+
+    async def _recreate(self, replica: Replica) -> None:
+        """Load the replica again from its saved model (its coordinator died, and its ranks with it)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, replica.coordinator.close)  # frees what the dead coordinator held
+        name = replica_name(self.model, replica.index) if self.resident else None
+        try:
+            for delay in self.config.rebuild_backoff.delays():
+                try:
+                    replica.coordinator = await loop.run_in_executor(
+                        None, lambda: launch_replica(self.folder, self.config, name=name))
+                    replica.ready, replica.error = True, ""
+                    replica.recoveries += 1
+                    log.warning("model %s replica %d recreated", self.model, replica.index)
+                    return
+                except Exception as exc:  # capacity may come back: keep trying
+                    replica.error = f"recreating: {first_line(exc)}"
+                    await asyncio.sleep(delay)
+        finally:
+            replica.recreating = None
+
+    async def check_health(self) -> bool:
+        """Ask every replica's ranks; a replica that answers again is back in rotation."""
+        for replica in self.replicas:
+            if replica.recreating is not None:
+                continue
+            try:
+                await replica.coordinator.aio.health(timeout=self.config.health_timeout_s)
+                if not replica.ready:
+                    replica.recoveries += 1  # the coordinator rebuilt its ranks
+                    log.warning("model %s replica %d ready again", self.model, replica.index)
+                replica.ready, replica.error = True, ""
+            except (ModelUnavailable, RankFailure) as exc:
+                self.lost(replica, exc)
+            except ClusterTimeout:  # busy (a long generation step), not lost: a failure shows as an error
+                log.info("model %s replica %d: health check timed out (busy)", self.model, replica.index)
+            except Exception as exc:  # any other failure: do not route requests here
+                replica.ready, replica.error = False, first_line(exc)
+        return self.ready
+
+    async def describe(self, replica: Replica) -> tuple[list[dict[str, Any]], int]:
+        """(ranks, coordinator pid) of a ready replica, for status; ([], 0) when it does not answer."""
+        if not replica.ready:
+            return [], 0
+        timeout = self.config.health_timeout_s
+        try:
+            ranks = await replica.coordinator.aio.describe_ranks(timeout=timeout)
+            info = await replica.coordinator.aio.info(timeout=timeout)
+        except Exception:  # status must answer even when a replica does not
+            return [], 0
+        return ranks, info.pid
+
+    async def close(self, release: bool = True) -> None:
+        """Stop recreating; `release` also unloads the replicas (resident ones otherwise stay loaded)."""
+        for replica in self.replicas:
+            if replica.recreating is not None:
+                replica.recreating.cancel()
+            if release:
+                replica.coordinator.close()

@@ -1,0 +1,123 @@
+"""The typed coordinator handle: what callers (ParallelModel, generation, the gateway, batch jobs)
+may ask of a replica's coordinator, wherever it runs.
+
+`CoordinatorHandle` is the blocking form: `cluster.coordinator.Coordinator` (in-process) and
+`actors.coordinator_actor.RemoteCoordinator` (a Ray actor) both implement it. A handle's `aio`
+is the asyncio form (`AsyncCoordinatorHandle`) for servers, whose waits must not block their
+event loop; `AsyncOverThreads` gives an in-process coordinator one, for tests without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:  # types only: this module imports no torch
+    from cluster.coordinator import Exported, ModelState
+    from cluster.errors import ClusterError
+    from cluster.generation.engine import GenerationRequest, SessionSummary, StepResult
+    from cluster.trace.config import TraceSpec
+
+
+@dataclass(frozen=True)
+class CoordinatorInfo:
+    """What a coordinator reports of itself and the model it holds."""
+
+    tp_degree: int
+    backend: str | None = None
+    buckets: list[list[dict]] = field(default_factory=list)  # per bucket, TensorSpec.to_json() per input
+    inline_weights: bool | None = None
+    trace_mode: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # the model's metadata, e.g. {"decoder": ...}
+    pid: int = 0
+    broken: str | None = None  # why the replica is not serving, while it rebuilds
+    rebuilds: int = 0
+
+    @property
+    def decoder(self) -> dict[str, Any]:
+        """The decoder's description ({} for models not traced for generation)."""
+        return dict(self.extra.get("decoder") or {})
+
+
+@dataclass
+class GenerationRound:
+    """What one `generate_batch` round did: per admitted request its session (or the error that
+    refused it), the new tokens of every session the caller holds, and the summaries of the
+    sessions that ended (closed by the caller, or finished in this step)."""
+
+    opened: list[int | ClusterError] = field(default_factory=list)
+    steps: dict[int, StepResult] = field(default_factory=dict)
+    summaries: dict[int, SessionSummary] = field(default_factory=dict)
+
+
+class CoordinatorHandle(Protocol):
+    """Blocking calls to one replica's coordinator; every wait is bounded by its CoordinatorConfig."""
+
+    def start(self) -> list[dict[str, Any]]: ...
+    def build(self, spec: TraceSpec, kernel: bytes | None) -> None: ...
+    def trace_bucket(self, bucket: int, example: tuple) -> dict[str, Any]: ...
+    def finish_trace(self) -> None: ...
+    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None: ...
+    def export(self) -> Exported: ...
+    def forward(self, inputs: Any) -> Any: ...
+    def forward_bucket(self, bucket: int, inputs: tuple) -> Any: ...
+    def decode_loop(self, plan: Any) -> Any: ...
+    def generate_open(self, request: GenerationRequest, draft: CoordinatorHandle | None = None) -> int: ...
+    def generate_step(self, session_id: int) -> StepResult: ...
+    def generate_close(self, session_id: int) -> SessionSummary | None: ...
+    def generate_batch(self, opens: Sequence[tuple[GenerationRequest, Any]] = (), closes: Sequence[int] = (),
+                       sessions: Sequence[int] = (), resync: bool = False) -> GenerationRound: ...
+    def model_state(self) -> ModelState: ...
+    def weight_specs(self) -> list[dict[str, Any]]: ...
+    def replace_weights(self, states: Sequence[dict]) -> None: ...
+    def info(self) -> CoordinatorInfo: ...
+    def describe_ranks(self) -> list[dict[str, Any]]: ...
+    def health(self) -> list[int]: ...
+    def close(self) -> None: ...
+
+
+class AsyncCoordinatorHandle(Protocol):
+    """The serving calls from asyncio. `timeout` bounds the wait (a request's deadline): when it
+    runs out the wait ends with ClusterTimeout and the call itself is left to finish (cancelling a
+    coordinator mid-collective would wedge its ranks)."""
+
+    async def forward(self, inputs: Any, *, timeout: float) -> Any: ...
+    async def generate_batch(self, opens: Sequence[tuple[GenerationRequest, Any]], closes: Sequence[int],
+                             sessions: Sequence[int], resync: bool, *, timeout: float) -> GenerationRound: ...
+    async def info(self, *, timeout: float) -> CoordinatorInfo: ...
+    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]: ...
+    async def health(self, *, timeout: float) -> list[int]: ...
+
+
+class AsyncOverThreads:
+    """`AsyncCoordinatorHandle` over a blocking handle, each call on a worker thread (in-process tests)."""
+
+    def __init__(self, handle: CoordinatorHandle) -> None:
+        self._handle = handle
+
+    async def _run(self, timeout: float, method: Any, *args: Any) -> Any:
+        from cluster.errors import ClusterTimeout
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(method, *args), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ClusterTimeout(f"coordinator {method.__name__} did not answer within {timeout:.1f} s") from exc
+
+    async def forward(self, inputs: Any, *, timeout: float) -> Any:
+        return await self._run(timeout, self._handle.forward, inputs)
+
+    async def generate_batch(self, opens, closes, sessions, resync, *, timeout: float) -> GenerationRound:
+        return await self._run(timeout, self._handle.generate_batch, opens, closes, sessions, resync)
+
+    async def info(self, *, timeout: float) -> CoordinatorInfo:
+        return await self._run(timeout, self._handle.info)
+
+    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
+        return await self._run(timeout, self._handle.describe_ranks)
+
+    async def health(self, *, timeout: float) -> list[int]:
+        return await self._run(timeout, self._handle.health)
+
+
+__all__ = ["AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo", "GenerationRound"]

@@ -1,0 +1,137 @@
+"""Client and AsyncClient against an in-process fake gateway: the same requests, the same decoded
+results, the same retries (UNAVAILABLE only) and typed errors. No Ray, no models."""
+
+import asyncio
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from clients.client import AsyncClient, Client, GenerateStats, Generation
+from clients.errors import NotFound, Unavailable
+from clients.protocol import inference_pb2 as pb
+from clients.protocol import inference_pb2_grpc as pb_grpc
+from clients.protocol.tensors import from_tensor, to_tensor
+
+
+class FakeGateway(pb_grpc.InferenceServicer):
+    """Answers from the request alone; Embed fails UNAVAILABLE `unavailable` times first."""
+
+    def __init__(self) -> None:
+        self.unavailable = 0
+        self.calls: list[str] = []
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[pb.ModelMetadata(name="a", task="embed"), pb.ModelMetadata(name="b")])
+
+    def GetModel(self, request, context):
+        if request.model != "a":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")
+        return pb.ModelMetadata(name="a", task="embed", tp_degree=2)
+
+    def GetStatus(self, request, context):
+        return pb.StatusResponse(gateway_version="fake")
+
+    def Embed(self, request, context):
+        self.calls.append("Embed")
+        if self.unavailable:
+            self.unavailable -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=[len(t), 1.0]) for t in request.texts], dimensions=2)
+
+    def Classify(self, request, context):
+        return pb.ClassifyResponse(results=[pb.Classification(label=f"{i.text}|{i.text_pair}", label_id=len(i.text))
+                                            for i in request.inputs])
+
+    def Infer(self, request, context):
+        return pb.InferResponse(outputs=[to_tensor(t.name, from_tensor(t) * 2) for t in request.inputs])
+
+    def Generate(self, request, context):
+        for i, ch in enumerate(request.prompt[: request.max_new_tokens]):
+            yield pb.GenerateResponse(token=pb.GeneratedToken(id=i, text=ch.upper()))
+        yield pb.GenerateResponse(stats=pb.GenerateStats(generated_tokens=min(len(request.prompt), request.max_new_tokens),
+                                                         finish_reason="length", draft_tokens_proposed=request.speculation_length))
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    fake = FakeGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_InferenceServicer_to_server(fake, server)
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def _sync(target: str) -> dict:
+    with Client(target, timeout=10) as c:
+        return {
+            "models": [m.name for m in c.list_models()], "model": c.get_model("a").tp_degree,
+            "status": c.status().gateway_version, "embed": c.embed(["abc", "de"]),
+            "classify": [(r.label, r.label_id) for r in c.classify(["x", ("yy", "z")])],
+            "infer": c.infer("m", [np.arange(6, dtype=np.int32).reshape(2, 3), np.ones(2, dtype=">f4")]),
+            "generate": c.generate("hello", max_new_tokens=3, speculation_length=4), "health": c.health(),
+        }
+
+
+async def _async(target: str) -> dict:
+    async with AsyncClient(target, timeout=10) as c:
+        return {
+            "models": [m.name for m in await c.list_models()], "model": (await c.get_model("a")).tp_degree,
+            "status": (await c.status()).gateway_version, "embed": await c.embed(["abc", "de"]),
+            "classify": [(r.label, r.label_id) for r in await c.classify(["x", ("yy", "z")])],
+            "infer": await c.infer("m", [np.arange(6, dtype=np.int32).reshape(2, 3), np.ones(2, dtype=">f4")]),
+            "generate": await c.generate("hello", max_new_tokens=3, speculation_length=4), "health": await c.health(),
+        }
+
+
+def test_sync_and_async_clients_decode_the_same(gateway):
+    _, target = gateway
+    results = [_sync(target), asyncio.run(_async(target))]
+    for got in results:
+        assert got["models"] == ["a", "b"] and got["model"] == 2 and got["status"] == "fake" and got["health"] == "SERVING"
+        assert got["embed"].dtype == np.float32 and got["embed"].tolist() == [[3.0, 1.0], [2.0, 1.0]]
+        assert got["classify"] == [("x|", 1), ("yy|z", 2)]
+        assert got["infer"][0].dtype == np.int32 and got["infer"][0].tolist() == [[0, 2, 4], [6, 8, 10]]
+        assert got["infer"][1].dtype == np.float32 and got["infer"][1].tolist() == [2.0, 2.0]
+        assert got["generate"] == Generation(text="HEL", token_ids=[0, 1, 2], stats=GenerateStats(
+            generated_tokens=3, finish_reason="length", draft_tokens_proposed=4))
+
+
+def test_unavailable_is_retried_and_other_errors_are_not(gateway):
+    fake, target = gateway
+    fake.unavailable, fake.calls = 2, []
+    with Client(target, timeout=10, retries=3) as c:
+        assert c.embed(["a"]).shape == (1, 2)
+        assert len(fake.calls) == 3
+        with pytest.raises(NotFound, match="no model 'zz'"):
+            c.get_model("zz")
+    fake.unavailable, fake.calls = 5, []
+
+    async def exhaust():
+        async with AsyncClient(target, timeout=10, retries=1) as c:
+            await c.embed(["a"])
+
+    with pytest.raises(Unavailable, match="warming up"):
+        asyncio.run(exhaust())
+    assert len(fake.calls) == 2
+    fake.unavailable = 0
+
+
+def test_tensor_codec_round_trips_and_refuses_bad_payloads():
+    big_endian = np.arange(4, dtype=">i8")
+    assert from_tensor(to_tensor("x", big_endian)).tolist() == [0, 1, 2, 3]
+    with pytest.raises(TypeError, match="cannot be sent"):
+        to_tensor("c", np.ones(2, dtype=np.complex64))
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        from_tensor(pb.Tensor(dtype="int4", shape=[1], data=b"\0"))
+    with pytest.raises(ValueError, match="negative dimension"):
+        from_tensor(pb.Tensor(dtype="int8", shape=[-1], data=b""))
+    with pytest.raises(ValueError, match="needs 8 bytes, got 4"):
+        from_tensor(pb.Tensor(dtype="float32", shape=[2], data=b"\0" * 4))
