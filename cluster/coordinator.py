@@ -207,7 +207,7 @@ class Coordinator:
         self._check_signature(inputs, self.state.buckets[bucket])
         return self._serving(lambda: self.ranks.forward(bucket, inputs, self.config.call_timeout_s))
 
-    def decode_loop(self, plan: dict[str, Any]) -> Any:
+    def decode_loop(self, plan: Any) -> Any:  # a cluster.generation.plan.DraftPlan
         return self._serving(lambda: self.ranks.decode_loop(plan, self.config.call_timeout_s))
 
     # -- generation (the target/draft loop runs here) ----------------------------------------

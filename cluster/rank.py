@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import torch
@@ -22,6 +22,9 @@ from cluster.parallel_layers.collectives import Collectives, ProcessGroupCollect
 from cluster.parallel_layers.sharding import partition_dims
 from cluster.trace.backends import Backend, get_backend
 from cluster.trace.config import TraceSpec
+
+if TYPE_CHECKING:
+    from cluster.generation.plan import DraftPlan
 
 
 @dataclass
@@ -202,28 +205,25 @@ class RankWorker:
         outputs = self._run(bucket, inputs)
         return outputs if self.rank == 0 else None
 
-    def decode_loop(self, plan: dict[str, Any]) -> Any:
+    def decode_loop(self, plan: DraftPlan) -> Any:
         """Several decode steps in one call (a draft's k proposals cost one round trip).
 
-        Feeds plan["pending"] (per row, right-aligned, -1 for none) from plan["starts"], then samples
-        plan["steps"] tokens, each fed back. Row r samples under plan["sampling"][r] with a generator
-        seeded by plan["seeds"][r]; every rank samples the same tokens from the same logits and seeds.
-        Rank 0 returns (tokens [B, steps], probs [B, steps, V] or None).
+        Feeds each row's pending tokens, then samples plan.steps tokens, each but the last fed back:
+        the feeding contract in `cluster.generation.plan.DraftPlan`. Rank 0 returns
+        (tokens [B, steps], probs [B, steps, V] or None); the other ranks None.
         """
         from cluster.generation.layout import step_inputs
         from cluster.generation.sampling import make_generator, probabilities, sample
 
-        layout, params = plan["layout"], plan["sampling"]
-        rows = len(plan["starts"])
-        pending = [list(p) for p in plan["pending"]]
-        starts = list(plan["starts"])
-        generators = [make_generator(seed) for seed in plan["seeds"]]
-        width = len(pending[0])
-        active = [any(t >= 0 for t in row) for row in pending]  # idle rows keep writing to the scratch slot
+        params, rows = plan.sampling, len(plan.starts)
+        starts = list(plan.starts)
+        generators = [make_generator(seed) for seed in plan.seeds]
+        width = len(plan.pending[0])  # rows are right-aligned: all feed their last pending token at width - 1
+        active = [any(t >= 0 for t in row) for row in plan.pending]  # idle rows keep writing to the scratch slot
         tokens, probs = [], []
-        feed = [row[0] for row in pending]
-        for step in range(width + plan["steps"] - 1):
-            bucket, inputs = step_inputs(layout, "decode", [[t] for t in feed], starts)
+        feed = [row[0] for row in plan.pending]
+        for step in range(width + plan.steps - 1):  # the last proposal is never fed
+            bucket, inputs = step_inputs(plan.layout, "decode", [[t] for t in feed], starts)
             logits = self._run(bucket, inputs)[0][:rows, 0].float()
             starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
             if step >= width - 1:
@@ -232,11 +232,11 @@ class RankWorker:
                     p[r].argmax() if params[r].greedy else sample(p[r : r + 1], generators[r])[0] for r in range(rows)
                 ])
                 tokens.append(picked)
-                if plan.get("want_probs"):
+                if plan.want_probs:
                     probs.append(p)
                 feed = [t if on else -1 for t, on in zip(picked.tolist(), active)]
             else:
-                feed = [row[step + 1] for row in pending]
+                feed = [row[step + 1] for row in plan.pending]
         if self.rank != 0:
             return None
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)

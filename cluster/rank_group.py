@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import traceback
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -20,6 +20,9 @@ from cluster.parallel_layers import parallel_state
 from cluster.parallel_layers.collectives import ThreadCollectives
 from cluster.rank import RankExport, RankWorker
 from cluster.trace.config import TraceSpec
+
+if TYPE_CHECKING:
+    from cluster.generation.plan import DraftPlan
 
 
 def rank_exception(rank: int, exc: BaseException, remote_traceback: str) -> ClusterError:
@@ -86,7 +89,8 @@ class RankGroup(ABC):
              aliases: dict[str, int], timeout: float) -> None:
         self._fan_out("load", [(backend, g, w, threads, aliases) for g, w in zip(graphs, weights)], timeout)
 
-    def decode_loop(self, plan: dict[str, Any], timeout: float) -> Any:
+    def decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
+        """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
         return self._same("decode_loop", timeout, plan)[0]
 
     def weight_specs(self, timeout: float) -> list[dict[str, Any]]:

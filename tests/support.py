@@ -7,6 +7,7 @@ with the pooling written out here, decoders with transformers' own `generate`.
 from __future__ import annotations
 
 import functools
+import json
 import socket
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +15,40 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cluster.parallel_layers import layers, parallel_state
+from cluster.parallel_layers.sharding import partition_dims, split_state_dict
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Block(torch.nn.Module):
+    """Every parallel layer and mode in one small model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vocab = layers.ParallelEmbedding(32, 16)
+        self.by_dim = layers.ParallelEmbedding(32, 16, shard_across_embedding=True)
+        self.up = layers.ColumnParallelLinear(16, 24, gather_output=False)
+        self.down = layers.RowParallelLinear(24, 16, input_is_parallel=True)
+        self.gathered = layers.ColumnParallelLinear(16, 8, gather_output=True)
+        self.whole_input = layers.RowParallelLinear(8, 4, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.vocab(ids) + self.by_dim(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.whole_input(self.gathered(h))
+
+
+def block_builder(state: dict[str, torch.Tensor]):
+    """A `parallel_model_trace` function building this rank's shard of a Block with weights `state`."""
+
+    def build():
+        model = Block().eval()
+        rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_size()
+        model.load_state_dict(split_state_dict(state, partition_dims(model), rank, world))
+        return model, {}
+
+    return build
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,3 +87,59 @@ def paraphrase_logits(first: str, second: str) -> np.ndarray:
     a, b = minilm_embeddings([first, second])
     score = 10.0 * (float(a @ b) - 0.5)
     return np.array([-score, score], dtype=np.float32)
+
+
+# -- batch jobs: an input file with three bad lines, and the exactly-once check of its output --
+RECORDS = 2000
+
+
+def write_input(path):
+    words = "tensor parallel ranks serve resident shards behind a gateway on a ray cluster".split()
+    rng = np.random.default_rng(0)
+    with open(path, "w") as out:
+        for i in range(RECORDS):
+            out.write(json.dumps({"id": f"r{i}", "text": " ".join(rng.choice(words, size=rng.integers(2, 9)))}) + "\n")
+            if i == 10:
+                out.write("{not json\n")
+            if i == 20:
+                out.write(json.dumps({"text": "no id"}) + "\n")
+            if i == 30:
+                out.write(json.dumps({"id": "r5", "text": "a duplicate id"}) + "\n")
+
+
+def check_exactly_once(input_path, out):
+    """One result per good record, the three bad lines reported once each, embeddings as in-process."""
+    results = [json.loads(line) for line in open(out)]
+    ids = [r["id"] for r in results]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(RECORDS)) and len(ids) == len(set(ids))
+    errors = [json.loads(line) for line in open(str(out) + ".errors")]
+    assert sorted(e["line"] for e in errors) == [12, 23, 34]  # bad JSON, no id, duplicate id: each once
+
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in open(input_path) if line.startswith('{"id"')}
+    sample = results[:: RECORDS // 40]
+    expected = minilm_embeddings([texts[r["id"]] for r in sample])
+    np.testing.assert_allclose(np.array([r["embedding"] for r in sample]), expected, atol=1e-4)
+
+
+# -- decoders: small random-weight Llamas saved with transformers' own classes --------------------
+TINY_TARGET = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+TINY_DRAFT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+
+
+def save_random_llama(path: Path, seed: int, vocab_size: int, **shape):
+    """A seeded random LlamaForCausalLM saved to `path` (no eos: generations run their full length); returns it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=None, **shape)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, prompt: Sequence[int], new: int) -> list[int]:
+    """`new` greedy tokens from transformers' own model: the reference our decoders must equal."""
+    out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()

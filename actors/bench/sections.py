@@ -131,13 +131,13 @@ def bench_decoder(results: dict[str, Any], repeats: int) -> None:
     out["hf_assisted_tok_s"] = hf_run(assistant_model=hf_draft)
     with parallel_model_load(folders["pair-target"]) as target, parallel_model_load(folders["pair-draft"]) as draft:
         def ours(**kwargs: Any) -> tuple[float, dict]:
-            start, stats, sequences = time.perf_counter(), {}, []
+            start, stats, sequences = time.perf_counter(), None, []
             for p in ids:
                 result = generate(target, [p], max_new_tokens=new, **kwargs)
                 stats = result.stats
                 sequences.append(result.sequences[0])
-            return len(ids) * new / (time.perf_counter() - start), {"acceptance_rate": stats.get("acceptance_rate", 0.0),
-                                                                     "mean_accepted_length": stats.get("mean_accepted_length", 0.0)}
+            return len(ids) * new / (time.perf_counter() - start), {"acceptance_rate": stats.acceptance_rate,
+                                                                     "mean_accepted_length": stats.mean_accepted_length}
 
         ours()
         out["target_only_tok_s"], _ = ours()

@@ -7,6 +7,7 @@ Overloaded (RESOURCE_EXHAUSTED) with a message the client can act on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -127,9 +128,9 @@ def infer_response(outputs: Sequence[np.ndarray]) -> pb.InferResponse:
 
 
 def generate_event(token: int | None, piece: Any) -> pb.GenerateResponse:
-    """A streamed token (id, text), or with token None the final stats (a dict of GenerateStats fields)."""
+    """A streamed token (id, text), or with token None the final cluster.generation.stats.GenerationStats."""
     if token is None:
-        return pb.GenerateResponse(stats=pb.GenerateStats(**piece))
+        return pb.GenerateResponse(stats=pb.GenerateStats(**dataclasses.asdict(piece)))
     return pb.GenerateResponse(token=pb.GeneratedToken(id=token, text=piece))
 
 

@@ -21,6 +21,7 @@ from actors.gateway.pool import Replica, ReplicaPool
 from actors.gateway.scheduling import Ended, Generation, ReplicaScheduler
 from actors.gateway.text import TextStream
 from cluster.errors import InputError, Overloaded
+from cluster.generation.stats import GenerationStats
 from cluster.models.inputs import embed_inputs, joint_inputs, pair_inputs
 from cluster.serving import ServingSpec
 
@@ -193,7 +194,7 @@ class ServedModel:
     # -- Generate ---------------------------------------------------------------------------
     async def generate(self, prompt: str, sampling: Sampling, draft: "ServedModel | None",
                        timeout: float) -> AsyncIterator[tuple[int | None, Any]]:
-        """Stream (token id, text piece) pairs, then (None, stats dict).
+        """Stream (token id, text piece) pairs, then (None, GenerationStats).
 
         The request joins its replica's running batch at the next step (continuous batching). A
         client that goes away frees its slot at the next step.
@@ -235,22 +236,16 @@ class ServedModel:
                 scheduler.cancel(generation)
         if reason == "stop" and summary is None:  # the slot is freed at the next round, with the counts
             summary = await _summary_after_stop(generation, min(5.0, max(0.0, deadline - loop.time())))
-        elapsed = loop.time() - started
-        spec = summary.speculation if summary is not None else None
-        proposed, accepted = (spec.proposed, spec.accepted) if spec is not None else (0, 0)
+        stats = GenerationStats.measure(
+            prompt_tokens=len(ids), generated_tokens=len(text.tokens), finish_reasons=[reason],
+            speculation=summary.speculation if summary is not None and draft is not None else None,
+            first_token_s=first, total_s=loop.time() - started)
         if self.metrics is not None:
-            self.metrics.tokens.labels(self.name).inc(len(text.tokens))
-            self.metrics.tokens_per_second.labels(self.name).set(len(text.tokens) / elapsed if elapsed else 0)
-            self.metrics.draft_proposed.labels(self.name).inc(proposed)
-            self.metrics.draft_accepted.labels(self.name).inc(accepted)
-        yield None, {
-            "prompt_tokens": len(ids), "generated_tokens": len(text.tokens), "finish_reason": reason,
-            "draft_tokens_proposed": proposed, "draft_tokens_accepted": accepted,
-            "acceptance_rate": spec.acceptance_rate if spec else 0.0,
-            "mean_accepted_length": spec.mean_accepted_length if spec else 0.0,
-            "time_to_first_token_ms": (first or 0.0) * 1e3, "total_ms": elapsed * 1e3,
-            "tokens_per_second": len(text.tokens) / elapsed if elapsed else 0.0,
-        }
+            self.metrics.tokens.labels(self.name).inc(stats.generated_tokens)
+            self.metrics.tokens_per_second.labels(self.name).set(stats.tokens_per_second)
+            self.metrics.draft_proposed.labels(self.name).inc(stats.draft_tokens_proposed)
+            self.metrics.draft_accepted.labels(self.name).inc(stats.draft_tokens_accepted)
+        yield None, stats
 
     def route(self, generation: Generation) -> ReplicaScheduler:
         """Queue a generation on the least loaded ready replica (not one lent out as a draft)."""

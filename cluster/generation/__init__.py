@@ -1,17 +1,35 @@
-"""Generation on traced decoders: sampling, speculative decoding, and the generate() API."""
+"""Generation on traced decoders: sampling, speculative decoding, and the generate() API.
+
+The round of the loop is plan (`plan.plan_round`, pure) -> execute -> update
+(`engine.DecodeBatch.step`); defaults and limits live in `defaults.DEFAULTS`.
+"""
 
 from cluster.generation.api import GenerationOutput, GenerationStream, generate, stream_generate
+from cluster.generation.defaults import DEFAULTS, GenerationDefaults
+from cluster.generation.engine import GenerationRequest, SessionSummary, StepResult
 from cluster.generation.layout import DecoderLayout
+from cluster.generation.plan import DraftPlan, RoundPlan, RowState, plan_round
 from cluster.generation.sampling import SamplingParams
 from cluster.generation.speculative import SpeculationStats, verify_draft
+from cluster.generation.stats import GenerationStats
 
 __all__ = [
+    "DEFAULTS",
     "DecoderLayout",
+    "DraftPlan",
+    "GenerationDefaults",
     "GenerationOutput",
+    "GenerationRequest",
+    "GenerationStats",
     "GenerationStream",
+    "RoundPlan",
+    "RowState",
     "SamplingParams",
+    "SessionSummary",
     "SpeculationStats",
+    "StepResult",
     "generate",
+    "plan_round",
     "stream_generate",
     "verify_draft",
 ]

@@ -15,15 +15,17 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from cluster.errors import InputError
+from cluster.generation.defaults import DEFAULTS
 from cluster.generation.engine import GenerationRequest
 from cluster.generation.sampling import SamplingParams
+from cluster.generation.stats import GenerationStats
 
 
 @dataclass
 class GenerationOutput:
     sequences: list[list[int]]  # generated tokens per row (prompt excluded)
     finish_reasons: list[str]
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 def _prompts(input_ids: Any, attention_mask: Any) -> list[list[int]]:
@@ -42,72 +44,76 @@ def _prompts(input_ids: Any, attention_mask: Any) -> list[list[int]]:
 
 
 class GenerationStream:
-    """Iterate for each step's new tokens per row; `.output` holds the result once iteration ends."""
+    """Iterate for each step's new tokens per row; `.output` holds the result once iteration ends.
 
-    def __init__(self, model: Any, prompts: list[list[int]], request: GenerationRequest, draft_model: Any,
-                 stop_sequences: Sequence[Sequence[int]]) -> None:
+    Stop sequences are matched by the engine: a row whose generated tokens end with one finishes
+    with reason "stop", and the stop sequence is left out of `.output`. Its tokens are left out of
+    the step that completes it too, but those of them that an earlier step yielded (a stop sequence
+    that spans steps) were yielded.
+    """
+
+    def __init__(self, model: Any, prompts: list[list[int]], request: GenerationRequest, draft_model: Any) -> None:
         self._coordinator = model._coordinator
-        self._draft = draft_model._coordinator if draft_model is not None else None
+        self._draft = draft_model.coordinator if draft_model is not None else None
         self._request = request
         self._prompts = prompts
-        self._stops = [list(s) for s in stop_sequences if len(s)]
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         started = time.perf_counter()
         session = self._coordinator.generate_open(self._request, self._draft)
         rows = len(self._prompts)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        stopped = [""] * rows
+        yielded: list[list[int]] = [[] for _ in range(rows)]
         first_token_s = None
         try:
             while True:
                 result = self._coordinator.generate_step(session)
                 first_token_s = first_token_s or time.perf_counter() - started
-                new = []
                 for row, tokens in enumerate(result.tokens):
-                    kept = []
-                    for token in tokens:
-                        if stopped[row]:
-                            break
-                        generated[row].append(token)
-                        kept.append(token)
-                        stop = next((s for s in self._stops if generated[row][-len(s):] == s), None)
-                        if stop is not None:
-                            del generated[row][-len(stop):]
-                            kept = kept[: max(0, len(kept) - len(stop))]
-                            stopped[row] = "stop"
-                    new.append(kept)
-                yield new
-                finished = [bool(stopped[r]) or bool(result.finish_reasons[r]) for r in range(rows)]
-                if result.done or all(finished):
+                    yielded[row] += tokens
+                yield [list(tokens) for tokens in result.tokens]
+                if result.done:
                     break
         finally:
             summary = self._coordinator.generate_close(session)  # also when the consumer stopped early
             total = time.perf_counter() - started
-            reasons = [stopped[r] or (summary.get("finish") or [""] * rows)[r] or "cancelled" for r in range(rows)]
-            count = sum(map(len, generated))
-            self.output = GenerationOutput(generated, reasons, {
-                "generated_tokens": count, "seconds": total, "tokens_per_second": count / total if total else 0.0,
-                "time_to_first_token_s": first_token_s or 0.0, **(summary.get("speculation") or {}),
-            })
+            if summary is None:  # the replica lost the session (it was rebuilt): what was yielded
+                generated, reasons, speculation = yielded, [""] * rows, None
+            else:
+                generated, reasons, speculation = summary.generated, summary.finish, summary.speculation
+            reasons = [reason or "cancelled" for reason in reasons]
+            stats = GenerationStats.measure(
+                prompt_tokens=sum(map(len, self._prompts)), generated_tokens=sum(map(len, generated)),
+                finish_reasons=reasons, speculation=speculation if self._draft is not None else None,
+                first_token_s=first_token_s, total_s=total)
+            self.output = GenerationOutput(generated, reasons, stats)
 
 
-def stream_generate(model: Any, input_ids: Any, max_new_tokens: int = 32, *, attention_mask: Any = None,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                    eos_token_id: int | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-                    draft_model: Any = None, speculation_length: int = 4) -> GenerationStream:
-    """A stream of new tokens per row, step by step (see GenerationStream)."""
+def stream_generate(model: Any, input_ids: Any, max_new_tokens: int | None = None, *, attention_mask: Any = None,
+                    temperature: float = DEFAULTS.temperature, top_k: int = DEFAULTS.top_k,
+                    top_p: float = DEFAULTS.top_p, seed: int | None = None, eos_token_id: int | None = None,
+                    stop_sequences: Sequence[Sequence[int]] = (), draft_model: Any = None,
+                    speculation_length: int | None = None) -> GenerationStream:
+    """A stream of new tokens per row, step by step (see GenerationStream).
+
+    max_new_tokens and speculation_length default (None) to cluster.generation.defaults.DEFAULTS.
+    """
     prompts = _prompts(input_ids, attention_mask)
-    request = GenerationRequest(tuple(map(tuple, prompts)), max_new_tokens,
-                                SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                                eos_token_id, speculation_length)
-    return GenerationStream(model, prompts, request, draft_model, stop_sequences)
+    request = GenerationRequest(
+        tuple(map(tuple, prompts)),
+        DEFAULTS.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        eos_token_id,
+        DEFAULTS.speculation_length if speculation_length is None else speculation_length,
+        tuple(tuple(map(int, stop)) for stop in stop_sequences if len(stop)),
+    )
+    return GenerationStream(model, prompts, request, draft_model)
 
 
-def generate(model: Any, input_ids: Any, max_new_tokens: int = 32, **kwargs: Any) -> GenerationOutput:
-    """Generate up to max_new_tokens for every prompt (greedy by default; temperature/top_k/top_p/seed to
-    sample; eos_token_id and stop_sequences to stop early; draft_model for speculative decoding)."""
+def generate(model: Any, input_ids: Any, max_new_tokens: int | None = None, **kwargs: Any) -> GenerationOutput:
+    """Generate up to max_new_tokens (default DEFAULTS.max_new_tokens, 64) for every prompt (greedy by
+    default; temperature/top_k/top_p/seed to sample; eos_token_id and stop_sequences to stop early;
+    draft_model for speculative decoding)."""
     stream = stream_generate(model, input_ids, max_new_tokens, **kwargs)
     for _ in stream:
         pass

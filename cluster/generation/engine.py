@@ -1,29 +1,32 @@
 """The generation loop: continuous batching over a decoder's KV-cache slots, with optional speculation.
 
 A decoder's KV cache has `max_batch` rows; each row is a slot that one sequence holds from the
-moment it is admitted until its session is closed. `DecodeBatch.step()` advances every live
-sequence by one step: sequences admitted since the last step are prefilled together (the other
-rows' tokens go to the scratch slot, so their caches are untouched), the running ones decode one
-token, or, when some of them speculate, run one draft/verify round. A new request therefore joins
-at the next step and a finished one leaves without waiting for the others: continuous batching.
+moment it is admitted until its session is closed. `DecodeBatch.step()` runs one round in three
+parts: plan (`cluster.generation.plan.plan_round`, pure, from the sequences' state), execute
+(the calls to the models' ranks) and update (the sequences take the results: tokens, cache
+lengths, counts). Sequences admitted since the last round are prefilled together (the other
+rows' tokens go to the scratch slot, so their caches are untouched); the running ones decode one
+token or, when some of them speculate, run one draft/verify round. A new request therefore joins
+at the next round and a finished one leaves without waiting for the others: continuous batching.
 
 Every sequence keeps its own sampling parameters and random generator, so what a seeded request
-generates does not depend on what else shares the batch. Rows that do not speculate ride along in
-the verify forward with one token. A step is one round trip per model: the draft proposes k tokens
-in one `decode_loop` call on its ranks, the target verifies them in one `verify` forward. Rolling
-back rejected tokens is free, because what a query may attend to is decided by the lengths kept
-here, not by the cache contents.
+generates does not depend on what else shares the batch. A round is one round trip per model: the
+draft proposes k tokens in one `decode_loop` call on its ranks, the target verifies them in one
+`verify` forward. Rolling back rejected tokens is free, because what a query may attend to is
+decided by the lengths kept here, not by the cache contents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
+from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
+from cluster.generation.plan import DECODE, VERIFY, DraftPlan, RoundPlan, RowState, draft_tokens_kept, plan_round
 from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
 
@@ -33,7 +36,7 @@ class DecoderEndpoint:
     """What the loop needs of one model: its layout and vocabulary, and two calls to its ranks."""
 
     forward_bucket: Callable[[int, tuple], Any]
-    decode_loop: Callable[[dict], Any]
+    decode_loop: Callable[[DraftPlan], Any]
     layout: DecoderLayout
     vocab_size: int
     name: str = "model"
@@ -42,18 +45,54 @@ class DecoderEndpoint:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One request's prompts (one sequence each) and how to generate their continuations.
+
+    A sequence finishes at eos_token_id (kept), at max_new_tokens, or when its generated tokens
+    end with one of stop_sequences (dropped: neither kept nor handed out, see `_Sequence.emit`).
+    speculation_length is the draft's proposals per round when the request comes with a draft.
+    """
+
     prompts: tuple[tuple[int, ...], ...]
-    max_new_tokens: int
+    max_new_tokens: int = DEFAULTS.max_new_tokens
     sampling: SamplingParams = SamplingParams()
     eos_token_id: int | None = None
-    speculation_length: int = 4
+    speculation_length: int = DEFAULTS.speculation_length
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
 class StepResult:
-    tokens: list[list[int]]  # new tokens per row since the last take (empty for finished rows)
+    """A session's tokens per row since its last take (empty for finished rows), and whether it is done."""
+
+    tokens: list[list[int]]
     done: bool
     finish_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What a closed session generated, per row: the whole sequence (prompt + generated), the
+    prompt's length and the finish reason ("eos", "length", "stop"; "" when it was closed before
+    finishing); and the speculation counts summed over its rows."""
+
+    sequences: list[list[int]]
+    prompt_lengths: list[int]
+    finish: list[str]
+    speculation: SpeculationStats
+
+    @property
+    def generated(self) -> list[list[int]]:
+        """The generated tokens per row (prompt excluded; a matched stop sequence excluded)."""
+        return [seq[n:] for seq, n in zip(self.sequences, self.prompt_lengths)]
+
+
+def stop_matched(sequence: Sequence[int], start: int, stops: Sequence[Sequence[int]]) -> int:
+    """The length of the first of `stops` that sequence[start:] ends with; 0 when none does."""
+    for stop in stops:
+        n = len(stop)
+        if len(sequence) - start >= n and tuple(sequence[len(sequence) - n:]) == tuple(stop):
+            return n
+    return 0
 
 
 @dataclass
@@ -72,19 +111,37 @@ class _Sequence:
     outbox: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
 
-    @property
-    def generated(self) -> list[int]:
-        return self.sequence[self.prompt_length:]
+    def state(self) -> RowState:
+        return RowState(self.slot, tuple(self.sequence), self.k, self.started, bool(self.finish), self.cached,
+                        self.draft_cached)
+
+    def advance(self, tokens: list[int], target: int, draft: int = 0) -> None:
+        """Take one round's result: `target` / `draft` more of the sequence's tokens are now in each
+        model's cache, and `tokens` follow it."""
+        self.started = True
+        self.cached += target
+        self.draft_cached += draft
+        self.emit(tokens)
 
     def emit(self, tokens: list[int]) -> None:
-        for token in tokens:
+        """Append tokens up to the first that finishes the sequence.
+
+        A completed stop sequence is taken back out of the sequence and of the outbox; those of its
+        tokens that an earlier `take` already handed out stay handed out (the caller saw them).
+        """
+        for token in map(int, tokens):
             if self.finish:
                 return
-            self.sequence.append(int(token))
-            self.outbox.append(int(token))
-            if self.request.eos_token_id is not None and token == self.request.eos_token_id:
+            self.sequence.append(token)
+            self.outbox.append(token)
+            stop = stop_matched(self.sequence, self.prompt_length, self.request.stop_sequences)
+            if stop:
+                del self.sequence[-stop:]
+                del self.outbox[max(0, len(self.outbox) - stop):]
+                self.finish = "stop"
+            elif token == self.request.eos_token_id:
                 self.finish = "eos"
-            elif len(self.generated) >= self.request.max_new_tokens:
+            elif len(self.sequence) - self.prompt_length >= self.request.max_new_tokens:
                 self.finish = "length"
 
     def pick(self, logits: torch.Tensor) -> int:
@@ -105,6 +162,8 @@ def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: Decode
         raise InputError("every prompt needs at least one token; send non-empty prompts")
     if request.max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+    if any(not stop or any(not isinstance(t, int) or t < 0 for t in stop) for stop in request.stop_sequences):
+        raise InputError("stop sequences must be non-empty sequences of token ids")
     longest = max(map(len, prompts))
     if longest > max(target.layout.prompt_buckets):
         raise InputError(f"prompt of {longest} tokens is above the largest context bucket {max(target.layout.prompt_buckets)}; shorten it")
@@ -131,8 +190,8 @@ class DecodeBatch:
 
     `open` admits a request's prompts (one sequence each) and returns a session id; `step` advances
     every live sequence; `take` hands a session the tokens generated since its last take; `close`
-    frees its slots. One draft model at a time serves the batch's speculating sequences: its cache
-    rows mirror the target's slots.
+    frees its slots. A session belongs to whoever opened it, who closes it. One draft model at a
+    time serves the batch's speculating sequences: its cache rows mirror the target's slots.
     """
 
     def __init__(self, target: DecoderEndpoint) -> None:
@@ -142,7 +201,7 @@ class DecodeBatch:
         self.sessions: dict[int, list[_Sequence]] = {}
         self._last_session = 0
 
-    # -- admission --------------------------------------------------------------------------
+    # -- sessions ---------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self.target.layout.max_batch
@@ -155,6 +214,7 @@ class DecodeBatch:
         return any(not s.finish for s in self.slots.values())
 
     def open(self, request: GenerationRequest, draft: DecoderEndpoint | None = None) -> int:
+        """Admit the request's prompts, one free slot each; they are prefilled at the next step."""
         k = _validate(request, self.target, draft)
         rows = len(request.prompts)
         if draft is not None and self.draft is not None and self.draft.key != draft.key and self._speculating():
@@ -180,21 +240,22 @@ class DecodeBatch:
     def _speculating(self) -> bool:
         return any(s.k for s in self.slots.values())
 
-    def close(self, session: int) -> dict[str, Any]:
-        """Free the session's slots; returns its sequences, finish reasons and speculation counts."""
+    def close(self, session: int) -> SessionSummary | None:
+        """Free the session's slots; its summary, or None when it is not open."""
         members = self.sessions.pop(session, None)
         if members is None:
-            return {}
+            return None
         stats = SpeculationStats()
         for member in members:
             del self.slots[member.slot]
             stats = stats.merge(member.stats)
         if not self._speculating():
             self.draft = None
-        return {"sequences": [m.sequence for m in members], "prompt_lengths": [m.prompt_length for m in members],
-                "finish": [m.finish for m in members], "speculation": stats.as_dict()}
+        return SessionSummary([m.sequence for m in members], [m.prompt_length for m in members],
+                              [m.finish for m in members], stats)
 
     def take(self, session: int) -> StepResult:
+        """The session's tokens per row since its last take."""
         members = self.sessions.get(session)
         if members is None:
             raise ClusterError(f"generation {session} is not open on this model (closed, or the replica was rebuilt)")
@@ -210,82 +271,74 @@ class DecodeBatch:
     def finished(self, session: int) -> bool:
         return all(m.finish for m in self.sessions.get(session, ()))
 
-    # -- steps ------------------------------------------------------------------------------
+    # -- rounds: plan, execute, update ------------------------------------------------------
     def step(self) -> None:
-        """Advance every live sequence by one step; new tokens go to each sequence's outbox."""
-        live = [s for s in self.slots.values() if not s.finish]
-        running = [s for s in live if s.started]
-        if any(s.k for s in running):
-            self._speculate(running)
-        elif running:
-            self._decode(running)
-        new = [s for s in live if not s.started]
-        if new:
-            self._prefill(new)
+        """One round for every live sequence; new tokens go to each sequence's outbox."""
+        plan = plan_round([s.state() for s in self.slots.values()])
+        if plan.step == VERIFY:
+            self._speculative_round(plan)
+        elif plan.step == DECODE:
+            self._decode_round(plan)
+        if plan.prefill:
+            self._prefill_round(plan)
 
-    @staticmethod
-    def _width(members: list[_Sequence]) -> int:
-        return max(m.slot for m in members) + 1
-
-    def _prefill(self, new: list[_Sequence]) -> None:
-        prompts: list[list[int] | None] = [None] * self._width(new)
-        for member in new:
-            prompts[member.slot] = member.sequence
-        bucket, inputs = prefill_inputs(self.target.layout, prompts)
+    def _prefill_round(self, plan: RoundPlan) -> None:
+        bucket, inputs = prefill_inputs(self.target.layout, list(plan.prompts))
         logits = self.target.forward_bucket(bucket, inputs)[0][:, 0].float()
-        drafted = [m for m in new if m.k]
-        if drafted:
-            draft_prompts: list[list[int] | None] = [None] * self._width(drafted)
-            for member in drafted:
-                draft_prompts[member.slot] = member.sequence
-            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, draft_prompts))
-        for member in new:
-            member.started = True
-            member.cached = member.draft_cached = member.prompt_length
-            member.emit([member.pick(logits[member.slot])])
+        if plan.draft_prompts:
+            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, list(plan.draft_prompts)))
+        for slot in plan.prefill:
+            row = self.slots[slot]
+            row.advance([row.pick(logits[slot])], target=row.prompt_length, draft=row.prompt_length if row.k else 0)
 
-    def _decode(self, running: list[_Sequence]) -> None:
-        width = self._width(running)
-        tokens, starts = [[-1] for _ in range(width)], [0] * width
-        for member in running:
-            tokens[member.slot], starts[member.slot] = member.sequence[member.cached:], member.cached
-        bucket, inputs = step_inputs(self.target.layout, "decode", tokens, starts)
-        logits = self.target.forward_bucket(bucket, inputs)[0][:, 0].float()
-        for member in running:
-            member.cached += 1
-            member.emit([member.pick(logits[member.slot])])
+    def _decode_round(self, plan: RoundPlan) -> None:
+        logits = self._target_step(DECODE, plan.target.tokens, plan.target.starts)[:, 0]
+        for slot in plan.running:
+            row = self.slots[slot]
+            row.advance([row.pick(logits[slot])], target=1)
 
-    def _speculate(self, running: list[_Sequence]) -> None:
-        drafted = [m for m in running if m.k]
-        k_max = max(m.k for m in drafted)
-        proposals, q, pending = self._propose(drafted, k_max)
-        n = self.target.layout.verify_tokens
-        width = self._width(running)
-        rows, starts = [[-1] * n for _ in range(width)], [0] * width
-        for m in running:
-            fed = [m.sequence[m.cached], *(proposals[m.slot, : m.k].tolist() if m.k else [])]
-            rows[m.slot], starts[m.slot] = fed + [-1] * (n - len(fed)), m.cached
-        bucket, inputs = step_inputs(self.target.layout, "verify", rows, starts)
-        logits = self.target.forward_bucket(bucket, inputs)[0][:, :n].float()
-        for m in running:
-            if not m.k:  # rides along with one token
-                m.cached += 1
-                m.emit([m.pick(logits[m.slot, 0])])
+    def _speculative_round(self, plan: RoundPlan) -> None:
+        """One draft/verify round over every running row: gpt-fast's `speculative_decode`, batched.
+
+        Rows that do not speculate ride along in the verify forward with their one token.
+        """
+        rows = [self.slots[slot] for slot in plan.running]
+        drafted = [row for row in rows if row.k]
+        # 1. Propose: the draft samples k_max tokens per speculating row, in one call to its ranks.
+        sampling, seeds = [SamplingParams()] * plan.draft.width, [0] * plan.draft.width
+        for row in drafted:
+            sampling[row.slot], seeds[row.slot] = row.request.sampling, row.seed()
+        proposals, q = self._on_draft(self.draft.decode_loop, DraftPlan(
+            plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling), tuple(seeds),
+            want_probs=any(not row.request.sampling.greedy for row in drafted)))
+        # 2. Verify: the target scores each row's last token and its own k proposals in one forward.
+        fed = [list(tokens) for tokens in plan.target.tokens]
+        for row in drafted:
+            fed[row.slot] += proposals[row.slot, : row.k].tolist()
+        logits = self._target_step(VERIFY, fed, plan.target.starts)
+        for row in rows:
+            if not row.k:
+                row.advance([row.pick(logits[row.slot, 0])], target=1)
                 continue
-            params = m.request.sampling
-            proposed = proposals[m.slot : m.slot + 1, : m.k]
-            p = probabilities(logits[m.slot : m.slot + 1, : m.k + 1], params)
+            # 3. Accept a prefix of the proposals with min(1, p/q); resample at the first rejection.
+            params, proposed = row.request.sampling, proposals[row.slot : row.slot + 1, : row.k]
+            p = probabilities(logits[row.slot : row.slot + 1, : row.k + 1], params)
             if params.greedy or q is None:  # greedy verification looks at the target only
                 q_row = torch.nn.functional.one_hot(proposed, p.shape[-1]).float()
             else:
-                q_row = q[m.slot : m.slot + 1, : m.k]
-            out, accepted = verify_draft(proposed, q_row, p, m.generator, params.greedy)
+                q_row = q[row.slot : row.slot + 1, : row.k]
+            out, accepted = verify_draft(proposed, q_row, p, row.generator, params.greedy)
             a = int(accepted[0])
-            m.stats.add(m.k, a)
-            # the draft fed its pending tokens, then its first k_max - 1 proposals
-            m.draft_cached += sum(1 for t in pending[m.slot] if t >= 0) + min(a, k_max - 1)
-            m.cached += 1 + a
-            m.emit(out[0, : a + 1].tolist())
+            # 4. Update: the target keeps the fed token and the accepted proposals, the draft what it fed of them.
+            row.stats.add(row.k, a)
+            row.advance(out[0, : a + 1].tolist(), target=1 + a,
+                        draft=draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max))
+
+    def _target_step(self, kind: str, tokens: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
+        """The target's logits [B, n, V] (float) for a decode or verify step."""
+        bucket, inputs = step_inputs(self.target.layout, kind, [list(t) for t in tokens], list(starts))
+        n = 1 if kind == DECODE else self.target.layout.verify_tokens
+        return self.target.forward_bucket(bucket, inputs)[0][:, :n].float()
 
     def _on_draft(self, call: Callable[..., Any], *args: Any) -> Any:
         """A call to the draft's ranks; its failure is the draft's, not this (target) model's."""
@@ -297,18 +350,5 @@ class DecodeBatch:
             raise DraftUnavailable(f"draft model {self.draft.name!r} failed: {str(exc).splitlines()[0]}; "
                                    "retry, or generate without a draft") from None
 
-    def _propose(self, drafted: list[_Sequence], k_max: int) -> tuple[torch.Tensor, torch.Tensor | None, list[list[int]]]:
-        """k_max draft tokens per speculating row, in one call to the draft's ranks."""
-        width = self._width(drafted)
-        pending: list[list[int]] = [[-1] for _ in range(width)]
-        starts, sampling, seeds = [0] * width, [SamplingParams()] * width, [0] * width
-        for m in drafted:
-            pending[m.slot], starts[m.slot] = m.sequence[m.draft_cached:], m.draft_cached
-            sampling[m.slot], seeds[m.slot] = m.request.sampling, m.seed()
-        longest = max(map(len, pending))
-        pending = [[-1] * (longest - len(p)) + p for p in pending]  # right-aligned
-        proposals, q = self._on_draft(self.draft.decode_loop, {
-            "pending": pending, "starts": starts, "steps": k_max, "layout": self.draft.layout,
-            "sampling": sampling, "seeds": seeds, "want_probs": any(not m.request.sampling.greedy for m in drafted),
-        })
-        return proposals, q, pending
+
+__all__ = ["DecodeBatch", "DecoderEndpoint", "GenerationRequest", "SessionSummary", "StepResult", "stop_matched"]

@@ -19,6 +19,7 @@ from numbers import Integral, Real
 import torch
 
 from cluster.errors import InputError
+from cluster.generation.defaults import DEFAULTS
 
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63  # exclusive: torch.Generator.manual_seed takes a signed 64-bit seed here
@@ -42,9 +43,9 @@ class SamplingParams:
     seed: seeds the request's generator so that it replays; None draws a fresh seed.
     """
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
     seed: int | None = None
 
     def __post_init__(self) -> None:

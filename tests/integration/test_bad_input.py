@@ -6,40 +6,30 @@ import torch
 import cluster
 from cluster.errors import CapacityError, InputError, RankError, ShardingError
 from cluster.parallel_layers import parallel_state
-from cluster.parallel_layers.sharding import partition_dims, split_state_dict
-from tests.unit.test_layers import Block
+from tests.support import Block, block_builder
 
 pytestmark = pytest.mark.integration
 
-STATE = {}
-
-
-def block_model():
-    model = Block().eval()
-    rank, world = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_size()
-    model.load_state_dict(split_state_dict(STATE["state"], partition_dims(model), rank, world))
-    return model, {}
-
-
-def broken_on_rank_one():
-    if parallel_state.get_tensor_model_parallel_rank() == 1:
-        raise KeyError("layer 3 weights")
-    return block_model()
+def failing_on_rank_one(build):
+    def broken_on_rank_one():
+        if parallel_state.get_tensor_model_parallel_rank() == 1:
+            raise KeyError("layer 3 weights")
+        return build()
+    return broken_on_rank_one
 
 
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(7)
-    model = Block().eval()
-    STATE["state"] = model.state_dict()
-    return model
+    return Block().eval()
 
 
 def test_bad_calls_then_the_cluster_keeps_serving(ray_cluster, reference):
     ids = torch.randint(0, 32, (2, 6))
+    block_model = block_builder(reference.state_dict())
 
     with pytest.raises(RankError) as info:
-        cluster.trace.parallel_model_trace(broken_on_rank_one, ids, tp_degree=2, progress=False)
+        cluster.trace.parallel_model_trace(failing_on_rank_one(block_model), ids, tp_degree=2, progress=False)
     assert "rank 1: KeyError: 'layer 3 weights'" in str(info.value)
     assert "broken_on_rank_one" in info.value.remote_traceback
 

@@ -16,7 +16,8 @@ from clients.client import Client
 from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
 from tests.integration.harness import GatewayThread
-from tests.integration.test_gateway_generate import PROMPT, _random_llama
+from tests.integration.test_gateway_generate import PAIR_VOCAB, PROMPT
+from tests.support import TINY_TARGET, save_random_llama
 
 pytestmark = pytest.mark.integration
 LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(256,), verify_tokens=0)
@@ -25,7 +26,7 @@ LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(256,), ve
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("chaos")
-    _random_llama(root / "t", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    save_random_llama(root / "t", 0, PAIR_VOCAB, **TINY_TARGET)
     build_decoder(root / "t", root / "model", 2, LAYOUT, pair_path(), "model")
     gateway = GatewayThread({"model": root / "model"}, replicas=2)
     yield gateway

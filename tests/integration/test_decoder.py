@@ -4,7 +4,8 @@ import pytest
 
 from cluster.generation import DecoderLayout, generate
 from cluster.models.llama import trace_llama
-from tests.unit.test_generation import LAYOUT, PROMPTS, _hf_greedy, _save
+from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
+from tests.unit.test_generation import LAYOUT, PROMPTS, VOCAB
 
 pytestmark = pytest.mark.integration
 
@@ -12,8 +13,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def models(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama-ray")
-    hf = _save(root, "target", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    _save(root, "draft", 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    hf = save_random_llama(root / "target", 0, VOCAB, **TINY_TARGET)
+    save_random_llama(root / "draft", 1, VOCAB, **TINY_DRAFT)
     target = trace_llama(root / "target", tp_degree=2, layout=LAYOUT, progress=False)
     draft = trace_llama(root / "draft", tp_degree=1, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), progress=False)
     yield hf, target, draft, root
@@ -24,7 +25,7 @@ def models(ray_cluster, tmp_path_factory):
 def test_tp2_greedy_equals_transformers_through_both_cache_buckets(models):
     hf, target, _, _ = models
     out = generate(target, PROMPTS[:3], max_new_tokens=30)
-    assert out.sequences == [_hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
+    assert out.sequences == [hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
 
 
 def test_speculative_across_two_models_equals_target_only(models):
@@ -33,7 +34,7 @@ def test_speculative_across_two_models_equals_target_only(models):
         plain = generate(target, PROMPTS[:rows], max_new_tokens=20)
         spec = generate(target, PROMPTS[:rows], max_new_tokens=20, draft_model=draft, speculation_length=3)
         assert spec.sequences == plain.sequences
-        assert spec.stats["proposed"] > 0
+        assert spec.stats.draft_tokens_proposed > 0
 
 
 def test_saved_decoder_loads_with_its_cache_state(models, tmp_path):
@@ -42,4 +43,4 @@ def test_saved_decoder_loads_with_its_cache_state(models, tmp_path):
     hf, target, _, _ = models
     cluster.trace.parallel_model_save(target, tmp_path / "target")
     with cluster.trace.parallel_model_load(tmp_path / "target") as loaded:
-        assert generate(loaded, PROMPTS[:2], max_new_tokens=10).sequences == [_hf_greedy(hf, p, 10) for p in PROMPTS[:2]]
+        assert generate(loaded, PROMPTS[:2], max_new_tokens=10).sequences == [hf_greedy(hf, p, 10) for p in PROMPTS[:2]]

@@ -1,43 +1,34 @@
-"""Generate through the gateway: streamed tokens equal cluster.generation.generate; cancel frees the model."""
+"""Generate through the gateway: streamed tokens equal transformers' greedy tokens; cancel frees the model."""
 
 import grpc
 import pytest
-import torch
-from transformers import LlamaConfig
-from transformers import LlamaForCausalLM as HFLlama
 
 from clients import errors
 from clients.client import Client
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
-from cluster.generation import generate
 from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
-from cluster.trace import parallel_model_load
 from tests.integration.harness import GatewayThread
+from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
 
 pytestmark = pytest.mark.integration
 
 LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256), verify_tokens=5)
 DRAFT_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256))
 PROMPT = "The for statement is used to iterate"
-
-
-def _random_llama(path, seed, **shape):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=False, **shape)
-    HFLlama(config).save_pretrained(path)
+PAIR_VOCAB = 4096  # the shipped pair's tokenizer
 
 
 @pytest.fixture(scope="module")
 def decoders(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    _random_llama(root / "t", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    _random_llama(root / "d", 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    hf = save_random_llama(root / "t", 0, PAIR_VOCAB, **TINY_TARGET)
+    save_random_llama(root / "d", 1, PAIR_VOCAB, **TINY_DRAFT)
     build_decoder(root / "t", root / "target", 2, LAYOUT, pair_path(), "target")
     build_decoder(root / "d", root / "draft", 1, DRAFT_LAYOUT, pair_path(), "draft")
     served = GatewayThread({"target": root / "target", "draft": root / "draft"})
-    yield served, root
+    yield served, hf
     served.close()
 
 
@@ -53,19 +44,19 @@ def _tokens(stream):
 
 
 def test_generate_streams_what_the_library_generates(decoders):
-    served, root = decoders
+    served, hf = decoders
     from transformers import AutoTokenizer
 
     prompt_ids = AutoTokenizer.from_pretrained(pair_path())(PROMPT)["input_ids"]
-    with parallel_model_load(root / "target") as reference:
-        expected = generate(reference, [prompt_ids], max_new_tokens=40).sequences[0]
+    expected = hf_greedy(hf, prompt_ids, 40)
     with Client(served.target) as client:
         ids, text, stats = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=40))
         assert ids == expected and stats.generated_tokens == 40 and stats.finish_reason == "length"
         spec_ids, _, spec = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=40, draft_model="draft",
                                                            speculation_length=3))
         assert spec_ids == expected and spec.draft_tokens_proposed > 0
-        assert 0 <= spec.acceptance_rate <= 1 and spec.mean_accepted_length >= 1
+        assert spec.acceptance_rate == pytest.approx(spec.draft_tokens_accepted / spec.draft_tokens_proposed)
+        assert spec.mean_accepted_length >= 1
     with grpc.insecure_channel(served.target) as channel:  # the raw generated stubs
         raw = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="target", prompt=PROMPT, max_new_tokens=40), timeout=60)
         assert _tokens(raw)[0] == expected

@@ -7,7 +7,6 @@ see FIELD-NOTES), each advertising 4 logical NeuronCores. Everything this module
 marker in its environment and is stopped by process id at the end.
 """
 
-import json
 import os
 import signal
 import socket
@@ -23,13 +22,12 @@ import pytest
 import torch
 
 from clients.client import Client
-from cluster.models.bert import minilm_embedder, minilm_path
-from tests.integration.test_batch import RECORDS, check_exactly_once, write_input
+from tests.support import RECORDS, REPO_ROOT, check_exactly_once, minilm_embeddings, write_input
 
 pytestmark = pytest.mark.integration
 
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 BIN = Path(sys.executable).parent
 MARK = f"tpcluster-test-{uuid.uuid4().hex[:8]}"
 
@@ -153,12 +151,8 @@ def _replicas(client, model):
 
 
 def test_replicas_spread_over_nodes_and_survive_a_gateway_restart(two_nodes, models):
-    from transformers import AutoTokenizer
-
     texts = ["replicas on two nodes", "the gateway restarts and finds them"]
-    enc = AutoTokenizer.from_pretrained(minilm_path())(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        expected = minilm_embedder(tensor_parallel=False)[0](enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[0].numpy()
+    expected = minilm_embeddings(texts)
 
     gateway, target = _serve(two_nodes, models, "gateway1", two_nodes["address"])
     with Client(target, timeout=120) as client:

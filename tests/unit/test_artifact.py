@@ -11,7 +11,7 @@ from cluster.rank import RankExport, collect_weights
 from cluster.signature import signature_of
 from cluster.trace import artifact
 from cluster.trace.backends import CpuBackend
-from tests.unit.test_layers import Block
+from tests.support import Block
 
 
 def _exported(inline: bool) -> tuple[Exported, Block, torch.Tensor]:

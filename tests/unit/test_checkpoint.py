@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 from cluster.errors import CheckpointError
 from cluster.parallel_layers import load, save_sharded
 from tests.unit.ranks import run_ranks
-from tests.unit.test_layers import Block
+from tests.support import Block
 
 
 @pytest.fixture

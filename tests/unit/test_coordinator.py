@@ -8,7 +8,7 @@ from cluster.errors import ArtifactError, BucketError, InputError, RankError
 from cluster.parallel_layers import parallel_state
 from cluster.parallel_layers.sharding import partition_dims, split_state_dict
 from cluster.trace import BucketModelConfig, parallel_model_save, parallel_model_trace
-from tests.unit.test_layers import Block
+from tests.support import Block
 
 CHECKPOINT = {}
 

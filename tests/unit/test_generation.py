@@ -8,25 +8,18 @@ from transformers import LlamaForCausalLM as HFLlama
 from cluster.errors import InputError
 from cluster.generation import DecoderLayout, generate, stream_generate
 from cluster.models.llama import trace_llama
+from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
 
 LAYOUT = DecoderLayout(batch_buckets=(1, 4), prompt_buckets=(8, 16), cache_buckets=(32, 64), verify_tokens=5)
+VOCAB = 128
 PROMPTS = [[5, 9, 17, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [40, 41], [7] * 15]
-
-
-def _save(tmp_path, name, seed, **shape):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=None, **shape)
-    model = HFLlama(config).eval()
-    model.save_pretrained(tmp_path / name)
-    return model
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    hf = _save(root, "target", 0, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    _save(root, "draft", 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    hf = save_random_llama(root / "target", 0, VOCAB, **TINY_TARGET)
+    save_random_llama(root / "draft", 1, VOCAB, **TINY_DRAFT)
     target = trace_llama(root / "target", tp_degree=2, layout=LAYOUT, backend="eager", progress=False)
     draft = trace_llama(root / "draft", tp_degree=2, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), backend="eager", progress=False)
     yield hf, target, draft, root
@@ -34,15 +27,10 @@ def pair(tmp_path_factory):
     draft.close()
 
 
-def _hf_greedy(hf, prompt, new):
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def test_tp2_greedy_equals_transformers_for_a_batch_of_lengths(pair):
     hf, target, _, _ = pair
     out = generate(target, PROMPTS[:3], max_new_tokens=30)  # 12 + 30 tokens: crosses cache bucket 32 -> 64
-    assert out.sequences == [_hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
+    assert out.sequences == [hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
     assert out.finish_reasons == ["length"] * 3
 
 
@@ -54,7 +42,7 @@ def test_greedy_speculative_equals_target_only(pair, rows, k):
     plain = generate(target, prompts, max_new_tokens=24)
     spec = generate(target, prompts, max_new_tokens=24, draft_model=draft, speculation_length=k)
     assert spec.sequences == plain.sequences
-    assert spec.stats["proposed"] > 0 and 0 <= spec.stats["acceptance_rate"] <= 1
+    assert spec.stats.draft_tokens_proposed > 0 and spec.stats.acceptance_rate == spec.stats.draft_tokens_accepted / spec.stats.draft_tokens_proposed
 
 
 def test_sampling_is_seeded_and_streaming_yields_steps(pair):
@@ -79,6 +67,72 @@ def test_eos_and_stop_sequences(pair):
     assert stop.sequences[0] == full[:4] and stop.finish_reasons == ["stop"]
 
 
+def _driver_stops(steps, stops):
+    """What the driver did before the engine matched stop sequences: (yielded steps, output)."""
+    generated, yielded = [], []
+    for tokens in steps:
+        kept = []
+        for token in tokens:
+            generated.append(token)
+            kept.append(token)
+            stop = next((s for s in stops if generated[-len(s):] == s), None)
+            if stop is not None:
+                del generated[-len(stop):]
+                yielded.append(kept[: max(0, len(kept) - len(stop))])
+                return yielded, generated
+        yielded.append(kept)
+    return yielded, generated
+
+
+@pytest.mark.parametrize("drafted", [False, True])
+def test_stop_sequences_within_and_across_steps_match_what_the_driver_did(pair, drafted):
+    _, target, draft, _ = pair
+    kwargs = dict(max_new_tokens=16, **({"draft_model": draft, "speculation_length": 3} if drafted else {}))
+    steps = list(stream_generate(target, PROMPTS[1:2], **kwargs))
+    full = [token for step in steps for token in step[0]]
+    for start, length in [(0, 1), (3, 2), (5, 3), (len(full) - 2, 2)]:
+        stop = full[start : start + length]
+        stream = stream_generate(target, PROMPTS[1:2], stop_sequences=[[999], stop], **kwargs)
+        got = [s[0] for s in stream]
+        yielded, output = _driver_stops([s[0] for s in steps], [[999], stop])
+        assert (got, stream.output.sequences[0]) == (yielded, output)
+        assert full[: len(output) + length] == output + stop  # cut at the stop's first occurrence
+        assert stream.output.finish_reasons == ["stop"]
+
+
+def test_a_stopped_row_finishes_while_its_neighbours_go_on(pair):
+    _, target, _, _ = pair
+    full = generate(target, PROMPTS[:2], max_new_tokens=8).sequences
+    cut = generate(target, PROMPTS[:2], max_new_tokens=8, stop_sequences=[full[0][2:4]])
+    assert cut.sequences[0] == full[0][:2] and cut.finish_reasons[0] == "stop"
+    if full[0][2:4] not in [full[1][i : i + 2] for i in range(7)]:
+        assert cut.sequences[1] == full[1] and cut.finish_reasons[1] == "length"
+
+
+def test_sequence_emit_finishes_on_stop_then_eos_then_length():
+    from cluster.generation.engine import GenerationRequest, _Sequence
+    from cluster.generation.sampling import make_generator
+
+    def row(**kw):
+        return _Sequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, make_generator(0))
+
+    seq = row(max_new_tokens=5, stop_sequences=((2, 7),))
+    seq.emit([7])  # the stop may not reach into the prompt
+    assert (seq.finish, seq.outbox) == ("", [7])
+    seq.outbox = []  # taken
+    seq.emit([2, 7, 9])
+    assert (seq.finish, seq.sequence, seq.outbox) == ("stop", [1, 2, 7], [])
+    seq = row(max_new_tokens=3, eos_token_id=7, stop_sequences=((3, 7),))
+    seq.emit([3, 7])  # the eos completes a stop sequence: stop wins, both go
+    assert (seq.finish, seq.sequence[2:]) == ("stop", [])
+    seq = row(max_new_tokens=3, eos_token_id=7)
+    seq.emit([4, 7, 5])
+    assert (seq.finish, seq.outbox) == ("eos", [4, 7])
+    seq = row(max_new_tokens=2, stop_sequences=((5, 6),))
+    seq.emit([5, 6])  # the stop completes at the length limit: stop wins
+    assert (seq.finish, seq.outbox) == ("stop", [])
+
+
 def test_bad_requests_are_refused_and_the_model_keeps_serving(pair):
     hf, target, draft, root = pair
     with pytest.raises(InputError, match="at least one token"):
@@ -90,7 +144,9 @@ def test_bad_requests_are_refused_and_the_model_keeps_serving(pair):
     for k in (0, 5):
         with pytest.raises(InputError, match="speculation_length must be 1..4"):
             generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=draft, speculation_length=k)
-    assert generate(target, PROMPTS[:1], max_new_tokens=8).sequences[0] == _hf_greedy(hf, PROMPTS[0], 8)
+    with pytest.raises(InputError, match="stop sequences"):
+        generate(target, PROMPTS[:1], max_new_tokens=4, stop_sequences=[[-3]])
+    assert generate(target, PROMPTS[:1], max_new_tokens=8).sequences[0] == hf_greedy(hf, PROMPTS[0], 8)
 
 
 def test_a_draft_with_another_vocabulary_is_refused(pair, tmp_path):
@@ -140,8 +196,8 @@ def test_sessions_joining_mid_generation_get_the_tokens_they_get_alone(pair):
         (5, GenerationRequest((tuple(PROMPTS[2]), tuple(PROMPTS[3])), 16, speculation_length=3), True),
         (14, GenerationRequest((tuple(PROMPTS[3]),), 6), False),  # takes the slot the second one freed
     ]
-    together = _run_sessions(target._coordinator, plan, draft._coordinator)
-    alone = [_run_sessions(target._coordinator, [(0, request, drafted)], draft._coordinator)[0]
+    together = _run_sessions(target.coordinator, plan, draft.coordinator)
+    alone = [_run_sessions(target.coordinator, [(0, request, drafted)], draft.coordinator)[0]
              for _, request, drafted in plan]
     assert together == alone
     assert together[0] == [generate(target, PROMPTS[:1], max_new_tokens=20).sequences[0]]
@@ -153,7 +209,7 @@ def test_a_full_cache_refuses_new_sessions_until_one_closes(pair):
     from cluster.generation.engine import GenerationRequest
 
     _, target, _, _ = pair
-    coordinator = target._coordinator
+    coordinator = target.coordinator
     first = coordinator.generate_open(GenerationRequest(tuple(map(tuple, PROMPTS[:3])), 4))
     second = coordinator.generate_open(GenerationRequest((tuple(PROMPTS[3]),), 4))
     with pytest.raises(Overloaded, match="slots"):
@@ -165,7 +221,7 @@ def test_a_full_cache_refuses_new_sessions_until_one_closes(pair):
 
 
 def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.engine import GenerationRequest, SessionSummary
 
     _, target, _, _ = pair
     coordinator = target.coordinator
@@ -182,20 +238,22 @@ def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
             got[session] += step.tokens[0]
         summaries.update(round_.summaries)
     assert [len(got[first]), len(got[second])] == [3, 5]
-    assert summaries[first].finish == ["length"]
+    assert isinstance(summaries[first], SessionSummary) and summaries[first].finish == ["length"]
+    assert summaries[first].generated == [got[first]] and summaries[first].prompt_lengths == [len(PROMPTS[0])]
+    assert summaries[first].speculation.proposed == 0
     assert got[first] == generate(target, PROMPTS[:1], max_new_tokens=3).sequences[0]
-    assert coordinator.generate_batch(sessions=[first, second]).steps == {}  # both closed when they finished
+    assert coordinator.generate_batch().steps == {}
 
 
-def test_generate_batch_resync_closes_sessions_the_caller_lost_track_of(pair):
+def test_generate_batch_resync_closes_sessions_a_server_lost_track_of(pair):
     from cluster.generation.engine import GenerationRequest
 
     _, target, _, _ = pair
     coordinator = target.coordinator
     kept, lost = coordinator.generate_batch([(GenerationRequest((tuple(PROMPTS[0]),), 30), None),
                                              (GenerationRequest((tuple(PROMPTS[1]),), 30), None)]).opened
-    # e.g. a gateway restarted, or a round that timed out: the caller holds only `kept`
-    round_ = coordinator.generate_batch(sessions=[kept], resync=True)
+    round_ = coordinator.generate_batch(sessions=[kept], resync=True)  # e.g. a gateway restarted, or a round that timed out
     assert lost in round_.summaries and set(round_.steps) == {kept}
-    assert set(coordinator.generate_batch(closes=[kept]).summaries) == {kept}
-    assert coordinator.generate_batch(sessions=[kept, lost]).steps == {}
+    assert round_.summaries[lost].finish == [""]  # closed before it finished
+    coordinator.generate_batch(closes=[kept])
+    assert coordinator.generate_batch().steps == {}

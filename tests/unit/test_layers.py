@@ -4,25 +4,8 @@ import torch
 from cluster.errors import ShardingError
 from cluster.parallel_layers import layers, parallel_state
 from cluster.parallel_layers.sharding import partition_dims, shard_tensor, split_state_dict, unshard_tensors
+from tests.support import Block
 from tests.unit.ranks import run_ranks
-
-
-class Block(torch.nn.Module):
-    """Every parallel layer and mode in one small model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vocab = layers.ParallelEmbedding(32, 16)
-        self.by_dim = layers.ParallelEmbedding(32, 16, shard_across_embedding=True)
-        self.up = layers.ColumnParallelLinear(16, 24, gather_output=False)
-        self.down = layers.RowParallelLinear(24, 16, input_is_parallel=True)
-        self.gathered = layers.ColumnParallelLinear(16, 8, gather_output=True)
-        self.whole_input = layers.RowParallelLinear(8, 4, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.vocab(ids) + self.by_dim(ids)
-        h = h + self.down(torch.relu(self.up(h)))
-        return self.whole_input(self.gathered(h))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -15,8 +15,7 @@ from cluster.errors import ClusterTimeout, ModelUnavailable, RankFailure
 from cluster.handle import AsyncOverThreads
 from cluster.rank_group import InProcessRankGroup
 from cluster.trace import parallel_model_trace
-from tests.unit.test_coordinator import CHECKPOINT, block_model
-from tests.unit.test_layers import Block
+from tests.support import Block, block_builder
 
 
 class FlakyHandle(AsyncOverThreads):
@@ -37,9 +36,9 @@ class FlakyHandle(AsyncOverThreads):
 @pytest.fixture(scope="module")
 def traced():
     torch.manual_seed(3)
-    CHECKPOINT["state"] = Block().eval().state_dict()
+    state = Block().eval().state_dict()
     ids = torch.randint(0, 32, (2, 6))
-    model = parallel_model_trace(block_model, ids, tp_degree=2, backend="eager", progress=False)
+    model = parallel_model_trace(block_builder(state), ids, tp_degree=2, backend="eager", progress=False)
     yield model, ids
     model.close()
 

@@ -1,0 +1,172 @@
+"""What one generation round does, decided once from the sequences' state: a pure plan step.
+
+`plan_round(rows)` reads each sequence's `RowState` (its cache slot, its tokens, how many of them
+each model has cached, its speculation length) and returns a `RoundPlan`: which rows are
+prefilled, whether the running rows decode one token or run a draft/verify round, and what every
+row feeds the target and the draft. `DecodeBatch.step` (cluster.generation.engine) executes the
+plan on the models and applies the results; the split follows vLLM's `schedule()` /
+`update_from_output()`. No torch here, and no model: the rules are tested on plain values.
+
+The rules:
+- a row that has not been prefilled is prefilled (its whole prompt); every other live row runs;
+- one running row that speculates (k > 0) makes the round a verify round for every running row:
+  rows with k = 0 ride along in the same verify forward with their one token;
+- the draft runs k_max = the largest k of the running rows proposals for every speculating row;
+- finished rows take no part.
+
+`DraftPlan` is the one call that round makes to the draft's ranks, and its docstring is the
+feeding contract between this package and `cluster.rank.RankWorker.decode_loop`;
+`draft_tokens_kept` is the rule the update step derives from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+
+if TYPE_CHECKING:  # types only: the plan itself needs no torch
+    from cluster.generation.layout import DecoderLayout
+    from cluster.generation.sampling import SamplingParams
+
+T = TypeVar("T")
+
+DECODE = "decode"
+VERIFY = "verify"
+
+
+@dataclass(frozen=True)
+class RowState:
+    """What the plan reads of one sequence.
+
+    tokens: prompt + generated so far; cached / draft_cached: how many of them the target's /
+    the draft's KV-cache row holds; k: draft proposals per round (0: no speculation).
+    """
+
+    slot: int
+    tokens: tuple[int, ...]
+    k: int = 0
+    started: bool = False
+    finished: bool = False
+    cached: int = 0
+    draft_cached: int = 0
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One model call's rows, indexed by cache slot up to the highest slot in the call.
+
+    tokens[slot] is fed from position starts[slot]; -1 feeds nothing (it goes to the scratch
+    slot), so a slot that takes no part in the call is (-1, ...) and its cache row is untouched.
+    """
+
+    tokens: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        """Cache rows the call spans: its batch size before bucketing."""
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round: a prefill of the new rows, and a decode or verify step of the running rows.
+
+    prompts / draft_prompts: the prefill's rows for the target / the draft, by slot (None: not
+    prefilled); the draft prefills only the new rows that speculate, and `draft_prompts` is ()
+    when there are none. target: each running row's one uncached token (in a verify round each
+    speculating row's `proposals[slot]` draft tokens follow it). draft (verify rounds): each
+    speculating row's pending tokens, right-aligned as `DraftPlan` wants them.
+    """
+
+    prefill: tuple[int, ...] = ()
+    prompts: tuple[tuple[int, ...] | None, ...] = ()
+    draft_prompts: tuple[tuple[int, ...] | None, ...] = ()
+    step: str = ""  # DECODE, VERIFY, or "" when no row is running
+    running: tuple[int, ...] = ()
+    target: Feed | None = None
+    proposals: tuple[int, ...] = ()
+    k_max: int = 0
+    draft: Feed | None = None
+
+
+def _by_slot(rows: Sequence[RowState], value: Callable[[RowState], T], empty: T) -> tuple[T, ...]:
+    """value(row) at each row's slot, `empty` at the slots in between, up to the highest slot."""
+    out = [empty] * (max(r.slot for r in rows) + 1)
+    for row in rows:
+        out[row.slot] = value(row)
+    return tuple(out)
+
+
+def plan_round(rows: Sequence[RowState]) -> RoundPlan:
+    """The round the live rows take next (see the module docstring for the rules)."""
+    live = [r for r in rows if not r.finished]
+    new = [r for r in live if not r.started]
+    running = [r for r in live if r.started]
+    plan = RoundPlan()
+    if new:
+        drafted = [r for r in new if r.k]
+        plan = replace(plan, prefill=tuple(r.slot for r in new), prompts=_by_slot(new, lambda r: r.tokens, None),
+                       draft_prompts=_by_slot(drafted, lambda r: r.tokens, None) if drafted else ())
+    if not running:
+        return plan
+    # One uncached token per running row: the one the last round emitted.
+    target = Feed(_by_slot(running, lambda r: r.tokens[r.cached:], (-1,)), _by_slot(running, lambda r: r.cached, 0))
+    plan = replace(plan, step=DECODE, running=tuple(r.slot for r in running), target=target)
+    speculating = [r for r in running if r.k]
+    if not speculating:
+        return plan
+    pending = _by_slot(speculating, lambda r: r.tokens[r.draft_cached:], (-1,))
+    longest = max(map(len, pending))
+    draft = Feed(tuple((-1,) * (longest - len(p)) + p for p in pending),  # right-aligned: see DraftPlan
+                 _by_slot(speculating, lambda r: r.draft_cached, 0))
+    return replace(plan, step=VERIFY, proposals=_by_slot(running, lambda r: r.k, 0),
+                   k_max=max(r.k for r in speculating), draft=draft)
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """One `decode_loop` call on the draft's ranks: `steps` proposals per row in one round trip.
+
+    The feeding contract (`cluster.rank.RankWorker.decode_loop` implements it; `draft_tokens_kept`
+    relies on it):
+
+    1. Row r feeds pending[r] one token per decode call from position starts[r]. Rows are
+       right-aligned (left-padded with -1, which feeds nothing), so every row feeds its last
+       pending token in the same call, number len(pending[0]) - 1; that call's logits give the
+       first proposal. A row that is all -1 is idle: it feeds and keeps nothing.
+    2. Each proposal is then fed back to draw the next: `steps` proposals take
+       len(pending[0]) + steps - 1 decode calls, and the last proposal is never fed.
+    3. Row r samples under sampling[r] with a generator seeded by seeds[r]; every rank draws the
+       same tokens from the same logits and seeds. Rank 0 returns (tokens [B, steps], the draft's
+       probabilities [B, steps, V] when want_probs, else None).
+
+    So the round leaves in row r's draft cache its pending tokens and its first steps - 1
+    proposals; when the target accepts a of the proposals, the cache stays valid up to
+    `draft_tokens_kept(pending[r], a, steps)` tokens past starts[r].
+    """
+
+    pending: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+    steps: int
+    layout: DecoderLayout
+    sampling: tuple[SamplingParams, ...]
+    seeds: tuple[int, ...]
+    want_probs: bool = False
+
+    def __post_init__(self) -> None:
+        rows = len(self.pending)
+        if not rows or self.steps < 1 or len({len(p) for p in self.pending}) != 1:
+            raise ValueError("DraftPlan needs at least one row, steps >= 1, and pending rows of one length")
+        if not len(self.starts) == len(self.sampling) == len(self.seeds) == rows:
+            raise ValueError("DraftPlan needs starts, sampling and seeds for every pending row")
+
+
+def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
+    """How many tokens a row's draft cache gains in a round where the target accepted `accepted`
+    of its proposals: its pending tokens, and the accepted proposals the draft fed back (only
+    the first steps - 1 are; see DraftPlan). The next round feeds the draft from there."""
+    return sum(1 for t in pending if t >= 0) + min(accepted, steps - 1)
+
+
+__all__ = ["DECODE", "VERIFY", "DraftPlan", "Feed", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]

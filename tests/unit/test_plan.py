@@ -1,0 +1,100 @@
+"""The plan step of a generation round: pure rules over the sequences' state, no model."""
+
+import pytest
+
+from cluster.generation.plan import DECODE, VERIFY, DraftPlan, Feed, RoundPlan, RowState, draft_tokens_kept, plan_round
+
+
+def running(slot, tokens, k=0, cached=None, draft_cached=None):
+    """A row that was prefilled: every token but the last is in the target's cache."""
+    cached = len(tokens) - 1 if cached is None else cached
+    return RowState(slot, tuple(tokens), k, started=True, cached=cached,
+                    draft_cached=cached if draft_cached is None else draft_cached)
+
+
+def test_nothing_live_plans_nothing():
+    assert plan_round([]) == RoundPlan()
+    assert plan_round([RowState(0, (1, 2), finished=True)]) == RoundPlan()
+
+
+def test_new_rows_prefill_while_running_ones_decode():
+    rows = [running(0, [5, 6, 7]), RowState(1, (9, 9)), running(2, [1, 2, 3, 4]), RowState(3, (8,))]
+    plan = plan_round(rows)
+    assert plan.prefill == (1, 3)
+    assert plan.prompts == (None, (9, 9), None, (8,))  # other slots' rows go to the scratch slot
+    assert plan.draft_prompts == ()  # nobody speculates: no draft prefill
+    assert plan.step == DECODE and plan.running == (0, 2)
+    assert plan.target == Feed(((7,), (-1,), (4,)), (2, 0, 3))  # each running row's one uncached token
+    assert plan.target.width == 3 and plan.k_max == 0 and plan.draft is None
+
+
+def test_only_new_speculating_rows_are_prefilled_on_the_draft():
+    plan = plan_round([RowState(0, (1, 2), k=0), RowState(2, (3, 4, 5), k=3)])
+    assert plan.prefill == (0, 2) and plan.step == ""
+    assert plan.prompts == ((1, 2), None, (3, 4, 5))
+    assert plan.draft_prompts == (None, None, (3, 4, 5))
+
+
+def test_one_speculating_row_makes_a_verify_round_and_plain_rows_ride_along():
+    rows = [running(0, [5, 6, 7]), running(1, [1, 2, 3], k=2), running(3, [4, 4], k=4)]
+    plan = plan_round(rows)
+    assert plan.step == VERIFY and plan.running == (0, 1, 3)
+    assert plan.target.tokens == ((7,), (3,), (-1,), (4,))  # one token each; proposals follow where k > 0
+    assert plan.proposals == (0, 2, 0, 4)  # row 0 rides along with its one token, slot 2 is empty
+    assert plan.k_max == 4  # the draft runs the largest k for every speculating row
+
+
+def test_widths_span_the_highest_slot_in_each_call():
+    plan = plan_round([running(0, [1, 2], k=2), running(5, [3, 4]), RowState(2, (7,))])
+    assert plan.target.width == 6  # running slots 0 and 5
+    assert plan.draft.width == 1  # only slot 0 speculates
+    assert len(plan.prompts) == 3  # the prefill spans slot 2
+
+
+def test_finished_rows_take_no_part():
+    finished = RowState(1, (1, 2, 3), k=2, started=True, finished=True, cached=2, draft_cached=2)
+    plan = plan_round([running(0, [5, 6]), finished, RowState(2, (9,), finished=True)])
+    assert plan.step == DECODE and plan.running == (0,) and plan.prefill == ()
+    assert plan_round([finished]) == RoundPlan()
+
+
+def test_draft_pending_is_right_aligned_with_its_starts():
+    # slot 0's draft is 3 tokens behind (all its proposals were accepted), slot 1's one.
+    rows = [running(0, [1, 2, 3, 4, 5, 6], k=3, draft_cached=3), running(1, [7, 8, 9], k=3)]
+    plan = plan_round(rows)
+    assert plan.draft == Feed(((4, 5, 6), (-1, -1, 9)), (3, 2))
+
+
+def test_draft_tokens_kept_counts_pending_and_the_fed_back_accepted_proposals():
+    # the draft feeds its pending tokens and its first steps - 1 proposals (DraftPlan's contract)
+    assert [draft_tokens_kept((9,), a, 3) for a in range(4)] == [1, 2, 3, 3]
+    assert draft_tokens_kept((-1, -1, 9), 1, 3) == 2  # padding is not a token
+    assert draft_tokens_kept((4, 5), 0, 1) == 2  # k = 1: the one proposal is never fed
+
+
+# Rejected proposals were never valid; accepted ones the draft fed back are already cached. Only
+# when all k are accepted is the last proposal (never fed) pending next to the target's token.
+@pytest.mark.parametrize("accepted, next_pending", [(0, (20,)), (1, (20,)), (2, (20,)), (3, (13, 20))])
+def test_the_draft_feed_after_partial_acceptance(accepted, next_pending):
+    """Pin the round-to-round rule: after a round, the draft is fed from what it kept."""
+    prompt = (1, 2, 3, 4)
+    row = running(0, [*prompt, 10], k=3, cached=4, draft_cached=4)  # after prefill: one emitted token
+    plan = plan_round([row])
+    assert plan.draft.tokens == ((10,),) and plan.draft.starts == (4,) and plan.k_max == 3
+    # the draft proposed 11, 12, 13; the target accepted `accepted` of them and added 20
+    emitted = [11, 12, 13][:accepted] + [20]
+    after = RowState(0, (*prompt, 10, *emitted), 3, started=True, cached=row.cached + 1 + accepted,
+                     draft_cached=row.draft_cached + draft_tokens_kept(plan.draft.tokens[0], accepted, plan.k_max))
+    following = plan_round([after])
+    assert following.draft.tokens == (next_pending,)
+    assert following.draft.starts == (len(prompt) + 1 + len(emitted) - len(next_pending),)
+    assert following.target.tokens == ((20,),)  # the target always has exactly one token to catch up
+
+
+def test_a_draft_plan_checks_its_rows():
+    with pytest.raises(ValueError, match="one length"):
+        DraftPlan(((1,), (-1, 2)), (0, 0), 2, None, (None, None), (0, 0))
+    with pytest.raises(ValueError, match="every pending row"):
+        DraftPlan(((1,), (2,)), (0,), 2, None, (None, None), (0, 0))
+    with pytest.raises(ValueError, match="steps >= 1"):
+        DraftPlan(((1,),), (0,), 0, None, (None,), (0,))
