@@ -140,6 +140,7 @@ def save_random_llama(path: Path, seed: int, vocab_size: int, **shape):
 
 def hf_greedy(model, prompt: Sequence[int], new: int) -> list[int]:
     """`new` greedy tokens from transformers' own model: the reference our decoders must equal."""
-    out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                         pad_token_id=0)
+    ids = torch.tensor([list(prompt)])  # an explicit mask: a prompt token equal to the pad id is still attended to
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()

@@ -43,7 +43,7 @@ def _tokens(stream):
     return ids, text, stats
 
 
-def test_generate_streams_what_the_library_generates(decoders):
+def test_generate_streams_what_transformers_generates(decoders):
     served, hf = decoders
     from transformers import AutoTokenizer
 
