@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 from typing import Sequence
 
@@ -144,3 +147,44 @@ def hf_greedy(model, prompt: Sequence[int], new: int) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+# -- the deploy/ files --------------------------------------------------------------------------------
+DEPLOY = REPO_ROOT / "deploy"
+LAUNCHER = DEPLOY / "aws" / "cluster.yaml"
+KUBERAY = DEPLOY / "kuberay" / "raycluster.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+README = DEPLOY / "README.md"
+
+# NeuronCores per instance type (Inferentia2: 2 per chip; Trainium: 2 per chip).
+NEURON_CORES = {"inf2.xlarge": 2, "inf2.24xlarge": 12, "trn1.32xlarge": 32}
+EXPECTED_WORKER_TYPES = {
+    "inf2_xlarge": "inf2.xlarge",
+    "inf2_24xlarge": "inf2.24xlarge",
+    "trn1_32xlarge": "trn1.32xlarge",
+}
+RAY_INTERNAL_PORTS = {6379, 8265, 10001}
+GATEWAY_PORT = 50051
+METRICS_PORT = 9464
+
+# Text that must never appear in a config or image file: token auth off, or the dashboard on all interfaces.
+FORBIDDEN = [
+    re.compile(r"RAY_AUTH_MODE\s*[=:]\s*[\"']?disabled", re.I),
+    re.compile(r"--dashboard-host[=\s]+[\"']?0\.0\.0\.0"),
+    re.compile(r"dashboard-host[\"']?\s*:\s*[\"']?0\.0\.0\.0"),
+]
+
+BASH = shutil.which("bash")
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def bash_syntax_ok(script: str) -> tuple[bool, str]:
+    proc = subprocess.run([BASH, "-n", "-c", script], capture_output=True, text=True, timeout=10)
+    return proc.returncode == 0, proc.stderr
+
+
+def container_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
