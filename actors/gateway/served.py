@@ -172,11 +172,16 @@ class ServedModel:
                     results[index] = [o[at : at + size] for o in outputs]
                     at += size
                 return
-        for index, inputs in zip(indices, group):
+        for index, size, inputs in zip(indices, sizes, group):
             try:
-                results[index] = await self._forward(inputs)
+                outputs = await self._forward(inputs)
             except InputError as exc:
                 results[index] = exc
+                continue
+            # the bucket kernel may have padded the batch: the request gets its own rows back
+            if all(o.ndim > 0 and o.shape[0] >= size for o in outputs):
+                outputs = [o[:size] for o in outputs]
+            results[index] = outputs
 
     async def _run_batch(self, payloads: list[list[tuple[str, Any]]]) -> list[list[np.ndarray]]:
         rows = [row for payload in payloads for row in payload]

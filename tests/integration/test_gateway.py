@@ -137,6 +137,11 @@ def test_concurrent_infer_requests_are_split_back_by_rows(gateway, client):
         assert a.shape == b.shape == (1, 384)
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert _batched_rows(gateway)[1] - before[1] == 8
+    # a lone request gets its own rows back, not the padded batch bucket's
+    two = [np.concatenate(parts) for parts in zip(inputs[0], inputs[1])]  # a lone request of 2 rows (bucket: 4)
+    out = client.infer("minilm-embed", two)[0]
+    assert out.shape == (2, 384)
+    np.testing.assert_allclose(out, np.concatenate(alone[:2]), atol=1e-4)
 
 
 def _batched_rows(gateway, model="minilm-embed"):
