@@ -348,7 +348,7 @@ class DecodeBatch:
             raise
         except ClusterError as exc:
             raise DraftUnavailable(f"draft model {self.draft.name!r} failed: {str(exc).splitlines()[0]}; "
-                                   "retry, or generate without a draft") from None
+                                   "retry, or generate without a draft") from exc
 
 
 __all__ = ["DecodeBatch", "DecoderEndpoint", "GenerationRequest", "SessionSummary", "StepResult", "stop_matched"]
