@@ -18,7 +18,7 @@ from actors.rank_group import RayRankGroup
 from actors.runtime import NAMESPACE, ensure_ray
 from cluster.coordinator import Coordinator, CoordinatorConfig, Exported, ModelState
 from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
-from cluster.handle import CoordinatorInfo, GenerationRound
+from cluster.handle import AsyncCalls, CoordinatorInfo, GenerationRound
 from cluster.trace.config import TraceSpec
 
 _GRACE_S = 5.0  # beyond a call's own timeout (enforced on the ranks), for the reply to travel
@@ -177,7 +177,7 @@ class RemoteCoordinator:
                 time.sleep(0.1)
 
 
-class AsyncRemoteCoordinator:
+class AsyncRemoteCoordinator(AsyncCalls):
     """The serving calls of a RemoteCoordinator, awaited without blocking the event loop (an
     AsyncCoordinatorHandle).
 
@@ -199,22 +199,6 @@ class AsyncRemoteCoordinator:
             raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.1f} s") from exc
         except (RayTaskError, RayActorError) as exc:
             raise translate(exc, method) from exc
-
-    async def forward(self, inputs: Any, *, timeout: float) -> Any:
-        return await self._call("forward", inputs, timeout=timeout)
-
-    async def generate_batch(self, opens: Sequence, closes: Sequence[int], sessions: Sequence[int], resync: bool, *,
-                             timeout: float) -> GenerationRound:
-        return await self._call("generate_batch", opens, closes, sessions, resync, timeout=timeout)
-
-    async def info(self, *, timeout: float) -> CoordinatorInfo:
-        return await self._call("info", timeout=timeout)
-
-    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
-        return await self._call("describe_ranks", timeout=timeout)
-
-    async def health(self, *, timeout: float) -> list[int]:
-        return await self._call("health", timeout=timeout)
 
 
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | None = None, label: dict | None = None,

@@ -90,34 +90,43 @@ class AsyncCoordinatorHandle(Protocol):
     async def health(self, *, timeout: float) -> list[int]: ...
 
 
-class AsyncOverThreads:
+class AsyncCalls:
+    """The AsyncCoordinatorHandle methods over one `_call(method, *args, timeout=...)`: a transport
+    (a worker thread, a Ray actor call) implements only that."""
+
+    async def _call(self, method: str, *args: Any, timeout: float) -> Any:
+        raise NotImplementedError
+
+    async def forward(self, inputs: Any, *, timeout: float) -> Any:
+        return await self._call("forward", inputs, timeout=timeout)
+
+    async def generate_batch(self, opens: Sequence, closes: Sequence[int], sessions: Sequence[int], resync: bool, *,
+                             timeout: float) -> GenerationRound:
+        return await self._call("generate_batch", opens, closes, sessions, resync, timeout=timeout)
+
+    async def info(self, *, timeout: float) -> CoordinatorInfo:
+        return await self._call("info", timeout=timeout)
+
+    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
+        return await self._call("describe_ranks", timeout=timeout)
+
+    async def health(self, *, timeout: float) -> list[int]:
+        return await self._call("health", timeout=timeout)
+
+
+class AsyncOverThreads(AsyncCalls):
     """`AsyncCoordinatorHandle` over a blocking handle, each call on a worker thread (in-process tests)."""
 
     def __init__(self, handle: CoordinatorHandle) -> None:
         self._handle = handle
 
-    async def _run(self, timeout: float, method: Any, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, timeout: float) -> Any:
         from cluster.errors import ClusterTimeout
 
         try:
-            return await asyncio.wait_for(asyncio.to_thread(method, *args), timeout)
+            return await asyncio.wait_for(asyncio.to_thread(getattr(self._handle, method), *args), timeout)
         except asyncio.TimeoutError as exc:
-            raise ClusterTimeout(f"coordinator {method.__name__} did not answer within {timeout:.1f} s") from exc
-
-    async def forward(self, inputs: Any, *, timeout: float) -> Any:
-        return await self._run(timeout, self._handle.forward, inputs)
-
-    async def generate_batch(self, opens, closes, sessions, resync, *, timeout: float) -> GenerationRound:
-        return await self._run(timeout, self._handle.generate_batch, opens, closes, sessions, resync)
-
-    async def info(self, *, timeout: float) -> CoordinatorInfo:
-        return await self._run(timeout, self._handle.info)
-
-    async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
-        return await self._run(timeout, self._handle.describe_ranks)
-
-    async def health(self, *, timeout: float) -> list[int]:
-        return await self._run(timeout, self._handle.health)
+            raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.1f} s") from exc
 
 
-__all__ = ["AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo", "GenerationRound"]
+__all__ = ["AsyncCalls", "AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo", "GenerationRound"]

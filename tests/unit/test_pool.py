@@ -26,11 +26,11 @@ class FlakyHandle(AsyncOverThreads):
         self.fail: BaseException | None = None
         self.calls = 0
 
-    async def _run(self, timeout, method, *args):
+    async def _call(self, method, *args, timeout):
         self.calls += 1
         if self.fail is not None:
             raise self.fail
-        return await super()._run(timeout, method, *args)
+        return await super()._call(method, *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
