@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import time
 from typing import Any
 
 import ray
 
+from cluster.backoff import Backoff
+
 NAMESPACE = "tpcluster"
 DEFAULT_LOGICAL_NEURON_CORES = 8
+# Ray Client's proxy starts a server process per client; on a busy head that start can fail once
+# and work on the next try, so attaching through ray:// is retried for this long.
+CLIENT_ATTACH_TIMEOUT_S = 60.0
+CLIENT_ATTACH_BACKOFF = Backoff(initial_s=1.0, max_s=8.0)
+
+log = logging.getLogger(__name__)
+
 
 def has_neuron_devices() -> bool:
     return bool(glob.glob("/dev/neuron[0-9]*"))
@@ -26,7 +37,7 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
     options.setdefault("namespace", NAMESPACE)
     options.setdefault("log_to_driver", False)
     if address is not None:
-        ray.init(address=address, **options)
+        _attach(address, options)
         return
     # Ray's local-only mode binds every service, and reports every node address, as 127.0.0.1;
     # Ray reads the switch at import, so set it for child processes and for this one.
@@ -39,6 +50,26 @@ def ensure_ray(address: str | None = None, neuron_cores: int | None = None, **op
         options.setdefault("resources", {})["neuron_cores"] = cores
     options.setdefault("include_dashboard", False)
     ray.init(**options)
+
+
+def _attach(address: str, options: dict[str, Any]) -> None:
+    if not address.startswith("ray://"):
+        ray.init(address=address, **options)
+        return
+    deadline = time.monotonic() + CLIENT_ATTACH_TIMEOUT_S
+    for delay in CLIENT_ATTACH_BACKOFF.delays():
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionError as error:  # the proxy could not start this client's server; Ray disconnected cleanly
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(
+                    f"could not attach to the Ray cluster at {address} through Ray Client for "
+                    f"{CLIENT_ATTACH_TIMEOUT_S:.0f} s: {error}. Check that the head node is up and its client "
+                    "server port is reachable, or attach with the GCS address (HOST:PORT) from a cluster node."
+                ) from error
+            log.warning("attaching to %s failed (%s); retrying in %.0f s", address, error, delay)
+            time.sleep(delay)
 
 
 def stop_ray() -> None:

@@ -126,7 +126,7 @@ def two_nodes(tmp_path_factory):
         procs.append(_node(WORKER, gcs, [f"--address={HEAD}:{gcs}"], open(logs / "worker.log", "w")))
         _wait_for_nodes(f"{HEAD}:{gcs}", 2)
         yield {"address": f"{HEAD}:{gcs}", "client": f"ray://{HEAD}:{client}", "jobs": f"http://{HEAD}:{dashboard}",
-               "procs": procs, "logs": logs}
+               "procs": procs, "logs": logs, "ray_logs": Path(temp) / "session_latest" / "logs"}
     finally:
         _stop_everything(procs)
 
@@ -139,10 +139,14 @@ def _serve(cluster, models, name, address):
     cluster["procs"].append(proc)
     deadline = time.monotonic() + 300
     while not ready.exists():
-        assert proc.poll() is None, (cluster["logs"] / f"{name}.log").read_text()[-3000:]
+        assert proc.poll() is None, _tail(cluster["logs"] / f"{name}.log", *cluster["ray_logs"].glob("ray_client_server*.err"))
         assert time.monotonic() < deadline, "the gateway did not come up"
         time.sleep(0.5)
     return proc, f"127.0.0.1:{ready.read_text()}"
+
+
+def _tail(*logs):
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
 
 
 def _replicas(client, model):
