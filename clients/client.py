@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import grpc
 import numpy as np
@@ -156,9 +156,21 @@ class _Base:
                     lambda reply: list(reply.results), timeout)
 
     @staticmethod
-    def _infer(model: str, inputs: Sequence[np.ndarray], timeout: float | None) -> _Rpc:
-        request = pb.InferRequest(model=model, inputs=[to_tensor(f"input_{i}", a) for i, a in enumerate(inputs)])
+    def _infer(model: str, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray], timeout: float | None) -> _Rpc:
+        named = inputs.items() if isinstance(inputs, Mapping) else ((f"input_{i}", a) for i, a in enumerate(inputs))
+        request = pb.InferRequest(model=model, inputs=[to_tensor(name, a) for name, a in named])
         return _Rpc("Infer", request, lambda reply: [from_tensor(t) for t in reply.outputs], timeout)
+
+    @staticmethod
+    def _tokenize(texts: Sequence[str], model: str, timeout: float | None) -> _Rpc:
+        return _Rpc("Tokenize", pb.TokenizeRequest(model=model, texts=list(texts)),
+                    lambda reply: [list(row.ids) for row in reply.token_ids], timeout)
+
+    @staticmethod
+    def _detokenize(token_ids: Sequence[Sequence[int]], model: str, skip_special_tokens: bool, timeout: float | None) -> _Rpc:
+        request = pb.TokenizeRequest(model=model, token_ids=[pb.TokenIds(ids=list(row)) for row in token_ids],
+                                     skip_special_tokens=skip_special_tokens)
+        return _Rpc("Tokenize", request, lambda reply: list(reply.texts), timeout)
 
 
 class Client(_Base):
@@ -190,8 +202,19 @@ class Client(_Base):
     def classify(self, inputs: Sequence[str | tuple[str, str]], model: str = "", timeout: float | None = None) -> list[pb.Classification]:
         return self._unary(self._classify(inputs, model, timeout))
 
-    def infer(self, model: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+    def infer(self, model: str, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+              timeout: float | None = None) -> list[np.ndarray]:
+        """The model's outputs, in ModelMetadata.outputs' order; `inputs` by position, or by name (a dict)."""
         return self._unary(self._infer(model, inputs, timeout))
+
+    def tokenize(self, texts: Sequence[str], model: str = "", timeout: float | None = None) -> list[list[int]]:
+        """Token ids of each text, with the special tokens the model's requests add."""
+        return self._unary(self._tokenize(texts, model, timeout))
+
+    def detokenize(self, token_ids: Sequence[Sequence[int]], model: str = "", skip_special_tokens: bool = False,
+                   timeout: float | None = None) -> list[str]:
+        """The text of each row of token ids."""
+        return self._unary(self._detokenize(token_ids, model, skip_special_tokens, timeout))
 
     def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                         top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
@@ -259,8 +282,16 @@ class AsyncClient(_Base):
     async def classify(self, inputs: Sequence[str | tuple[str, str]], model: str = "", timeout: float | None = None) -> list[pb.Classification]:
         return await self._unary(self._classify(inputs, model, timeout))
 
-    async def infer(self, model: str, inputs: Sequence[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+    async def infer(self, model: str, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+                    timeout: float | None = None) -> list[np.ndarray]:
         return await self._unary(self._infer(model, inputs, timeout))
+
+    async def tokenize(self, texts: Sequence[str], model: str = "", timeout: float | None = None) -> list[list[int]]:
+        return await self._unary(self._tokenize(texts, model, timeout))
+
+    async def detokenize(self, token_ids: Sequence[Sequence[int]], model: str = "", skip_special_tokens: bool = False,
+                         timeout: float | None = None) -> list[str]:
+        return await self._unary(self._detokenize(token_ids, model, skip_special_tokens, timeout))
 
     async def generate_stream(self, prompt: str, model: str = "", max_new_tokens: int = 0, temperature: float = 0.0,
                               top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),

@@ -18,7 +18,8 @@ import torch
 
 from cluster.errors import ClusterError, InputError
 from cluster.parallel_layers import parallel_state
-from cluster.parallel_layers.collectives import Collectives, ProcessGroupCollectives
+from cluster.parallel_layers.collectives import Collectives, GlooGather, ProcessGroupCollectives, use_gather
+from cluster.parallel_layers.shared_memory import SharedMemoryGroup, form_shared_memory_group
 from cluster.parallel_layers.sharding import partition_dims
 from cluster.trace.backends import Backend, get_backend
 from cluster.trace.config import TraceSpec
@@ -55,6 +56,7 @@ class RankWorker:
         self._aliases: dict[str, int] = {}  # state weight name -> output index (io_aliases)
         self._blobs: list[bytes | None] = []  # graph files as traced, adopted or loaded
         self._calls: list[Any] = []  # the same, bound to the weights
+        self._shared_memory: SharedMemoryGroup | None = None
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
         elif world_size == 1:
@@ -68,6 +70,7 @@ class RankWorker:
             "node": self.node,
             "neuron_cores": os.environ.get("NEURON_RT_VISIBLE_CORES", ""),
             "threads": torch.get_num_threads(),
+            "collectives": self.collective_transport(),
             "memory_bytes": _resident_bytes(),
         }
 
@@ -79,7 +82,8 @@ class RankWorker:
             return host, sock.getsockname()[1]
 
     def init_collectives(self, host: str, port: int, timeout_s: float, threads: int) -> None:
-        """Join the gloo group of this TP group; every wait in it is bounded by timeout_s."""
+        """Join the gloo group of this TP group, and its shared-memory collectives when every rank can map
+        one segment (one node); every wait in either is bounded by timeout_s."""
         import torch.distributed as dist
 
         if threads > 0:
@@ -94,8 +98,18 @@ class RankWorker:
             "gloo", init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size,
             timeout=timedelta(seconds=timeout_s),
         )
+        if self._shared_memory is not None:
+            self._shared_memory.close()
+        self._shared_memory = form_shared_memory_group(self.rank, self.world_size, timeout_s)
+        use_gather(self._shared_memory or GlooGather(self.world_size))
         self._collectives = ProcessGroupCollectives()
         parallel_state.set_rank(self.rank, self.world_size, self._collectives)
+
+    def collective_transport(self) -> str:
+        """What carries this rank's collectives: "shared-memory", "gloo" or "" (TP=1, or in-process)."""
+        if self._shared_memory is not None:
+            return "shared-memory"
+        return "gloo" if self.world_size > 1 and self._collectives is not None else ""
 
     # -- tracing ----------------------------------------------------------------------------
     def build(self, spec: TraceSpec) -> dict[str, Any]:

@@ -10,6 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to attach to (auto, ray://host:10001); default: start a local one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/embeddings) on this port")
+    parser.add_argument("--draft", action="append", metavar="TARGET=DRAFT",
+                        help="HTTP API: the draft TARGET's completions speculate with when they send speculation_length "
+                             "without draft_model (repeatable)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics over HTTP (0: off)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of every model")
     parser.add_argument("--neuron-cores", type=int, help="logical NeuronCores of a local cluster without Neuron devices")
@@ -45,13 +50,19 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"--model takes NAME=PATH, got {item!r}")
         models[name] = path
+    drafts = {}
+    for item in args.draft or []:
+        target, sep, draft = item.partition("=")
+        if not sep or not target or not draft:
+            raise SystemExit(f"--draft takes TARGET=DRAFT (two served model names), got {item!r}")
+        drafts[target] = draft
     read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
     token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
     batching = BatchingConfig(max_batch_rows=1 if args.no_batching else args.max_batch, max_wait_s=0 if args.no_batching else args.max_wait_ms / 1e3,
                               max_queue=args.max_queue, max_sequences=1 if args.no_batching else args.max_sequences)
     config = ServeConfig(
         models=models, replicas=args.replicas, address=args.address, neuron_cores=args.neuron_cores, batching=batching,
-        resident=args.resident,
+        resident=args.resident, http_port=args.http_port, drafts=drafts,
         gateway=GatewayConfig(host=args.host, port=args.port, metrics_port=args.metrics_port, auth_token=token,
                               tls_cert=read(args.tls_cert), tls_key=read(args.tls_key), grace_s=args.grace),
     )

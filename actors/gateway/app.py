@@ -29,10 +29,18 @@ class ServeConfig:
     # resident replicas are named, detached coordinators: a gateway (re)started later adopts them, and
     # they stay loaded when it exits. None: resident when attached to a running cluster (address given).
     resident: bool | None = None
+    # the OpenAI-compatible HTTP API (actors.gateway.openai_http) on this port of the gateway's host
+    # (0: any free port); None: not served
+    http_port: int | None = None
+    # target model -> the draft model its OpenAI-API completions speculate with when they ask for
+    # speculation (speculation_length) without naming a draft_model
+    drafts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port {self.http_port} is out of range; use 1-65535, or 0 for any free port")
 
     @property
     def keeps_resident(self) -> bool:
@@ -72,6 +80,7 @@ async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> N
         model.metrics = gateway.metrics
     port = await gateway.start()
     print(f"tpcluster gateway serving {sorted(models)} on {config.gateway.host}:{port}", file=sys.stderr, flush=True)
+    http = await _start_http(gateway, config)
     if ready_file:
         Path(ready_file).write_text(str(port))
     stop = asyncio.Event()
@@ -80,6 +89,8 @@ async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("tpcluster gateway: shutting down (finishing in-flight requests)", file=sys.stderr, flush=True)
+    if http is not None:
+        await http.stop()
     await gateway.stop()
     for model in models.values():
         await model.close(release=not config.keeps_resident)
@@ -90,8 +101,22 @@ async def serve_forever(config: ServeConfig, ready_file: str | None = None) -> N
     cluster.shutdown()  # stops the local cluster this process started (a no-op when attached)
 
 
+async def _start_http(gateway: Gateway, config: ServeConfig):
+    """The OpenAI-compatible HTTP API beside the gRPC server, in this loop (None unless http_port is set)."""
+    if config.http_port is None:
+        return None
+    from actors.gateway.openai_http import OpenAIServer
+
+    http = OpenAIServer(gateway, config.http_port, config.drafts)
+    port = await http.start()
+    print(f"tpcluster gateway: OpenAI-compatible HTTP API on {http.scheme}://{config.gateway.host}:{port}/v1",
+          file=sys.stderr, flush=True)
+    return http
+
+
 class BackgroundGateway:
-    """A gateway serving from a thread of this process (the demo, tests): `.target`, then `.close()`."""
+    """A gateway serving from a thread of this process (the demo, tests): `.target`, then `.close()`;
+    with `http_port` set, also `.http_url` (the OpenAI-compatible API's base URL, ending in /v1)."""
 
     def __init__(self, config: ServeConfig) -> None:
         import threading
@@ -106,11 +131,15 @@ class BackgroundGateway:
             model.metrics = self.gateway.metrics
         self.port = self.run(self.gateway.start())
         self.target = f"{config.gateway.host}:{self.port}"
+        self.http = self.run(_start_http(self.gateway, config))
+        self.http_url = f"{self.http.scheme}://{config.gateway.host}:{self.http.port}/v1" if self.http else None
 
     def run(self, coroutine, timeout: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def close(self) -> None:
+        if self.http is not None:
+            self.run(self.http.stop())
         self.run(self.gateway.stop())
         for model in self.models.values():
             self.run(model.close(release=not self.config.keeps_resident))

@@ -8,11 +8,13 @@ Overloaded (RESOURCE_EXHAUSTED) with a message the client can act on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from actors.gateway.signatures import input_names
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import tensors
 from cluster.errors import InputError, Overloaded
@@ -23,6 +25,7 @@ from cluster.generation.sampling import SamplingParams
 MAX_TENSOR_ELEMENTS = 1 << 26  # 64 Mi elements: larger payloads are refused, not buffered
 MAX_TEXTS = 1024
 MAX_TEXT_CHARS = 100_000
+MAX_STOP_SEQUENCES = 16
 
 
 def decode_tensor(message: pb.Tensor, index: int) -> tuple[str, np.ndarray]:
@@ -102,8 +105,8 @@ def decode_generate(request: pb.GenerateRequest) -> tuple[str, Sampling]:
         raise InputError(f"top_k {s.top_k} is out of range")
     if request.speculation_length > DEFAULTS.speculation_length_limit:
         raise InputError(f"speculation_length {request.speculation_length} is above {DEFAULTS.speculation_length_limit}")
-    if any(not stop for stop in request.stop) or len(request.stop) > 16:
-        raise InputError("stop sequences must be non-empty strings, at most 16 of them")
+    if any(not stop for stop in request.stop) or len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InputError(f"stop sequences must be non-empty strings, at most {MAX_STOP_SEQUENCES} of them")
     max_new, top_p, k = DEFAULTS.resolve(request.max_new_tokens, s.top_p, request.speculation_length)
     return prompt, Sampling(
         max_new_tokens=max_new, temperature=float(s.temperature), top_k=int(s.top_k), top_p=top_p,
@@ -123,8 +126,28 @@ def classify_response(results: Sequence[Any]) -> pb.ClassifyResponse:
                                         for r in results])
 
 
-def infer_response(outputs: Sequence[np.ndarray]) -> pb.InferResponse:
-    return pb.InferResponse(outputs=[encode_tensor(f"output_{i}", a) for i, a in enumerate(outputs)])
+def infer_response(outputs: Sequence[tuple[str, np.ndarray]]) -> pb.InferResponse:
+    return pb.InferResponse(outputs=[encode_tensor(name, a) for name, a in outputs])
+
+
+def decode_tokenize(request: pb.TokenizeRequest) -> tuple[list[str] | None, list[list[int]] | None]:
+    """(texts, None) to encode or (None, id rows) to decode."""
+    if request.texts and request.token_ids:
+        raise InputError("send texts (to encode) or token_ids (to decode), not both")
+    if request.texts:
+        return decode_texts(request.texts), None
+    if not request.token_ids:
+        raise InputError("nothing to tokenize: send texts (to encode) or token_ids (to decode)")
+    if len(request.token_ids) > MAX_TEXTS:
+        raise Overloaded(f"token_ids: {len(request.token_ids)} rows in one request; send at most {MAX_TEXTS}")
+    rows = [list(row.ids) for row in request.token_ids]
+    if sum(map(len, rows)) > MAX_TEXT_CHARS:
+        raise InputError(f"token_ids: more than {MAX_TEXT_CHARS} ids in one request; send fewer")
+    return None, rows
+
+
+def tokenize_response(token_ids: Sequence[Sequence[int]] = (), texts: Sequence[str] = ()) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(token_ids=[pb.TokenIds(ids=list(row)) for row in token_ids], texts=list(texts))
 
 
 def generate_event(token: int | None, piece: Any) -> pb.GenerateResponse:
@@ -135,20 +158,38 @@ def generate_event(token: int | None, piece: Any) -> pb.GenerateResponse:
 
 
 def model_metadata(model: Any) -> pb.ModelMetadata:
-    """A served model's metadata (actors.gateway.served.ServedModel)."""
+    """A served model's metadata (actors.gateway.served.ServedModel): its Infer signature by name
+    (decoders have none), its outputs, the RPCs it takes, and its defaults and limits."""
     info = model.pool.info
-    buckets = [pb.Bucket(inputs=[pb.TensorSpec(name=f"input_{i}", dtype=s["dtype"], shape=s["shape"]) for i, s in enumerate(sig)])
-               for sig in info.buckets]
-    inputs = []
-    if info.buckets:  # dimensions that differ between buckets are -1
-        for i, spec in enumerate(info.buckets[0]):
-            dims = [d if all(len(sig[i]["shape"]) > j and sig[i]["shape"][j] == d for sig in info.buckets) else -1
-                    for j, d in enumerate(spec["shape"])]
-            inputs.append(pb.TensorSpec(name=f"input_{i}", dtype=spec["dtype"], shape=dims))
+    buckets = []
+    for sig in info.buckets:
+        names = input_names(model.spec, len(sig))
+        buckets.append(pb.Bucket(inputs=[pb.TensorSpec(name=n, dtype=s["dtype"], shape=s["shape"]) for n, s in zip(names, sig)]))
     return pb.ModelMetadata(name=model.name, task=model.spec.task, tp_degree=info.tp_degree, backend=info.backend or "",
-                            buckets=buckets, inputs=inputs, ready=model.pool.ready, replicas=len(model.pool.replicas),
-                            ready_replicas=model.pool.ready_count, labels=list(model.spec.labels),
-                            max_sequence_length=model.max_length)
+                            buckets=buckets, inputs=[_spec(t) for t in model.inputs], ready=model.pool.ready,
+                            replicas=len(model.pool.replicas), ready_replicas=model.pool.ready_count,
+                            labels=list(model.spec.labels), max_sequence_length=model.max_length,
+                            outputs=[_spec(t) for t in model.outputs], rpcs=model.rpcs, limits=limits(model))
+
+
+def _spec(info: Any) -> pb.TensorSpec:
+    return pb.TensorSpec(name=info.name, dtype=info.dtype, shape=list(info.shape))
+
+
+def limits(model: Any) -> pb.Limits:
+    """The defaults and limits the gateway applies to requests to `model`."""
+    common = {"max_texts": MAX_TEXTS, "max_text_characters": MAX_TEXT_CHARS,
+              "max_batch_rows": model.max_rows if model.inputs else 0,
+              "max_tensor_elements": MAX_TENSOR_ELEMENTS if model.inputs else 0}
+    if model.spec.task != "generate":
+        return pb.Limits(**common)
+    layout = model.pool.info.decoder.get("layout", {})
+    verify = int(layout.get("verify_tokens", 0))
+    return pb.Limits(**common, max_new_tokens=DEFAULTS.max_new_tokens_limit, default_max_new_tokens=DEFAULTS.max_new_tokens,
+                     max_speculation_length=min(DEFAULTS.speculation_length_limit, verify - 1) if verify else 0,
+                     default_speculation_length=DEFAULTS.speculation_length,
+                     context_length=max(layout.get("cache_buckets", [1])) - 1, max_stop_sequences=MAX_STOP_SEQUENCES,
+                     default_top_p=DEFAULTS.top_p)
 
 
 def replica_status(replica: Any, ranks: list[dict[str, Any]], pid: int, in_flight: int) -> pb.ReplicaStatus:

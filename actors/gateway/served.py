@@ -19,6 +19,12 @@ from actors.gateway.batching import BatchingConfig, DynamicBatcher
 from actors.gateway.codec import Sampling
 from actors.gateway.pool import Replica, ReplicaPool
 from actors.gateway.scheduling import Ended, Generation, ReplicaScheduler
+from actors.gateway.signatures import (
+    TensorInfo,
+    input_specs,
+    merge_output_specs,
+    order_inputs,
+)
 from actors.gateway.text import TextStream
 from cluster.errors import InputError, Overloaded
 from cluster.generation.stats import GenerationStats
@@ -54,6 +60,9 @@ class ServedModel:
         if spec.task == "generate" and not self.max_length:
             self.max_length = max(layout.get("prompt_buckets", [0]))
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
+        # Infer's signature: decoders advertise none (their graphs write the KV cache Generate holds)
+        self.inputs: list[TensorInfo] = [] if spec.task == "generate" else input_specs(spec, pool.info.buckets)
+        self.outputs: list[TensorInfo] = []  # from describe_outputs(), once serving
         concurrency = len(pool.replicas)
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency, on_batch=self.record_batch)
         self.infer_batcher = DynamicBatcher(name, self._run_infer_batch, batching, concurrency, on_batch=self.record_batch)
@@ -78,6 +87,26 @@ class ServedModel:
 
     def generations_on(self, replica: Replica) -> int:
         return sum(len(s.active) for s in self.schedulers if s.replica is replica)
+
+    @property
+    def rpcs(self) -> list[str]:
+        """The tpcluster.v1 RPCs this model takes."""
+        own = {"embed": ["Embed"], "classify": ["Classify"], "infer": [], "generate": ["Generate"]}[self.spec.task]
+        return own + (["Infer"] if self.inputs else []) + (["Tokenize"] if self.tokenizer is not None else [])
+
+    async def describe_outputs(self) -> list[TensorInfo]:
+        """Learn what Infer returns from forwards on zeros shaped as the smallest and the largest
+        bucket (encoders only: they keep no state). Sets and returns `outputs`."""
+        buckets = self.pool.info.buckets
+        if not self.inputs or not buckets:
+            return self.outputs
+        probes = []
+        for signature in {0: buckets[0], len(buckets) - 1: buckets[-1]}.values():
+            inputs = tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in signature)
+            rows = int(inputs[0].shape[0]) if inputs[0].dim() else 0
+            probes.append((rows, await self._forward(inputs)))
+        self.outputs = merge_output_specs(self.spec, probes)
+        return self.outputs
 
     def label_of(self, label_id: int) -> str:
         """The label of a class index: the model's name for it, or the index itself."""
@@ -121,11 +150,42 @@ class ServedModel:
         logits = np.stack(await asyncio.wait_for(self.batcher.submit(rows, len(rows)), timeout))
         return [Classification(row, int(row.argmax()), self.label_of(int(row.argmax()))) for row in logits]
 
-    async def infer(self, tensors: list[np.ndarray], timeout: float) -> list[np.ndarray]:
-        """Named raw tensors through the model. Requests whose inputs share a batch dimension and the
-        rest of their shapes are merged along dim 0 with their concurrent peers (dynamic batching)."""
-        self.need_task("infer", "embed", "classify")
-        inputs = tuple(torch.from_numpy(t) for t in tensors)
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, with the special tokens the model's own requests add."""
+        return list(self._tokenizer()(texts, add_special_tokens=True)["input_ids"])
+
+    def detokenize(self, rows: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        tokenizer = self._tokenizer()
+        vocab = len(tokenizer)
+        for i, row in enumerate(rows):
+            bad = [t for t in row if t >= vocab]
+            if bad:
+                raise InputError(f"token_ids[{i}] holds ids {bad[:5]} outside the vocabulary of model {self.name!r} "
+                                 f"(0..{vocab - 1})")
+        return [tokenizer.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InputError(f"model {self.name!r} has no tokenizer; it takes raw tensors through Infer")
+        return self.tokenizer
+
+    async def infer(self, tensors: list[tuple[str, np.ndarray]], timeout: float) -> list[tuple[str, np.ndarray]]:
+        """Named raw tensors through the model: (name, array) in, matched to the model's inputs by
+        name or by position (signatures.order_inputs); (name, array) out, exactly the request's rows.
+        Requests whose inputs share a batch dimension and the rest of their shapes are merged along
+        dim 0 with their concurrent peers (dynamic batching)."""
+        if not self.inputs:
+            if self.spec.task == "generate":
+                raise InputError(f"model {self.name!r} is a decoder: Infer would overwrite the KV cache its generations "
+                                 "hold; use Generate (GetModel's rpcs lists what a model takes)")
+            raise InputError(f"model {self.name!r} advertises no Infer signature; see GetModel's rpcs")
+        ordered = order_inputs(self.name, [i.name for i in self.inputs], tensors)
+        outputs = await self._infer(tuple(torch.from_numpy(t) for t in ordered), timeout)
+        names = [o.name for o in self.outputs] if len(self.outputs) == len(outputs) else \
+            [f"output_{i}" for i in range(len(outputs))]
+        return list(zip(names, outputs))
+
+    async def _infer(self, inputs: tuple[torch.Tensor, ...], timeout: float) -> list[np.ndarray]:
         rows = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 0
         if 0 < rows < self.max_rows and all(t.dim() > 0 and t.shape[0] == rows for t in inputs):
             result = await asyncio.wait_for(self.infer_batcher.submit(inputs, rows), timeout)

@@ -10,25 +10,32 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # noqa: F401  (makes health.aio importable)
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from actors.gateway import codec
 from actors.gateway.metrics import GatewayMetrics
+from actors.gateway.observed import (  # noqa: F401  (re-exported)
+    ModelRegistry,
+    ObservedServicer,
+    _status_of,
+    _version,
+)
+from actors.gateway.oip import OpenInferenceServicer
 from actors.gateway.served import ServedModel
-from clients.protocol import SERVICE
+from clients.protocol import OIP_SERVICE, SERVICE
+from clients.protocol import grpc_predict_v2_pb2_grpc as oip_grpc
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
-from cluster.errors import ClusterError, ClusterTimeout, InputError, ModelNotFound
+from cluster.errors import InputError
 
 log = logging.getLogger("tpcluster.gateway")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass(frozen=True)
@@ -49,67 +56,8 @@ class GatewayConfig:
             raise ValueError("TLS needs both a certificate and its key")
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code of an exception: our errors name theirs (ClusterError.status); a wait that
-    ran out is DEADLINE_EXCEEDED wherever it happened; anything else is INTERNAL."""
-    if isinstance(exc, (asyncio.TimeoutError, ClusterTimeout)):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the request did not finish before its deadline"
-    if isinstance(exc, ClusterError):
-        return grpc.StatusCode[exc.status], str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the gateway log"
-
-
-class ModelRegistry:
-    def __init__(self, models: dict[str, ServedModel]) -> None:
-        self.models = models
-
-    def get(self, name: str) -> ServedModel:
-        if not name and len(self.models) == 1:
-            return next(iter(self.models.values()))
-        try:
-            return self.models[name]
-        except KeyError as exc:
-            raise ModelNotFound(f"no model named {name!r}; served models: {sorted(self.models)}") from exc
-
-
-class InferenceServicer(pb_grpc.InferenceServicer):
-    """Each method: decode (codec) -> model call (ServedModel) -> encode (codec)."""
-
-    def __init__(self, registry: ModelRegistry, metrics: GatewayMetrics, default_deadline_s: float) -> None:
-        self.registry = registry
-        self.metrics = metrics
-        self.default_deadline_s = default_deadline_s
-
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return self.default_deadline_s if remaining is None else max(0.0, remaining)
-
-    @contextlib.asynccontextmanager
-    async def _observed(self, method: str, model: str, context: grpc.aio.ServicerContext):
-        """Around every RPC: errors to status codes (the one place), metrics, a JSON log line with a request id."""
-        request_id = dict(context.invocation_metadata()).get("x-request-id") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code, message = _status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("request %s %s failed", request_id, method)
-            await context.abort(code, message)
-        finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(method, model, code.name).inc()
-            self.metrics.latency.labels(method, model).observe(elapsed)
-            log.info(json.dumps({"request_id": request_id, "method": method, "model": model, "code": code.name,
-                                 "ms": round(elapsed * 1e3, 2)}))
-
-    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext, handler) -> Any:
-        async with self._observed(method, getattr(request, "model", ""), context):
-            return await handler()
+class InferenceServicer(ObservedServicer, pb_grpc.InferenceServicer):
+    """tpcluster.v1. Each method: decode (codec) -> model call (ServedModel) -> encode (codec)."""
 
     async def ListModels(self, request, context):
         async def handler():
@@ -152,9 +100,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model = self.registry.get(request.model)
             if not request.inputs:
                 raise InputError("no input tensors; send the model's inputs (see GetModel)")
-            arrays = [codec.decode_tensor(t, i)[1] for i, t in enumerate(request.inputs)]
-            return codec.infer_response(await model.infer(arrays, self._timeout(context)))
+            named = [codec.decode_tensor(t, i) for i, t in enumerate(request.inputs)]
+            return codec.infer_response(await model.infer(named, self._timeout(context)))
         return await self._unary("Infer", request, context, handler)
+
+    async def Tokenize(self, request, context):
+        async def handler():
+            model = self.registry.get(request.model)
+            texts, rows = codec.decode_tokenize(request)
+            if texts is not None:
+                return codec.tokenize_response(token_ids=model.tokenize(texts))
+            return codec.tokenize_response(texts=model.detokenize(rows, request.skip_special_tokens))
+        return await self._unary("Tokenize", request, context, handler)
 
     async def Generate(self, request, context):
         async with self._observed("Generate", request.model, context):
@@ -178,13 +135,17 @@ async def _close_quietly(stream: Any) -> None:
         pass
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tpcluster")
-    except PackageNotFoundError:
-        return "unknown"
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection as grpc.reflection.v1alpha and grpc.reflection.v1. grpcio-reflection
+    implements only v1alpha; v1 is the same protocol under a new package name (its messages are
+    wire-identical), so the v1 method is the v1alpha servicer behind v1's method path."""
+    names = [SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -229,6 +190,7 @@ class Gateway:
         self._metrics_server = None
         self._health_task: asyncio.Task | None = None
         self.servicer = InferenceServicer(self.registry, self.metrics, config.default_deadline_s)
+        self.oip = OpenInferenceServicer(self.registry, self.metrics, config.default_deadline_s)
 
     async def start(self) -> int:
         options = [
@@ -241,8 +203,9 @@ class Gateway:
         interceptors = [_AuthInterceptor(self.config.auth_token)] if self.config.auth_token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.oip, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        _enable_reflection(server)
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert is not None:
             creds = grpc.ssl_server_credentials([(self.config.tls_key, self.config.tls_cert)])
@@ -251,6 +214,11 @@ class Gateway:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        for name, model in self.registry.models.items():
+            try:
+                await model.describe_outputs()
+            except Exception:  # metadata without outputs; serving goes on
+                log.exception("model %s: could not learn its outputs from a forward on zeros", name)
         if self.config.metrics_port:
             self._metrics_server = self.metrics.serve(self.config.host, self.config.metrics_port)
         await self._refresh_health()

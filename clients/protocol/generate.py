@@ -1,7 +1,9 @@
 """Regenerate the Python stubs from proto/: `python -m clients.protocol.generate`.
 
-protoc writes `from tpcluster.v1 import inference_pb2`; the stubs live in clients.protocol, so
-that import is rewritten to a package-relative one. `--check` compares instead of writing.
+Two sources: tpcluster.v1 (`tpcluster/v1/inference.proto` -> `inference_pb2*`) and the Open
+Inference Protocol (`inference/grpc_predict_v2.proto` -> `grpc_predict_v2_pb2*`). protoc writes
+imports such as `from tpcluster.v1 import inference_pb2`; the stubs live in clients.protocol, so
+those imports are rewritten to package-relative ones. `--check` compares instead of writing.
 """
 
 from __future__ import annotations
@@ -13,25 +15,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto"
-SOURCE = "tpcluster/v1/inference.proto"
-OUTPUTS = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
+# proto source (relative to proto/) -> the module name protoc gives its stubs
+SOURCES = {"tpcluster/v1/inference.proto": "inference", "inference/grpc_predict_v2.proto": "grpc_predict_v2"}
+
+
+def _outputs(stem: str) -> tuple[str, ...]:
+    return (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py")
+
+
+OUTPUTS = tuple(name for stem in SOURCES.values() for name in _outputs(stem))
 
 
 def render() -> dict[str, str]:
+    """File name in clients/protocol -> its generated text."""
     from grpc_tools import protoc
 
-    with tempfile.TemporaryDirectory() as tmp:
-        code = protoc.main([
-            "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-            f"--grpc_python_out={tmp}", str(PROTO_ROOT / SOURCE),
-        ])
-        if code != 0:
-            raise SystemExit(f"protoc failed on {PROTO_ROOT / SOURCE} (exit {code})")
-        out = Path(tmp) / "tpcluster" / "v1"
-        return {
-            name: (out / name).read_text().replace("from tpcluster.v1 import inference_pb2", "from . import inference_pb2")
-            for name in OUTPUTS
-        }
+    rendered = {}
+    for source, stem in SOURCES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            code = protoc.main([
+                "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}", str(PROTO_ROOT / source),
+            ])
+            if code != 0:
+                raise SystemExit(f"protoc failed on {PROTO_ROOT / source} (exit {code})")
+            package = Path(source).parent
+            absolute = f"from {'.'.join(package.parts)} import {stem}_pb2"
+            for name in _outputs(stem):
+                text = (Path(tmp) / package / name).read_text()
+                rendered[name] = text.replace(absolute, f"from . import {stem}_pb2")
+    return rendered
 
 
 def main(argv: list[str] | None = None) -> int:

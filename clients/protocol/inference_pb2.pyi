@@ -35,7 +35,7 @@ class Bucket(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "task", "tp_degree", "backend", "buckets", "inputs", "ready", "replicas", "ready_replicas", "labels", "max_sequence_length")
+    __slots__ = ("name", "task", "tp_degree", "backend", "buckets", "inputs", "ready", "replicas", "ready_replicas", "labels", "max_sequence_length", "outputs", "rpcs", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TP_DEGREE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,9 @@ class ModelMetadata(_message.Message):
     READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RPCS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     tp_degree: int
@@ -58,7 +61,36 @@ class ModelMetadata(_message.Message):
     ready_replicas: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     max_sequence_length: int
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., backend: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    rpcs: _containers.RepeatedScalarFieldContainer[str]
+    limits: Limits
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., backend: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., rpcs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_texts", "max_text_characters", "max_new_tokens", "default_max_new_tokens", "max_speculation_length", "default_speculation_length", "context_length", "max_batch_rows", "max_tensor_elements", "max_stop_sequences", "default_top_p")
+    MAX_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_P_FIELD_NUMBER: _ClassVar[int]
+    max_texts: int
+    max_text_characters: int
+    max_new_tokens: int
+    default_max_new_tokens: int
+    max_speculation_length: int
+    default_speculation_length: int
+    context_length: int
+    max_batch_rows: int
+    max_tensor_elements: int
+    max_stop_sequences: int
+    default_top_p: float
+    def __init__(self, max_texts: _Optional[int] = ..., max_text_characters: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_speculation_length: _Optional[int] = ..., default_speculation_length: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., default_top_p: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -201,6 +233,32 @@ class InferResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("model", "texts", "token_ids", "skip_special_tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    skip_special_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("token_ids", "texts")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")

@@ -27,7 +27,14 @@ if _version_not_supported:
 
 class InferenceStub:
     """The inference service. Standard grpc.health.v1.Health (service name "" for the gateway,
-    the model name for one model) and server reflection are served beside it.
+    the model name for one model), server reflection (grpc.reflection.v1 and v1alpha) and the Open
+    Inference Protocol (inference.GRPCInferenceService, proto/inference/grpc_predict_v2.proto) are
+    served beside it, on the same port.
+
+    Limits every model shares (ModelMetadata.limits carries them per model, with the model's own):
+    at most 1024 texts per Embed/Classify/Tokenize request, 100000 characters per text or prompt,
+    67108864 (64 Mi) elements per tensor, 64 MiB per message. Larger requests are
+    RESOURCE_EXHAUSTED (too many texts, too many elements) or INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -71,11 +78,23 @@ class InferenceStub:
                 request_serializer=tpcluster_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tpcluster_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/tpcluster.v1.Inference/Tokenize',
+                request_serializer=tpcluster_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=tpcluster_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
     """The inference service. Standard grpc.health.v1.Health (service name "" for the gateway,
-    the model name for one model) and server reflection are served beside it.
+    the model name for one model), server reflection (grpc.reflection.v1 and v1alpha) and the Open
+    Inference Protocol (inference.GRPCInferenceService, proto/inference/grpc_predict_v2.proto) are
+    served beside it, on the same port.
+
+    Limits every model shares (ModelMetadata.limits carries them per model, with the model's own):
+    at most 1024 texts per Embed/Classify/Tokenize request, 100000 characters per text or prompt,
+    67108864 (64 Mi) elements per tensor, 64 MiB per message. Larger requests are
+    RESOURCE_EXHAUSTED (too many texts, too many elements) or INVALID_ARGUMENT.
     """
 
     def ListModels(self, request, context):
@@ -113,7 +132,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
-        """Named raw tensors in and out, for any traced model.
+        """Named raw tensors in and out, for every model whose ModelMetadata.inputs is not empty (every
+        model but decoders: their graphs write the KV cache that Generate's sequences hold).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +141,14 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """Token generation, streamed; the last message carries the stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Text to token ids, or token ids to text, with the model's tokenizer (models with a tokenizer:
+        ModelMetadata.rpcs lists Tokenize). The ids are what Infer's input_ids take.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +192,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     request_deserializer=tpcluster_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=tpcluster_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=tpcluster_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=tpcluster_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tpcluster.v1.Inference', rpc_method_handlers)
@@ -174,7 +207,14 @@ def add_InferenceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Inference:
     """The inference service. Standard grpc.health.v1.Health (service name "" for the gateway,
-    the model name for one model) and server reflection are served beside it.
+    the model name for one model), server reflection (grpc.reflection.v1 and v1alpha) and the Open
+    Inference Protocol (inference.GRPCInferenceService, proto/inference/grpc_predict_v2.proto) are
+    served beside it, on the same port.
+
+    Limits every model shares (ModelMetadata.limits carries them per model, with the model's own):
+    at most 1024 texts per Embed/Classify/Tokenize request, 100000 characters per text or prompt,
+    67108864 (64 Mi) elements per tensor, 64 MiB per message. Larger requests are
+    RESOURCE_EXHAUSTED (too many texts, too many elements) or INVALID_ARGUMENT.
     """
 
     @staticmethod
@@ -356,6 +396,33 @@ class Inference:
             '/tpcluster.v1.Inference/Generate',
             tpcluster_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             tpcluster_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tpcluster.v1.Inference/Tokenize',
+            tpcluster_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            tpcluster_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
-DEFAULTS_VERSION = 5
+DEFAULTS_VERSION = 6  # 6: collectives traced as tpcluster::all_gather (shared memory on one node)
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 

@@ -1,8 +1,10 @@
 """The one seam where parallel layers talk to the other ranks.
 
-`ProcessGroupCollectives` uses torch's functional collectives on the default process group, so
-torch.export captures them in the traced graph. `ThreadCollectives` runs ranks as threads of one
-process (unit tests and the in-process rank group): same arithmetic, no sockets.
+`ProcessGroupCollectives` calls one custom op, `tpcluster::all_gather`, which torch.export
+captures in the traced graph; what carries it is set per process (`use_gather`): shared memory
+between the ranks of one node (`cluster.parallel_layers.shared_memory`), gloo between nodes.
+`ThreadCollectives` runs ranks as threads of one process (unit tests and the in-process rank
+group): same arithmetic, no sockets.
 """
 
 from __future__ import annotations
@@ -19,34 +21,80 @@ class Collectives(Protocol):
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor: ...
 
 
-class ProcessGroupCollectives:
-    """Functional collectives over torch.distributed's default group (gloo on CPU).
+class Gather(Protocol):
+    world_size: int
 
-    On gloo, all_reduce costs 2-6x an all_gather of the same tensor on these machines (see
-    FIELD-NOTES), so small reductions are done as an all_gather and a sum in rank order: the same
-    bits on every rank, and the same arithmetic as ThreadCollectives.
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[world_size, *tensor.shape]: every rank's tensor in rank order."""
+
+
+class GlooGather:
+    """The all-gather over torch.distributed's default group (gloo on CPU): between nodes, and the fallback."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype)
+        dist.all_gather(list(out.unbind(0)), tensor.contiguous())
+        return out
+
+
+_process_gather: Gather | None = None
+
+
+def use_gather(gather: Gather | None) -> None:
+    """Set how this rank process exchanges tensors with its peers (set once the group is formed)."""
+    global _process_gather
+    _process_gather = gather
+
+
+def process_gather() -> Gather:
+    if _process_gather is not None:
+        return _process_gather
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return GlooGather(dist.get_world_size())
+    raise RuntimeError("this process has no collective group; models with TP > 1 run inside parallel_model_trace's ranks")
+
+
+@torch.library.custom_op("tpcluster::all_gather", mutates_args=())
+def all_gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor`, stacked in rank order: [world_size, *tensor.shape].
+
+    One op in the traced graph whatever carries it: shared memory between the ranks of one node,
+    gloo otherwise (`use_gather`). Saved graphs name the op, not the transport.
+    """
+    return process_gather().gather(tensor)
+
+
+@all_gather_ranks.register_fake
+def _(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.new_empty((process_gather().world_size, *tensor.shape))
+
+
+class ProcessGroupCollectives:
+    """Collectives of a rank process: one traced op (`tpcluster::all_gather`), then arithmetic.
+
+    A reduction is an all-gather and a sum in rank order: the same bits on every rank, and the
+    same arithmetic as ThreadCollectives. (On gloo all_reduce also costs 2-6x an all_gather of the
+    same tensor on these machines: see FIELD-NOTES.) Graphs saved by earlier releases hold torch's
+    functional collectives on the default group instead; they still run, over gloo.
     """
 
-    #: tensors up to this many elements are reduced by gather-and-sum
-    gather_reduce_max_elements = 1 << 16
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        import torch.distributed._functional_collectives as funcol
-
-        if tensor.numel() <= self.gather_reduce_max_elements:
-            parts = funcol.all_gather_tensor(tensor.contiguous().unsqueeze(0), 0, dist.group.WORLD)
-            total = parts[0]
-            for i in range(1, parts.shape[0]):
-                total = total + parts[i]
-            return total
-        return funcol.all_reduce(tensor, "sum", dist.group.WORLD)
+        parts = torch.ops.tpcluster.all_gather(tensor)
+        total = parts[0]
+        for i in range(1, parts.shape[0]):
+            total = total + parts[i]
+        return total
 
     def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        import torch.distributed as dist
-        import torch.distributed._functional_collectives as funcol
-
-        return funcol.all_gather_tensor(tensor.contiguous(), dim % tensor.dim(), dist.group.WORLD)
+        parts = torch.ops.tpcluster.all_gather(tensor)
+        return torch.cat(list(parts.unbind(0)), dim=dim % tensor.dim())
 
 
 class ThreadCollectives:

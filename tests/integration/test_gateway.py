@@ -204,3 +204,61 @@ def test_auth_tls_and_metrics(folders, tmp_path):
         assert "tpcluster_batch_rows_bucket" in page and "tpcluster_queue_depth" in page
     finally:
         secured.close()
+
+
+def test_metadata_describes_inputs_outputs_limits_and_infer_matches_by_name(gateway, client):
+    """A client built from the proto alone: names, outputs, RPCs and limits from GetModel; inputs by name in any order."""
+    meta = client.get_model("minilm-embed")
+    assert [(i.name, i.dtype, list(i.shape)) for i in meta.inputs] == [
+        ("input_ids", "int64", [-1, 32]), ("attention_mask", "int64", [-1, 32]), ("token_type_ids", "int64", [-1, 32])]
+    assert [(o.name, o.dtype, list(o.shape)) for o in meta.outputs] == [("embedding", "float32", [-1, 384])]
+    assert list(meta.rpcs) == ["Embed", "Infer", "Tokenize"] and meta.buckets[0].inputs[0].name == "input_ids"
+    assert (meta.limits.max_texts, meta.limits.max_text_characters, meta.limits.max_batch_rows) == (1024, 100_000, 16)
+    assert meta.limits.max_tensor_elements == 1 << 26 and meta.limits.max_new_tokens == 0  # no generation here
+    pair = client.get_model("minilm-paraphrase")
+    assert [i.name for i in pair.inputs][3:] == ["input_ids_b", "attention_mask_b", "token_type_ids_b"]
+    assert [(o.name, list(o.shape)) for o in pair.outputs] == [("logits", [-1, 2])]
+
+    text = "matched by name"
+    ids = client.tokenize([text], model="minilm-embed")
+    expected_ids, mask, types = (t.numpy() for t in minilm_tokens([text]))
+    assert ids == expected_ids.tolist()
+    assert client.detokenize(ids, model="minilm-embed", skip_special_tokens=True) == [text]
+    assert client.detokenize(ids, model="minilm-embed")[0].startswith("[CLS]")
+    shuffled = {"token_type_ids": types, "attention_mask": mask, "input_ids": expected_ids}
+    (by_name,) = client.infer("minilm-embed", shuffled)
+    np.testing.assert_allclose(by_name, minilm_embeddings([text]), atol=1e-4)
+    with grpc.insecure_channel(gateway.target) as channel:
+        reply = pb_grpc.InferenceStub(channel).Infer(pb.InferRequest(model="minilm-embed", inputs=[
+            to_tensor(n, a) for n, a in shuffled.items()]), timeout=60)
+        assert [o.name for o in reply.outputs] == ["embedding"]
+    bad = [
+        (lambda: client.infer("minilm-embed", {"input_ids": expected_ids, "mask": mask, "token_type_ids": types}),
+         r"inputs \['mask'\] are not among its inputs"),
+        (lambda: client.infer("minilm-embed", {"input_ids": expected_ids, "attention_mask": mask}), r"missing inputs \['token_type_ids'\]"),
+        (lambda: client.detokenize([[10 ** 9]], model="minilm-embed"), "outside the vocabulary"),
+        (lambda: client.tokenize([""], model="minilm-embed"), "empty"),
+    ]
+    for call, message in bad:
+        with pytest.raises(errors.InvalidArgument, match=message):
+            call()
+
+
+def test_reflection_v1_is_served_beside_v1alpha(gateway):
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(gateway.target) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="tpcluster.v1.Inference")]
+        listed, described = list(info(iter(requests), timeout=10))
+    services = {s.name for s in listed.list_services_response.service}
+    assert {"tpcluster.v1.Inference", "inference.GRPCInferenceService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    from google.protobuf import descriptor_pb2
+
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in described.file_descriptor_response.file_descriptor_proto]
+    methods = {m.name for f in files for s in f.service for m in s.method}
+    assert {"Tokenize", "Infer", "Generate"} <= methods

@@ -1,6 +1,7 @@
 """Generate through the gateway: streamed tokens equal transformers' greedy tokens; cancel frees the model."""
 
 import grpc
+import numpy as np
 import pytest
 
 from clients import errors
@@ -176,3 +177,35 @@ def test_a_stop_sequence_ends_the_stream_with_its_stats(decoders):
     assert cut.stats.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.stats.draft_tokens_proposed > 0  # the counts came with the freed slot
+
+
+def test_decoder_metadata_tokenize_and_the_open_inference_protocol(decoders):
+    """A decoder advertises no Infer signature (and refuses Infer), states its limits, tokenizes, and
+    generates through the Open Inference Protocol (Triton's client) the same greedy text as Generate."""
+    from tests.integration.triton import run_tritonclient
+
+    served, _ = decoders
+    with Client(served.target) as client:
+        meta = client.get_model("target")
+        assert list(meta.inputs) == [] and list(meta.rpcs) == ["Generate", "Tokenize"]
+        limits = meta.limits
+        assert (limits.max_new_tokens, limits.default_max_new_tokens, limits.default_speculation_length) == (4096, 64, 4)
+        assert limits.max_speculation_length == LAYOUT["verify_tokens"] - 1
+        assert limits.context_length == max(LAYOUT["cache_buckets"]) - 1 and limits.max_texts == 1024
+        assert client.get_model("draft").limits.max_speculation_length == 0  # no verify graphs: never a target
+        with pytest.raises(errors.InvalidArgument, match="is a decoder: Infer would overwrite the KV cache"):
+            client.infer("target", [np.zeros((1, 4), np.int64)] * 4)
+        ids = client.tokenize([PROMPT], model="target")[0]
+        assert client.detokenize([ids], model="target", skip_special_tokens=True) == [PROMPT]
+        expected = client.generate(PROMPT, model="target", max_new_tokens=12)
+    got = run_tritonclient(served.target, f"""
+out = infer("target", {{"text_input": np.array([{PROMPT!r}], dtype=object)}},
+            parameters={{"max_tokens": 12, "temperature": 0.0}})
+meta = client.get_model_metadata("target", as_json=True)
+print(json.dumps({{"text": out["text_output"], "inputs": meta["inputs"], "outputs": meta["outputs"],
+                  "bad": error(lambda: infer("target", {{"text_input": np.array(["x"], dtype=object)}},
+                                             parameters={{"max_tokens": 5000}}))}}))
+""")
+    assert got["text"] == [expected.text]
+    assert [(t["name"], t["datatype"]) for t in got["inputs"] + got["outputs"]] == [("text_input", "BYTES"), ("text_output", "BYTES")]
+    assert got["bad"][0] == "StatusCode.INVALID_ARGUMENT" and "above 4096" in got["bad"][1]

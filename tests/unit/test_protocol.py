@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 from actors.gateway import codec
 from clients.client import from_tensor, to_tensor
-from clients.protocol import generate
+from clients.protocol import generate, tensors
 from clients.protocol import inference_pb2 as pb
-from clients.protocol import tensors
 from cluster.errors import InputError, Overloaded
 from cluster.generation.defaults import DEFAULTS
 
@@ -82,3 +81,57 @@ def test_invalid_utf8_never_reaches_a_model():
     with pytest.raises(Exception) as info:
         pb.EmbedRequest.FromString(raw)
     assert "utf-8" in str(info.value).lower() or "parse" in str(info.value).lower()
+
+
+# tpcluster.v1 as released before issue 16: every field and RPC keeps its number and types (additions only).
+V1_FIELDS = {
+    "Tensor": {"name": 1, "dtype": 2, "shape": 3, "data": 4}, "TensorSpec": {"name": 1, "dtype": 2, "shape": 3},
+    "Bucket": {"inputs": 1},
+    "ModelMetadata": {"name": 1, "task": 2, "tp_degree": 3, "backend": 4, "buckets": 5, "inputs": 6, "ready": 7,
+                      "replicas": 8, "ready_replicas": 9, "labels": 10, "max_sequence_length": 11},
+    "ListModelsResponse": {"models": 1}, "GetModelRequest": {"model": 1},
+    "RankStatus": {"rank": 1, "node": 2, "neuron_cores": 3, "pid": 4, "memory_bytes": 5},
+    "ReplicaStatus": {"index": 1, "ready": 2, "ranks": 3, "error": 4, "in_flight": 5, "coordinator_pid": 6, "recoveries": 7},
+    "ModelStatus": {"name": 1, "task": 2, "tp_degree": 3, "queue_depth": 4, "replicas": 5},
+    "StatusResponse": {"models": 1, "gateway_version": 2}, "EmbedRequest": {"model": 1, "texts": 2},
+    "Embedding": {"values": 1}, "EmbedResponse": {"embeddings": 1, "dimensions": 2},
+    "TextInput": {"text": 1, "text_pair": 2}, "ClassifyRequest": {"model": 1, "inputs": 2},
+    "Classification": {"logits": 1, "label_id": 2, "label": 3}, "ClassifyResponse": {"results": 1},
+    "InferRequest": {"model": 1, "inputs": 2}, "InferResponse": {"outputs": 1},
+    "SamplingParameters": {"temperature": 1, "top_k": 2, "top_p": 3, "seed": 4},
+    "GenerateRequest": {"model": 1, "prompt": 2, "max_new_tokens": 3, "sampling": 4, "stop": 5, "draft_model": 6,
+                        "speculation_length": 7},
+    "GenerateStats": {"prompt_tokens": 1, "generated_tokens": 2, "finish_reason": 3, "draft_tokens_proposed": 4,
+                      "draft_tokens_accepted": 5, "acceptance_rate": 6, "mean_accepted_length": 7,
+                      "time_to_first_token_ms": 8, "total_ms": 9, "tokens_per_second": 10},
+    "GeneratedToken": {"id": 1, "text": 2}, "GenerateResponse": {"token": 1, "stats": 2},
+}
+V1_RPCS = {"ListModels": ("ListModelsRequest", "ListModelsResponse", False), "GetModel": ("GetModelRequest", "ModelMetadata", False),
+           "GetStatus": ("GetStatusRequest", "StatusResponse", False), "Embed": ("EmbedRequest", "EmbedResponse", False),
+           "Classify": ("ClassifyRequest", "ClassifyResponse", False), "Infer": ("InferRequest", "InferResponse", False),
+           "Generate": ("GenerateRequest", "GenerateResponse", True)}
+
+
+def test_tpcluster_v1_only_grows():
+    """Old clients keep working: no field or RPC of the released protocol was renumbered, retyped or removed."""
+    for message, fields in V1_FIELDS.items():
+        descriptor = pb.DESCRIPTOR.message_types_by_name[message]
+        assert {name: descriptor.fields_by_name[name].number for name in fields} == fields, message
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    for name, (request, response, streaming) in V1_RPCS.items():
+        method = service.methods_by_name[name]
+        assert (method.input_type.name, method.output_type.name, method.server_streaming) == (request, response, streaming)
+    # a message an old server sent still parses, and an old client ignores the new fields
+    old = pb.ModelMetadata(name="m", task="embed", max_sequence_length=32).SerializeToString()
+    assert pb.ModelMetadata.FromString(old).max_sequence_length == 32
+
+
+def test_tokenize_requests_are_checked():
+    assert codec.decode_tokenize(pb.TokenizeRequest(texts=["a b"])) == (["a b"], None)
+    assert codec.decode_tokenize(pb.TokenizeRequest(token_ids=[pb.TokenIds(ids=[1, 2])])) == (None, [[1, 2]])
+    with pytest.raises(InputError, match="not both"):
+        codec.decode_tokenize(pb.TokenizeRequest(texts=["a"], token_ids=[pb.TokenIds(ids=[1])]))
+    with pytest.raises(InputError, match="nothing to tokenize"):
+        codec.decode_tokenize(pb.TokenizeRequest())
+    with pytest.raises(Overloaded, match="at most 1024"):
+        codec.decode_tokenize(pb.TokenizeRequest(token_ids=[pb.TokenIds(ids=[1])] * 1025))
