@@ -8,8 +8,10 @@ call and one bounded wait, and Ray's wrapper errors are turned back into ours he
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from typing import Any, Sequence
+import uuid
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -24,7 +26,9 @@ from cluster.trace.config import TraceSpec
 _GRACE_S = 5.0  # beyond a call's own timeout (enforced on the ranks), for the reply to travel
 
 
-@ray.remote(num_cpus=0, max_concurrency=1, max_restarts=0)
+# Threaded: a round stream (generate_rounds) runs beside the calls that feed it (generate_admit) and
+# the control calls; the coordinator's lock (Coordinator.streams.lock) lets one of them in at a time.
+@ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)
 class CoordinatorActor:
     def __init__(self, tp_degree: int, config: CoordinatorConfig, group_name: str, label: dict | None = None,
                  node_ip: str | None = None) -> None:
@@ -34,15 +38,27 @@ class CoordinatorActor:
         self._label = dict(label or {})
         self._node_ip = node_ip
         self._coordinator: Coordinator | None = None
+        self._creating = threading.Lock()
+
+    def _ensure(self) -> Coordinator:
+        with self._creating:
+            if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
+                wait = self._config.placement_timeout_s
+                first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip)
+                # a rebuild goes wherever the cores are: the first node may be the one that was lost
+                factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name)  # noqa: E731
+                self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
+            return self._coordinator
 
     def call(self, method: str, *args: Any) -> Any:
-        if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
-            wait = self._config.placement_timeout_s
-            first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip)
-            # a rebuild goes wherever the cores are: the first node may be the one that was lost
-            factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name)  # noqa: E731
-            self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
-        return getattr(self._coordinator, method)(*args)
+        coordinator = self._ensure()
+        with coordinator.streams.lock:
+            return getattr(coordinator, method)(*args)
+
+    def generate_rounds(self, stream: str, opens: Sequence, closes: Sequence[int], sessions: Sequence[int],
+                        resync: bool) -> Iterator[GenerationRound]:
+        """A round stream (cluster.generation.rounds): each round is yielded as soon as it is made."""
+        yield from self._ensure().generate_rounds(stream, opens, closes, sessions, resync)
 
     def identity(self) -> dict[str, Any]:
         """What a gateway or batch job checks before it adopts this resident replica."""
@@ -51,7 +67,8 @@ class CoordinatorActor:
 
     def close(self) -> None:
         if self._coordinator is not None:
-            self._coordinator.close()
+            with self._coordinator.streams.lock:
+                self._coordinator.close()
             self._coordinator = None
 
 
@@ -131,6 +148,29 @@ class RemoteCoordinator:
                        resync: bool = False) -> GenerationRound:
         return self._call("generate_batch", opens, closes, sessions, resync)
 
+    def generate_rounds(self, stream: str, opens: Sequence = (), closes: Sequence[int] = (), sessions: Sequence[int] = (),
+                        resync: bool = False) -> Iterator[GenerationRound]:
+        """Rounds as the coordinator makes them; each waited for at most call_timeout_s."""
+        if self._actor is None:
+            raise ClusterError("this model was closed; load it again")
+        rounds = self._actor.generate_rounds.options(num_returns="streaming").remote(stream, opens, closes, sessions, resync)
+        timeout = self.config.call_timeout_s + _GRACE_S
+        while True:
+            ready, _ = ray.wait([rounds], timeout=timeout)
+            if not ready:
+                raise ClusterTimeout(f"coordinator generate_rounds gave no round within {timeout:.0f} s")
+            try:
+                ref = next(rounds)
+            except StopIteration:
+                return
+            try:
+                yield ray.get(ref, timeout=timeout)
+            except (RayTaskError, RayActorError) as exc:
+                raise translate(exc, "generate_rounds") from exc
+
+    def generate_admit(self, stream: str, opens: Sequence = (), closes: Sequence[int] = ()) -> None:
+        self._call("generate_admit", stream, opens, closes)
+
     def model_state(self) -> ModelState:
         return self._call("model_state")
 
@@ -191,6 +231,15 @@ class AsyncRemoteCoordinator(AsyncCalls):
     def __init__(self, remote: RemoteCoordinator) -> None:
         self._remote = remote
 
+    def generate_rounds(self, stream: str, opens: Sequence, closes: Sequence[int], sessions: Sequence[int],
+                        resync: bool, *, timeout: float) -> AsyncIterator[GenerationRound]:
+        remote = self._remote
+        if remote._actor is None:
+            raise ClusterError("this model was closed; load it again")
+        rounds = remote._actor.generate_rounds.options(num_returns="streaming").remote(stream, opens, closes, sessions,
+                                                                                       resync)
+        return _AsyncRounds(rounds, timeout)
+
     async def _call(self, method: str, *args: Any, timeout: float) -> Any:
         ref = self._remote._submit(method, args)
         try:
@@ -201,12 +250,30 @@ class AsyncRemoteCoordinator(AsyncCalls):
             raise translate(exc, method) from exc
 
 
+class _AsyncRounds:
+    """A Ray round stream as an async iterator; each round waited for at most `timeout`."""
+
+    def __init__(self, rounds: Any, timeout: float) -> None:
+        self._rounds = rounds
+        self._timeout = timeout
+
+    def __aiter__(self) -> "_AsyncRounds":
+        return self
+
+    async def __anext__(self) -> GenerationRound:
+        try:
+            ref = await asyncio.wait_for(self._rounds.__anext__(), self._timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self._timeout)
+        except asyncio.TimeoutError as exc:
+            raise ClusterTimeout(f"coordinator generate_rounds gave no round within {self._timeout:.1f} s") from exc
+        except (RayTaskError, RayActorError) as exc:
+            raise translate(exc, "generate_rounds") from exc
+
+
 def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | None = None, label: dict | None = None,
                        node_ip: str | None = None) -> RemoteCoordinator:
     """A coordinator actor. With `name` it is a named, detached actor in our namespace: it outlives
     the process that created it (a gateway, a batch job), which find it again with `actors.replicas.find_resident`."""
-    import uuid
-
     ensure_ray()
     group_name = f"tpcluster-{uuid.uuid4().hex[:12]}"
     options: dict[str, Any] = {}

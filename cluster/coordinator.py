@@ -11,13 +11,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from cluster.backoff import Backoff
 from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
+from cluster.generation.rounds import RoundStreams
 from cluster.handle import AsyncOverThreads, CoordinatorInfo, GenerationRound
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
@@ -88,6 +89,7 @@ class Coordinator:
         self._rebuilding: threading.Thread | None = None
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
         self.rebuilds = 0
+        self.streams = RoundStreams(self.generate_batch, lambda: self._batch is not None and self._batch.has_work())
         self.aio = AsyncOverThreads(self)
 
     def start(self) -> list[dict[str, Any]]:
@@ -302,6 +304,16 @@ class Coordinator:
             if step.done:
                 round_.summaries[session] = self.generate_close(session)
         return round_
+
+    def generate_rounds(self, stream: Any, opens: Sequence[tuple[Any, Any, Any]] = (), closes: Sequence[int] = (),
+                        sessions: Sequence[int] = (), resync: bool = False) -> Iterator[GenerationRound]:
+        """Rounds run back to back for the consumer `stream` (see cluster.generation.rounds):
+        `opens` are (tag, request, draft); later admissions go through `generate_admit`."""
+        return self.streams.rounds(stream, opens, closes, sessions, resync)
+
+    def generate_admit(self, stream: Any, opens: Sequence[tuple[Any, Any, Any]] = (), closes: Sequence[int] = ()) -> None:
+        """Admissions (tag, request, draft) and closes for `stream`'s next round."""
+        self.streams.admit(stream, opens, closes)
 
     @staticmethod
     def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:

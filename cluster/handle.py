@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:  # types only: this module imports no torch
     from cluster.coordinator import Exported, ModelState
@@ -44,9 +44,11 @@ class CoordinatorInfo:
 class GenerationRound:
     """What one `generate_batch` round did: per admitted request its session (or the error that
     refused it), the new tokens of every session the caller holds, and the summaries of the
-    sessions that ended (closed by the caller, or finished in this step)."""
+    sessions that ended (closed by the caller, or finished in this step). In a round stream
+    (`cluster.generation.rounds`) `tags` names the admitted requests, in `opened`'s order."""
 
     opened: list[int | ClusterError] = field(default_factory=list)
+    tags: list[Any] = field(default_factory=list)
     steps: dict[int, StepResult] = field(default_factory=dict)
     summaries: dict[int, SessionSummary] = field(default_factory=dict)
 
@@ -68,6 +70,11 @@ class CoordinatorHandle(Protocol):
     def generate_close(self, session_id: int) -> SessionSummary | None: ...
     def generate_batch(self, opens: Sequence[tuple[GenerationRequest, Any]] = (), closes: Sequence[int] = (),
                        sessions: Sequence[int] = (), resync: bool = False) -> GenerationRound: ...
+    def generate_rounds(self, stream: str, opens: Sequence[tuple[Any, GenerationRequest, Any]] = (),
+                        closes: Sequence[int] = (), sessions: Sequence[int] = (),
+                        resync: bool = False) -> Iterator[GenerationRound]: ...
+    def generate_admit(self, stream: str, opens: Sequence[tuple[Any, GenerationRequest, Any]] = (),
+                       closes: Sequence[int] = ()) -> None: ...
     def model_state(self) -> ModelState: ...
     def weight_specs(self) -> list[dict[str, Any]]: ...
     def replace_weights(self, states: Sequence[dict]) -> None: ...
@@ -85,6 +92,10 @@ class AsyncCoordinatorHandle(Protocol):
     async def forward(self, inputs: Any, *, timeout: float) -> Any: ...
     async def generate_batch(self, opens: Sequence[tuple[GenerationRequest, Any]], closes: Sequence[int],
                              sessions: Sequence[int], resync: bool, *, timeout: float) -> GenerationRound: ...
+    def generate_rounds(self, stream: str, opens: Sequence[tuple[Any, GenerationRequest, Any]], closes: Sequence[int],
+                        sessions: Sequence[int], resync: bool, *, timeout: float) -> AsyncIterator[GenerationRound]: ...
+    async def generate_admit(self, stream: str, opens: Sequence[tuple[Any, GenerationRequest, Any]],
+                             closes: Sequence[int], *, timeout: float) -> None: ...
     async def info(self, *, timeout: float) -> CoordinatorInfo: ...
     async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]: ...
     async def health(self, *, timeout: float) -> list[int]: ...
@@ -103,6 +114,9 @@ class AsyncCalls:
     async def generate_batch(self, opens: Sequence, closes: Sequence[int], sessions: Sequence[int], resync: bool, *,
                              timeout: float) -> GenerationRound:
         return await self._call("generate_batch", opens, closes, sessions, resync, timeout=timeout)
+
+    async def generate_admit(self, stream: str, opens: Sequence, closes: Sequence[int], *, timeout: float) -> None:
+        await self._call("generate_admit", stream, opens, closes, timeout=timeout)
 
     async def info(self, *, timeout: float) -> CoordinatorInfo:
         return await self._call("info", timeout=timeout)
@@ -127,6 +141,32 @@ class AsyncOverThreads(AsyncCalls):
             return await asyncio.wait_for(asyncio.to_thread(getattr(self._handle, method), *args), timeout)
         except asyncio.TimeoutError as exc:
             raise ClusterTimeout(f"coordinator {method} did not answer within {timeout:.1f} s") from exc
+
+    def generate_rounds(self, stream: str, opens: Sequence, closes: Sequence[int], sessions: Sequence[int],
+                        resync: bool, *, timeout: float) -> AsyncIterator[GenerationRound]:
+        return _ThreadRounds(self._handle.generate_rounds(stream, opens, closes, sessions, resync), timeout)
+
+
+class _ThreadRounds:
+    """A blocking round stream as an async iterator, each round taken on a worker thread."""
+
+    def __init__(self, rounds: Iterator[GenerationRound], timeout: float) -> None:
+        self._rounds = rounds
+        self._timeout = timeout
+
+    def __aiter__(self) -> "_ThreadRounds":
+        return self
+
+    async def __anext__(self) -> GenerationRound:
+        from cluster.errors import ClusterTimeout
+
+        try:
+            result = await asyncio.wait_for(asyncio.to_thread(next, self._rounds, None), self._timeout)
+        except asyncio.TimeoutError as exc:
+            raise ClusterTimeout(f"coordinator generate_rounds gave no round within {self._timeout:.1f} s") from exc
+        if result is None:
+            raise StopAsyncIteration
+        return result
 
 
 __all__ = ["AsyncCalls", "AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo", "GenerationRound"]

@@ -1,9 +1,12 @@
 """Continuous batching for Generate: one scheduler per decoder replica.
 
-Each scheduler loops while it has work: one `generate_batch` call per round closes the sessions
-whose clients went away, admits waiting requests into free KV-cache slots, and takes one decode
-step for every open sequence. A request therefore joins at the next step, a finished or cancelled
-one leaves at the next step, and each request's tokens go to its own queue as they are generated.
+The generation loop runs in the replica's coordinator (`cluster.generation.rounds`): the scheduler
+opens a round stream and the coordinator runs round after round (close, admit, one step for
+every open sequence), handing each round over as it is made. New requests (into free KV-cache
+slots) and cancellations reach the running stream as admissions, taken at its next round. A
+request therefore joins at the next step, a finished or cancelled one leaves at the next step,
+each request's tokens go to its own queue as they are generated, and no gateway hop sits on the
+per-token path.
 
 A speculating request borrows a replica of its draft model for the scheduler's batch (the draft's
 cache rows mirror the target's slots), so the draft replica serves no generations of its own until
@@ -13,10 +16,12 @@ the last speculating sequence leaves.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from cluster.errors import ClusterError, ModelUnavailable, RankFailure
 from cluster.handle import GenerationRound
@@ -49,18 +54,27 @@ class ReplicaScheduler:
         self.capacity = capacity
         self.waiting: deque[Generation] = deque()
         self.active: dict[int, Generation] = {}
-        self.closing: dict[int, Generation] = {}
+        self.closing: dict[int, Generation] = {}  # cancelled, to be closed at the next round
+        self.closes_sent: dict[int, Generation] = {}  # sent to the coordinator, until their summary comes
+        self.admitted: dict[int, Generation] = {}  # by tag: sent to the coordinator, until their session comes
         self.draft_lender: ReplicaScheduler | None = None  # the draft replica lent to this batch
         self.lent_to: ReplicaScheduler | None = None  # set while this replica serves as another batch's draft
-        self.in_round = False  # a generate_batch call is in flight (its admissions not yet active)
-        self._resync = True  # first round, or after a failed one: the coordinator closes sessions not active here
-        # (left by a failed round, or by a previous gateway on an adopted replica)
+        self._resync = True  # first stream, or after a failed one: the coordinator closes sessions not active here
+        # (left by a failed stream, or by a previous gateway on an adopted replica)
+        self._stream_id = f"gateway-{uuid.uuid4().hex}"
+        self._rounds: AsyncIterator[GenerationRound] | None = None
+        self._tags = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.active)
+        return len(self.waiting) + len(self.admitted) + len(self.active)
+
+    @property
+    def busy(self) -> bool:
+        """Sequences here or on their way: the replica cannot be lent as a draft."""
+        return bool(self.active or self.closing or self.closes_sent or self.admitted)
 
     def submit(self, generation: Generation) -> None:
         self.waiting.append(generation)
@@ -87,38 +101,81 @@ class ReplicaScheduler:
 
     # -- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
-            if not (self.active or self.closing or self._admissible()):
-                self._release_draft()
+        next_round: asyncio.Task | None = None
+        try:
+            while True:
+                self._send(self._take_opens())
+                if self._rounds is not None and next_round is None:
+                    next_round = asyncio.ensure_future(self._rounds.__anext__())
+                if next_round is None:  # no stream: idle, or waiting for a draft replica to be free
+                    self._release_draft()
+                    await self._sleep(0.05 if self._admissible() else None)
+                    continue
+                wake = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({next_round, wake}, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            opens = self._take_opens()
-            if not (opens or self.active or self.closing):  # waiting for a draft replica to be free
-                self._wake.clear()
+                if not next_round.done():
+                    continue  # new work or a cancellation: sent at the top of the loop
+                finished, next_round = next_round, None
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            closes = dict(self.closing)
-            self.closing.clear()
-            self.in_round = True
-            try:
-                result = await self.replica.coordinator.aio.generate_batch(
-                    [(g.request, d) for g, d in opens], list(closes), sorted(self.active), self._resync,
-                    timeout=self.model.pool.config.call_timeout_s)
-            except Exception as exc:
-                self._failed(exc, [g for g, _ in opens])
-                continue
-            finally:
-                self.in_round = False
+                    result = finished.result()
+                except StopAsyncIteration:  # the coordinator had nothing left to do for a while
+                    self._rounds = None
+                    self._lost_sessions()
+                    continue
+                except Exception as exc:
+                    self._rounds = None
+                    self._failed(exc)
+                    continue
+                try:
+                    self._deliver(result)
+                except Exception as exc:  # a bug here must not leave its clients waiting for their deadlines
+                    log.exception("model %s replica %d: delivering a step failed", self.model.name, self.replica.index)
+                    self._rounds = None
+                    self._failed(exc)
+        finally:
+            if next_round is not None:
+                next_round.cancel()
+
+    def _lost_sessions(self) -> None:
+        """After a stream ends, sessions still active here were not live on the coordinator: it lost them."""
+        if not self.active:
+            return
+        error = ModelUnavailable(f"model {self.model.name!r} replica {self.replica.index} lost the generation "
+                                 "(the replica was rebuilt); retry")
+        for generation in self.active.values():
+            generation.out.put_nowait(error)
+        self.active.clear()
+        self.closes_sent.clear()
+
+    async def _sleep(self, timeout: float | None) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _send(self, opens: list[tuple[Generation, Any]]) -> None:
+        """Admissions and closes to the coordinator: a new stream when none runs, else into the running one."""
+        closes = dict(self.closing)
+        self.closing.clear()
+        tagged = []
+        for generation, draft in opens:
+            tag = next(self._tags)
+            self.admitted[tag] = generation
+            tagged.append((tag, generation.request, draft))
+        self.closes_sent.update(closes)
+        aio, timeout = self.replica.coordinator.aio, self.model.pool.config.call_timeout_s
+        if self._rounds is None:
+            if not self.busy:
+                return
+            self._rounds = aio.generate_rounds(self._stream_id, tagged, list(closes), sorted(self.active), self._resync,
+                                               timeout=timeout)
             self._resync = False
-            try:
-                self._deliver(result, [g for g, _ in opens], closes)
-            except Exception as exc:  # a bug here must not leave its clients waiting for their deadlines
-                log.exception("model %s replica %d: delivering a step failed", self.model.name, self.replica.index)
-                self._failed(exc, [])
+        elif tagged or closes:
+            admission = asyncio.ensure_future(aio.generate_admit(self._stream_id, tagged, list(closes), timeout=timeout))
+            admission.add_done_callback(_ignore_failure)  # a lost coordinator fails the stream too, and is handled there
 
     def _admissible(self) -> bool:
         return bool(self.waiting) and self.lent_to is None and self.replica.ready
@@ -128,7 +185,7 @@ class ReplicaScheduler:
         opens: list[tuple[Generation, Any]] = []
         if not self._admissible():
             return opens
-        free = self.capacity - len(self.active) - len(self.closing)
+        free = self.capacity - len(self.active) - len(self.closing) - len(self.closes_sent) - len(self.admitted)
         for generation in list(self.waiting):
             if len(opens) >= free:
                 break
@@ -146,8 +203,7 @@ class ReplicaScheduler:
         if held is not None:
             return held.replica.coordinator if held.model is draft_model else None
         for candidate in draft_model.schedulers:
-            idle = not (candidate.active or candidate.closing or candidate.in_round)
-            if candidate.replica.ready and candidate.lent_to is None and idle:
+            if candidate.replica.ready and candidate.lent_to is None and not candidate.busy:
                 candidate.lent_to, self.draft_lender = self, candidate
                 return candidate.replica.coordinator
         return None
@@ -159,9 +215,13 @@ class ReplicaScheduler:
             if lender.waiting:
                 lender.wake()
 
-    def _deliver(self, result: GenerationRound, opened: list[Generation], closes: dict[int, Generation]) -> None:
-        for generation, outcome in zip(opened, result.opened):
-            if isinstance(outcome, BaseException):
+    def _deliver(self, result: GenerationRound) -> None:
+        for tag, outcome in zip(result.tags, result.opened):
+            generation = self.admitted.pop(tag, None)
+            if generation is None:  # admitted by a stream that failed since: nobody waits for it
+                if isinstance(outcome, int):
+                    self.closing[outcome] = Generation(None, cancelled=True, session=outcome)
+            elif isinstance(outcome, BaseException):
                 generation.out.put_nowait(outcome)
             elif generation.cancelled:  # went away while its admission was in flight
                 generation.session = outcome
@@ -176,13 +236,16 @@ class ReplicaScheduler:
             if generation is not None:
                 generation.out.put_nowait(step)
         for session, summary in result.summaries.items():
-            generation = self.active.pop(session, None) or closes.get(session)
+            generation = self.active.pop(session, None) or self.closes_sent.pop(session, None)
             if generation is not None:
                 generation.out.put_nowait(Ended(summary))
         self._release_draft()
+        if self.closing:
+            self._wake.set()
 
-    def _failed(self, exc: BaseException, opened: list[Generation]) -> None:
-        """A round failed: its requests get the error; the next round closes whatever it left open."""
+    def _failed(self, exc: BaseException) -> None:
+        """A round failed: its requests get the error; the next stream closes whatever it left open."""
+        opened = list(self.admitted.values())
         where = f"model {self.model.name!r} replica {self.replica.index}"
         if isinstance(exc, (ModelUnavailable, RankFailure)):  # ranks or coordinator lost, with the caches
             self.model.pool.lost(self.replica, exc)
@@ -197,9 +260,16 @@ class ReplicaScheduler:
             generation.out.put_nowait(error)
         self.active.clear()
         self.closing.clear()
+        self.closes_sent.clear()
+        self.admitted.clear()
         self._resync = True
         self._release_draft()
         if not self.replica.ready:  # waiting requests go to another replica, or learn there is none
             waiting, self.waiting = list(self.waiting), deque()
             for generation in waiting:
                 self.model.route(generation)
+
+
+def _ignore_failure(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

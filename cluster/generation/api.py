@@ -2,13 +2,15 @@
 
 `generate(target, input_ids, draft_model=draft)` is the guide's
 `generate_on_neuron(prompt, target_model, draft_model=draft_model)`. The loop itself runs in the
-target's coordinator; each step here is one call to it, so a consumer that stops iterating stops
-the generation on the ranks within one step.
+target's coordinator, which streams each step's tokens here as it makes them
+(`cluster.generation.rounds`): no call per token. A consumer that stops iterating closes its
+session, which stops the generation on the ranks at the next step.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -61,21 +63,29 @@ class GenerationStream:
 
     def __iter__(self) -> Iterator[list[list[int]]]:
         started = time.perf_counter()
-        session = self._coordinator.generate_open(self._request, self._draft)
         rows = len(self._prompts)
         yielded: list[list[int]] = [[] for _ in range(rows)]
         first_token_s = None
+        session, summary = None, None
+        rounds = self._coordinator.generate_rounds(f"library-{uuid.uuid4().hex}", [(0, self._request, self._draft)])
         try:
-            while True:
-                result = self._coordinator.generate_step(session)
-                first_token_s = first_token_s or time.perf_counter() - started
-                for row, tokens in enumerate(result.tokens):
-                    yielded[row] += tokens
-                yield [list(tokens) for tokens in result.tokens]
-                if result.done:
+            for round_ in rounds:
+                if session is None:
+                    if isinstance(round_.opened[0], BaseException):
+                        raise round_.opened[0]
+                    session = round_.opened[0]
+                step = round_.steps.get(session)
+                if step is not None and (any(step.tokens) or step.done):
+                    first_token_s = first_token_s or time.perf_counter() - started
+                    for row, tokens in enumerate(step.tokens):
+                        yielded[row] += tokens
+                    yield [list(tokens) for tokens in step.tokens]
+                summary = round_.summaries.get(session)
+                if summary is not None:
                     break
         finally:
-            summary = self._coordinator.generate_close(session)  # also when the consumer stopped early
+            if summary is None and session is not None:  # the consumer stopped early, or the replica lost it
+                summary = self._coordinator.generate_close(session)
             total = time.perf_counter() - started
             if summary is None:  # the replica lost the session (it was rebuilt): what was yielded
                 generated, reasons, speculation = yielded, [""] * rows, None
