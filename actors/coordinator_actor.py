@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.rank_group import RayRankGroup
-from actors.runtime import NAMESPACE, ensure_ray
+from actors.runtime import NAMESPACE, SERVING_PROCESS_ENV, ensure_ray
 from cluster.coordinator import Coordinator, CoordinatorConfig, Exported, ModelState
 from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
 from cluster.handle import AsyncCalls, CoordinatorInfo, GenerationRound
@@ -276,8 +276,8 @@ def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | No
     the process that created it (a gateway, a batch job), which find it again with `actors.replicas.find_resident`."""
     ensure_ray()
     group_name = f"tpcluster-{uuid.uuid4().hex[:12]}"
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": dict(SERVING_PROCESS_ENV)}}
     if name:
-        options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached"}
+        options.update(name=name, namespace=NAMESPACE, lifetime="detached")
     actor = CoordinatorActor.options(**options).remote(tp_degree, config, group_name, label, node_ip)
     return RemoteCoordinator(actor, config, group_name, name)

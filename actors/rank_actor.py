@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import ray
+import torch
+from torch.utils._pytree import tree_map
 
 from cluster.rank import RankWorker
+
+
+def to_wire(value: Any) -> Any:
+    """Tensors in (nested tuples, lists, dicts of) a call's arguments or result as numpy arrays:
+    Ray moves those without a copy through pickle5 buffers, while a torch tensor goes through
+    torch.save (~0.5 ms a step on these machines). Other values pass as they are."""
+    return tree_map(lambda x: x.detach().numpy() if isinstance(x, torch.Tensor) and x.dtype != torch.bfloat16 else x, value)
+
+
+def from_wire(value: Any) -> Any:
+    """The inverse of to_wire: arrays back into (writable, owned) tensors."""
+    return tree_map(lambda x: torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x, value)
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)
@@ -15,7 +30,7 @@ class RankActor:
         self._worker = RankWorker(rank, world_size, node=ray.util.get_node_ip_address())
 
     def call(self, method: str, *args: Any) -> Any:
-        return getattr(self._worker, method)(*args)
+        return to_wire(getattr(self._worker, method)(*from_wire(args)))
 
     def rendezvous(self) -> tuple[str, int]:
         return self._worker.pick_rendezvous(ray.util.get_node_ip_address())

@@ -10,12 +10,16 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.rank_actor import RankActor
-from actors.runtime import neuron_core_capacity
+import numpy as np
+from torch.utils._pytree import tree_leaves
+
+from actors.rank_actor import RankActor, from_wire, to_wire
+from actors.runtime import SERVING_PROCESS_ENV, neuron_core_capacity
 from cluster.errors import CapacityError, RankFailure
 from cluster.rank_group import RankGroup, rank_exception
 
 _SMALL = (int, float, str, bool, type(None))
+_INLINE_BYTES = 1 << 16  # arguments up to this size travel inside the call; larger ones through the object store
 
 
 class RayRankGroup(RankGroup):
@@ -46,7 +50,7 @@ class RayRankGroup(RankGroup):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
                 resources={"neuron_cores": 1},
                 # ranks that share a host's cores must not spin-wait in OpenMP while a peer computes
-                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **SERVING_PROCESS_ENV}},
             ).remote(rank, world_size)
             for rank in range(world_size)
         ]
@@ -59,10 +63,12 @@ class RayRankGroup(RankGroup):
         ranks = list(range(len(args))) if ranks is None else list(ranks)
         if len(args) > 1 and all(a is args[0] for a in args):
             # the same arguments for every rank: serialise each large one once
-            shared = tuple(x if isinstance(x, _SMALL) else ray.put(x) for x in args[0])
+            shared = tuple(x if _inline(x) else ray.put(x) for x in to_wire(args[0]))
             args = [shared] * len(args)
+        else:
+            args = [to_wire(a) for a in args]
         refs = [self._actors[r].call.remote(method, *a) for r, a in zip(ranks, args)]
-        return self._get(refs, ranks, method, timeout)
+        return [from_wire(result) for result in self._get(refs, ranks, method, timeout)]
 
     def _get(self, refs: list, ranks: list[int], method: str, timeout: float) -> list[Any]:
         """Wait for every rank, failing fast: a dead rank is reported as soon as Ray knows, not at the timeout."""
@@ -90,6 +96,13 @@ class RayRankGroup(RankGroup):
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def _inline(value: Any) -> bool:
+    if isinstance(value, _SMALL):
+        return True
+    arrays = [x for x in tree_leaves(value) if isinstance(x, np.ndarray)]
+    return bool(arrays) and len(arrays) == len(tree_leaves(value)) and sum(a.nbytes for a in arrays) <= _INLINE_BYTES
 
 
 def remove_orphaned_group(name: str) -> bool:

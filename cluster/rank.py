@@ -119,12 +119,13 @@ class RankWorker:
         """
         if spec.cwd and os.path.isdir(spec.cwd):
             os.chdir(spec.cwd)  # relative paths in the user's function resolve as in the caller
+        self._backend = get_backend(spec.backend)
+        self._backend.prepare_rank(self.rank, self.world_size, self.node)  # neuron: its runtime env and collectives
         func = cloudpickle.loads(spec.func_blob)
         result = func()
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
             raise ClusterError(f"the model function must return (model, io_aliases), got {type(result).__name__}")
         model, io_aliases = result
-        self._backend = get_backend(spec.backend)
         self._model = model.eval()
         self._weights = None if spec.inline_weights else collect_weights(model)
         self._aliases = self._alias_names(model, io_aliases or {}, spec.inline_weights)
@@ -265,6 +266,7 @@ class RankWorker:
             torch.set_num_threads(threads)
         self._aliases = dict(aliases or {})
         self._backend = get_backend(backend)
+        self._backend.prepare_rank(self.rank, self.world_size, self.node)  # neuron: its runtime env and collectives
         self._weights = weights
         self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)
         self._blobs = list(graphs)

@@ -3,7 +3,8 @@
 - `cpu`: torch.export; collectives are captured as functional collectives. With separated weights
   the module is exported with its weights as an explicit input, so the graph holds none and every
   rank (and every bucket) can share one graph.
-- `neuron`: torch_neuronx.trace with the guide's arguments; runs only where torch-neuronx is.
+- `neuron`: a NeuronCore graph per rank, on the Neuron path this machine has (torch-neuronx over
+  torch-xla on inf2/trn1, native TorchNeuron on trn2/trn3): `cluster.trace.neuron`.
 - `eager`: no tracing, the module itself; for in-process ranks (unit tests), cannot be saved.
 
 Graph files of the cpu backend are safetensors files: tensors (inlined weights, constants) plus
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import io
 import json
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,21 +29,35 @@ _PROGRAM_KEY = "tpcluster.program"
 
 
 def resolve_backend(name: str) -> str:
+    """The backend `name` stands for on this machine ("auto": neuron where torch-neuronx is, else cpu)."""
     if name == "auto":
         return "neuron" if importlib.util.find_spec("torch_neuronx") is not None else "cpu"
     if name == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
         raise BackendUnavailable(
-            "backend='neuron' needs torch-neuronx (an inf2/trn1 instance with the Neuron SDK); "
-            "use backend='cpu' or 'auto' on other machines"
+            "backend='neuron' needs torch-neuronx (inf2/trn1: torch-neuronx with torch-xla; trn2/trn3: native "
+            "TorchNeuron); use backend='cpu' or 'auto' on other machines, and `tpcluster doctor` to check an install"
         )
     return name
 
 
-def get_backend(name: str) -> "Backend":
+def get_backend(name: str) -> Backend:
+    """A fresh backend object for one rank (the neuron backend keeps per-rank state)."""
+    if name == "neuron":
+        from cluster.trace.neuron import NeuronBackend
+
+        return NeuronBackend()
     try:
-        return {"cpu": CpuBackend, "neuron": NeuronBackend, "eager": EagerBackend}[name]()
+        return {"cpu": CpuBackend, "eager": EagerBackend}[name]()
     except KeyError as exc:
         raise BackendUnavailable(f"unknown backend {name!r}; use 'cpu', 'neuron' or 'auto'") from exc
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NeuronBackend":  # moved to cluster.trace.neuron; imported lazily (it imports this module)
+        from cluster.trace.neuron import NeuronBackend
+
+        return NeuronBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Backend:
@@ -62,6 +77,9 @@ class Backend:
 
     def bind(self, graph: Any, weights: dict[str, torch.Tensor] | None) -> Callable[..., Any]:
         raise NotImplementedError
+
+    def prepare_rank(self, rank: int, world_size: int, node: str) -> None:
+        """Set up this rank process for the backend before its model is built or loaded (cpu, eager: nothing)."""
 
 
 class _WeightsAsInputs(nn.Module):
@@ -131,38 +149,6 @@ class CpuBackend(Backend):
         if missing:
             raise ArtifactError(f"the graph needs weights the rank does not hold: {missing[:8]}")
         return functools.partial(module, {name: weights[name] for name in order})
-
-
-class NeuronBackend(Backend):
-    """torch_neuronx.trace per rank, called as the guide's parallel_model_trace calls it."""
-
-    name = "neuron"
-
-    def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
-        import torch_neuronx
-
-        return torch_neuronx.trace(
-            model, example, compiler_workdir=compiler_workdir, compiler_args=compiler_args,
-            inline_weights_to_neff=weights is None,
-        )
-
-    def dump(self, graph) -> bytes:
-        buffer = io.BytesIO()
-        torch.jit.save(graph, buffer)
-        return buffer.getvalue()
-
-    def load(self, blob, source):
-        try:
-            return torch.jit.load(io.BytesIO(blob))
-        except Exception as exc:
-            raise ArtifactError(f"{source}: cannot load Neuron graph: {exc}") from exc
-
-    def bind(self, graph, weights):
-        if weights is not None:
-            import torch_neuronx
-
-            torch_neuronx.replace_weights(graph, weights)
-        return graph
 
 
 class EagerBackend(Backend):
