@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("actors.commands.batch:submit", "submit a batch job through Ray's Jobs API"),
     "unload": ("actors.commands.batch:unload", "free the resident replicas of models on a cluster"),
     "jobs": ("actors.commands.batch:jobs", "status, logs or stop of a submitted job"),
+    "doctor": ("actors.commands.doctor", "which backend this machine uses and why; check collectives and a TP=2 trace"),
     "models": ("clients.commands:models", "list served models"),
     "status": ("clients.commands:status", "models, replicas and ranks with their node, NeuronCores and memory"),
     "health": ("clients.commands:health", "gRPC health of the gateway or one model"),

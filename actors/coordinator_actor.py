@@ -183,6 +183,9 @@ class RemoteCoordinator:
     def info(self) -> CoordinatorInfo:
         return self._call("info")
 
+    def rank_timings(self, reset: bool = False) -> list[dict[str, float]]:
+        return self._call("rank_timings", reset, timeout=self.config.health_timeout_s)
+
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._call("describe_ranks", timeout=self.config.health_timeout_s)
 

@@ -352,6 +352,10 @@ class Coordinator:
             rebuilds=self.rebuilds,
         )
 
+    def rank_timings(self, reset: bool = False) -> list[dict[str, float]]:
+        """Per rank: graph calls since the last reset, seconds in them and in their collectives."""
+        return self.ranks.timings(reset, self.config.health_timeout_s)
+
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._serving(lambda: self.ranks.describe(self.config.call_timeout_s))
 

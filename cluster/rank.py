@@ -18,7 +18,13 @@ import torch
 
 from cluster.errors import ClusterError, InputError
 from cluster.parallel_layers import parallel_state
-from cluster.parallel_layers.collectives import Collectives, GlooGather, ProcessGroupCollectives, use_gather
+from cluster.parallel_layers.collectives import (
+    Collectives,
+    GlooGather,
+    ProcessGroupCollectives,
+    collective_time,
+    use_gather,
+)
 from cluster.parallel_layers.shared_memory import SharedMemoryGroup, form_shared_memory_group
 from cluster.parallel_layers.sharding import partition_dims
 from cluster.trace.backends import Backend, get_backend
@@ -57,6 +63,7 @@ class RankWorker:
         self._blobs: list[bytes | None] = []  # graph files as traced, adopted or loaded
         self._calls: list[Any] = []  # the same, bound to the weights
         self._shared_memory: SharedMemoryGroup | None = None
+        self._run_s, self._runs = 0.0, 0  # graph calls: seconds and count (the benchmark's breakdown)
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
         elif world_size == 1:
@@ -199,21 +206,29 @@ class RankWorker:
         """
         if not self._calls:
             raise ClusterError("this rank holds no traced shard; trace or load the model first")
-        with torch.no_grad():
-            outputs = self._calls[bucket](*inputs)
-            if not self._aliases:
-                return outputs
-            for name, index in self._aliases.items():
-                state, new = self._weights[name], outputs[index]
-                if new.shape == state.shape:
-                    state.copy_(new)
-                elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
-                    state[: new.shape[0]].copy_(new)
-                else:
-                    raise ClusterError(f"state output {index} has shape {tuple(new.shape)}; state {name!r} is "
-                                       f"{tuple(state.shape)}: return the state, or its leading rows")
-            kept = set(self._aliases.values())
-            return tuple(o for i, o in enumerate(outputs) if i not in kept)
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                return self._run_graph(bucket, inputs)
+        finally:
+            self._run_s += time.perf_counter() - started
+            self._runs += 1
+
+    def _run_graph(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        outputs = self._calls[bucket](*inputs)
+        if not self._aliases:
+            return outputs
+        for name, index in self._aliases.items():
+            state, new = self._weights[name], outputs[index]
+            if new.shape == state.shape:
+                state.copy_(new)
+            elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
+                state[: new.shape[0]].copy_(new)
+            else:
+                raise ClusterError(f"state output {index} has shape {tuple(new.shape)}; state {name!r} is "
+                                   f"{tuple(state.shape)}: return the state, or its leading rows")
+        kept = set(self._aliases.values())
+        return tuple(o for i, o in enumerate(outputs) if i not in kept)
 
     def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
         """Run one bucket's graph; rank 0 returns the outputs, the others None."""
@@ -288,6 +303,14 @@ class RankWorker:
 
     def ping(self) -> int:
         return self.rank
+
+    def timings(self, reset: bool) -> dict[str, float]:
+        """Graph calls since the last reset: count, seconds in them, and seconds of those in collectives."""
+        collective_s, collectives = collective_time(reset)
+        out = {"runs": self._runs, "run_s": self._run_s, "collective_s": collective_s, "collectives": collectives}
+        if reset:
+            self._run_s, self._runs = 0.0, 0
+        return out
 
 
 def _flat(outputs: Any) -> list[torch.Tensor]:

@@ -93,6 +93,9 @@ class RankGroup(ABC):
         """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
         return self._same("decode_loop", timeout, plan)[0]
 
+    def timings(self, reset: bool, timeout: float) -> list[dict[str, float]]:
+        return self._same("timings", timeout, reset)
+
     def weight_specs(self, timeout: float) -> list[dict[str, Any]]:
         return self._same("weight_specs", timeout)
 

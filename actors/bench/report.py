@@ -23,6 +23,12 @@ def summary(results: dict[str, Any]) -> str:
         parts.append(f"decode target-only {d['target_only_tok_s']:.0f} tok/s; speculative/target-only "
                      + ", ".join(f"k{k} x{d[f'speculative_k{k}_over_target_only']:.2f}" for k in (2, 4, 6))
                      + f"; vs HF assisted x{max(d[f'speculative_k{k}_over_hf_assisted'] for k in (2, 4, 6)):.2f}")
+    if "step" in results:
+        s = results["step"]
+        parts.append("decode/HF generate " + ", ".join(
+            f"TP{tp} x{s[f'tp{tp}']['over_hf_generate']:.2f} (step {s[f'tp{tp}']['step_ms']:.1f} ms, "
+            f"overhead {s[f'tp{tp}']['hops_and_bookkeeping_ms']:.1f} ms)" for tp in (1, 2))
+            + f"; gateway stream/library x{s['gateway_over_library']:.2f}")
     if "gateway" in results:
         g = results["gateway"]
         parts.append(f"gateway +{g['gateway_added_p50_ms']:.1f} ms p50; batching gain at 32 clients x{g['classify_32_clients_batching_gain']:.2f}")
@@ -55,6 +61,9 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars += [(f"trace once TP={tp}", results["trace_once"][f"tp{tp}_once_over_per_rank"]) for tp in (1, 2, 4)]
     if "decoder" in results:
         bars += [(f"speculative k={k}: time/token vs target-only", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
+    if "step" in results:
+        bars += [(f"decode TP={tp}: time/token vs transformers generate", 1 / results["step"][f"tp{tp}"]["over_hf_generate"])
+                 for tp in (1, 2)]
     if "gateway" in results:
         bars.append(("Classify, 32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
     if "generate" in results:

@@ -101,7 +101,8 @@ class ReplicaScheduler:
 
     # -- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
-        next_round: asyncio.Task | None = None
+        next_round: asyncio.Future | None = None
+        wake: asyncio.Future | None = None
         try:
             while True:
                 self._send(self._take_opens())
@@ -135,8 +136,9 @@ class ReplicaScheduler:
                     self._rounds = None
                     self._failed(exc)
         finally:
-            if next_round is not None:
-                next_round.cancel()
+            for pending in (next_round, wake):
+                if pending is not None:
+                    pending.cancel()
 
     def _lost_sessions(self) -> None:
         """After a stream ends, sessions still active here were not live on the coordinator: it lost them."""

@@ -10,6 +10,7 @@ group): same arithmetic, no sockets.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol
 
 import torch
@@ -68,7 +69,23 @@ def all_gather_ranks(tensor: torch.Tensor) -> torch.Tensor:
     One op in the traced graph whatever carries it: shared memory between the ranks of one node,
     gloo otherwise (`use_gather`). Saved graphs name the op, not the transport.
     """
-    return process_gather().gather(tensor)
+    started = time.perf_counter()
+    try:
+        return process_gather().gather(tensor)
+    finally:
+        _spent[0] += time.perf_counter() - started
+        _spent[1] += 1
+
+
+_spent = [0.0, 0]  # seconds in this process's collectives, and how many
+
+
+def collective_time(reset: bool = False) -> tuple[float, int]:
+    """(seconds, count) of this process's collectives since the last reset (the benchmark's breakdown)."""
+    spent = (_spent[0], _spent[1])
+    if reset:
+        _spent[:] = [0.0, 0]
+    return spent
 
 
 @all_gather_ranks.register_fake

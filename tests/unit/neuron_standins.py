@@ -128,7 +128,7 @@ class StandInNeuronGroup(dist.ProcessGroup):
         super().__init__(rank, size)
         self._world = size
 
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+    def getBackendName(self) -> str:  # torch's method name
         return "neuron"
 
     def _set_group_name(self, name: str) -> None:  # as ProcessGroupNeuron keeps it: c10d names the group here

@@ -21,6 +21,7 @@ ACTORS_USING_THE_CLIENT = {
     "actors/commands/demo.py": {"clients.client"},
     "actors/bench/measure.py": {"clients.client"},
     "actors/bench/serving.py": {"clients.client", "clients.soak"},
+    "actors/bench/step.py": {"clients.client"},
 }
 
 
