@@ -12,6 +12,10 @@ from torch.utils._pytree import tree_map
 from cluster.rank import RankWorker
 
 
+#: the rank calls on every generated token, sent through a Ray Compiled Graph (actors.rank_group)
+SERVING_METHODS = ("forward", "decode_loop")
+
+
 def to_wire(value: Any) -> Any:
     """Tensors in (nested tuples, lists, dicts of) a call's arguments or result as numpy arrays:
     Ray moves those without a copy through pickle5 buffers, while a torch tensor goes through
@@ -30,6 +34,13 @@ class RankActor:
         self._worker = RankWorker(rank, world_size, node=ray.util.get_node_ip_address())
 
     def call(self, method: str, *args: Any) -> Any:
+        return to_wire(getattr(self._worker, method)(*from_wire(args)))
+
+    def serve(self, request: tuple[str, tuple]) -> Any:
+        """A per-step call (forward, decode_loop) arriving through the replica's compiled graph."""
+        method, args = request
+        if method not in SERVING_METHODS:
+            raise ValueError(f"{method} is not a per-step rank call")
         return to_wire(getattr(self._worker, method)(*from_wire(args)))
 
     def rendezvous(self) -> tuple[str, int]:

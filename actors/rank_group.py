@@ -6,7 +6,7 @@ import time
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -15,10 +15,16 @@ from torch.utils._pytree import tree_leaves
 
 from actors.rank_actor import RankActor, from_wire, to_wire
 from actors.runtime import SERVING_PROCESS_ENV, neuron_core_capacity
+from actors.step_graph import StepGraph
 from cluster.errors import CapacityError, RankFailure
 from cluster.rank_group import RankGroup, rank_exception
 
 _SMALL = (int, float, str, bool, type(None))
+# OpenMP threads of a rank spin briefly between parallel regions, then sleep: a rank's threads fit
+# its share of the node's cores, so a short spin steals nothing, while sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) cost a TP=1 decode step of the shipped target 9.0 ms instead of 5.9 ms
+# (2 threads, 2-core node; libgomp's default spin, 300k, gave 5.2 ms but spins ~1 ms per wait).
+RANK_OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 _INLINE_BYTES = 1 << 16  # arguments up to this size travel inside the call; larger ones through the object store
 
 
@@ -49,11 +55,12 @@ class RayRankGroup(RankGroup):
             RankActor.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
                 resources={"neuron_cores": 1},
-                # ranks that share a host's cores must not spin-wait in OpenMP while a peer computes
-                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **SERVING_PROCESS_ENV}},
+                runtime_env={"env_vars": {**RANK_OPENMP_ENV, **SERVING_PROCESS_ENV}},
             ).remote(rank, world_size)
             for rank in range(world_size)
         ]
+        self._steps: StepGraph | None = None  # compiled once the ranks hold their shards
+        self._pids: list[int] = []
 
     def form_group(self, timeout: float, threads: int) -> None:
         host, port = self._get([self._actors[0].rendezvous.remote()], [0], "rendezvous", timeout)[0]
@@ -89,7 +96,60 @@ class RayRankGroup(RankGroup):
                 raise rank_exception(rank_of[ready[0]], cause, str(exc)) from exc
         return ray.get(refs, timeout=0)
 
+    # -- per-step calls through the compiled graph ------------------------------------------
+    def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int,
+             aliases: dict[str, int], timeout: float) -> None:
+        super().load(backend, graphs, weights, threads, aliases, timeout)
+        self._compile(timeout)
+
+    def forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
+        return self._serve("forward", (bucket, inputs), timeout)
+
+    def decode_loop(self, plan: Any, timeout: float) -> Any:
+        return self._serve("decode_loop", (plan,), timeout)
+
+    def _compile(self, timeout: float) -> None:
+        if self._steps is None:
+            self._pids = [info["pid"] for info in self.describe(timeout)]
+            self._steps = StepGraph(self._actors, timeout)
+
+    def _serve(self, method: str, args: tuple, timeout: float) -> Any:
+        self._compile(timeout)
+        try:
+            return self._steps.run(method, args, timeout)[0]
+        except RayTaskError as exc:  # raised inside a rank; the graph goes on serving
+            pid = getattr(exc, "pid", None)
+            rank = self._pids.index(pid) if pid in self._pids else 0
+            cause = exc.cause if exc.cause is not None else exc
+            if isinstance(cause, RankFailure):  # a rank saw its peer die in a collective
+                self._drop_steps()
+                raise cause from exc
+            raise rank_exception(rank, cause, str(exc)) from exc
+        except (RayActorError, RaySystemError, GetTimeoutError, TimeoutError) as exc:
+            self._drop_steps()  # a lost or stalled rank leaves the graph unusable
+            rank = self._first_lost_rank()
+            raise RankFailure(rank, f"rank {rank} failed during {method} ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+    def _first_lost_rank(self) -> int:
+        pings = [actor.call.remote("ping") for actor in self._actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=1.0)
+        for rank, ref in enumerate(pings):
+            if ref not in ready:
+                return rank
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - dead: this is the one
+                return rank
+        return 0
+
+    def _drop_steps(self) -> None:
+        steps, self._steps = self._steps, None
+        if steps is not None:
+            steps.close(timeout=5.0)
+
     def close(self) -> None:
+        self._drop_steps()
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []

@@ -1,7 +1,10 @@
 """Python client of the tpcluster gateway, sync (`Client`) and asyncio (`AsyncClient`).
 
-Depends only on grpc, numpy and the generated protocol. Unary calls retry on UNAVAILABLE with
-backoff; every call has a deadline; errors are the typed tree in clients.errors.
+Depends only on grpc, numpy and the generated protocol. Every call has a deadline (the client's
+`timeout`, or the call's); UNAVAILABLE is retried with exponential backoff and full jitter until
+that deadline (clients.retry.RetryPolicy), for unary calls and for a Generate stream that has not
+yielded anything yet (one that has is never replayed: its tokens were already seen). Errors are the
+typed tree in clients.errors.
 
 Each RPC's request and the decoding of its reply are written once, as an `_Rpc` built by the
 shared `_Base` methods; the two classes differ only in how they call the stub and wait.
@@ -10,17 +13,20 @@ shared `_Base` methods; the two classes differ only in how they call the stub an
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import grpc
 import numpy as np
 
-from clients.errors import TpClusterError, Unavailable, from_rpc_error
+from clients.errors import TpClusterError, from_rpc_error
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
 from clients.protocol.tensors import from_tensor, to_tensor
+from clients.retry import RetryPolicy
 
 
 @dataclass
@@ -96,15 +102,23 @@ def _channel_args(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 class _Base:
     """What both clients share: the channel's settings, every RPC's request and reply decoding,
-    and the retry decision. Subclasses set `_channels` (grpc or grpc.aio) and do the calling."""
+    and the retry decision. Subclasses set `_channels` (grpc or grpc.aio) and do the calling.
+
+    `timeout` is each call's deadline in seconds, retries included; `retry` says what is retried
+    (default: UNAVAILABLE, until the deadline); `retries`, if given, caps the number of retries
+    (0: none) on top of `retry`."""
 
     _channels: Any
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_certificates: bytes | None = None,
-                 timeout: float = 60.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
+                 timeout: float = 60.0, retry: RetryPolicy | None = None, retries: int | None = None,
+                 max_message_bytes: int = 64 << 20) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout is each call's deadline in seconds and must be > 0, got {timeout}")
         self.target = target
         self.timeout = timeout
-        self.retries = retries
+        self.retry = replace(retry or RetryPolicy(), **({} if retries is None else {"max_retries": retries}))
+        self._random = random.Random()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls = root_certificates
         self._options = _channel_args(max_message_bytes)
@@ -115,23 +129,26 @@ class _Base:
             self._channel = self._channels.insecure_channel(target, options=self._options)
         self._stub = pb_grpc.InferenceStub(self._channel)
 
-    def _backoff(self, exc: grpc.RpcError, attempt: int) -> float:
-        """Seconds to wait before retrying a failed call; raises its typed error when it is not retried."""
+    def _deadline(self, timeout: float | None) -> float:
+        """The monotonic time by which a call given `timeout` (None: the client's) must be done."""
+        return time.monotonic() + (timeout or self.timeout)
+
+    def _retry_delay(self, exc: grpc.RpcError, retry: int, deadline: float) -> float:
+        """Seconds to wait before retry number `retry` of a failed call; raises its typed error when
+        it is not retried (not a retryable status, retries used up, or no time left)."""
         error = from_rpc_error(exc)
-        if not isinstance(error, Unavailable) or attempt == self.retries:
+        delay = self.retry.next_delay(error.code, retry, deadline - time.monotonic(), self._random)
+        if delay is None:
             raise error from exc
-        return 0.1 * 2 ** attempt
+        return delay
 
-    def _invoke(self, rpc: _Rpc) -> Any:
+    def _invoke(self, rpc: _Rpc, deadline: float) -> Any:
         """The stub call of `rpc` (its reply, or an awaitable of it on an aio channel)."""
-        return getattr(self._stub, rpc.method)(rpc.request, timeout=rpc.timeout or self.timeout, metadata=self._metadata)
+        return getattr(self._stub, rpc.method)(rpc.request, timeout=max(deadline - time.monotonic(), 0.0),
+                                               metadata=self._metadata)
 
-    def _start_generate(self, prompt: str, model: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                        seed: int | None, stop: Sequence[str], draft_model: str, speculation_length: int,
-                        timeout: float | None) -> Any:
-        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
-                                    speculation_length)
-        return self._stub.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+    def _start_generate(self, request: pb.GenerateRequest, deadline: float) -> Any:
+        return self._stub.Generate(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata)
 
     @staticmethod
     def _list_models() -> _Rpc:
@@ -179,11 +196,12 @@ class Client(_Base):
     _channels = grpc
 
     def _unary(self, rpc: _Rpc) -> Any:
-        for attempt in range(self.retries + 1):
+        deadline = self._deadline(rpc.timeout)
+        for retry in itertools.count():
             try:
-                reply = self._invoke(rpc)
+                reply = self._invoke(rpc, deadline)
             except grpc.RpcError as exc:
-                time.sleep(self._backoff(exc, attempt))
+                time.sleep(self._retry_delay(exc, retry, deadline))
             else:
                 return rpc.parse(reply)
 
@@ -220,15 +238,25 @@ class Client(_Base):
                         top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                         draft_model: str = "", speculation_length: int = 0, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
         """Yields GenerateResponse messages: tokens as they come, then the stats. A 0 (max_new_tokens,
-        top_p, speculation_length) asks for the server's default, as the proto says."""
-        call = self._start_generate(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
-                                    speculation_length, timeout)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            call.cancel()  # a consumer that stops early frees the slot on the gateway
+        top_p, speculation_length) asks for the server's default, as the proto says. A stream that
+        fails before its first message is retried like a unary call; one that fails later is not."""
+        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
+                                    speculation_length)
+        deadline = self._deadline(timeout)
+        for retry in itertools.count():
+            call, started = self._start_generate(request, deadline), False
+            try:
+                for event in call:
+                    started = True
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                if started:
+                    raise from_rpc_error(exc) from exc
+                delay = self._retry_delay(exc, retry, deadline)
+            finally:
+                call.cancel()  # a consumer that stops early frees the slot on the gateway
+            time.sleep(delay)
 
     def generate(self, prompt: str, **kwargs: Any) -> Generation:
         result = Generation()
@@ -259,11 +287,12 @@ class AsyncClient(_Base):
     _channels = grpc.aio
 
     async def _unary(self, rpc: _Rpc) -> Any:
-        for attempt in range(self.retries + 1):
+        deadline = self._deadline(rpc.timeout)
+        for retry in itertools.count():
             try:
-                reply = await self._invoke(rpc)
+                reply = await self._invoke(rpc, deadline)
             except grpc.RpcError as exc:
-                await asyncio.sleep(self._backoff(exc, attempt))
+                await asyncio.sleep(self._retry_delay(exc, retry, deadline))
             else:
                 return rpc.parse(reply)
 
@@ -297,16 +326,25 @@ class AsyncClient(_Base):
                               top_k: int = 0, top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                               draft_model: str = "", speculation_length: int = 0,
                               timeout: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
-        """Yields GenerateResponse messages: tokens as they come, then the stats."""
-        call = self._start_generate(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
-                                    speculation_length, timeout)
-        try:
-            async for event in call:
-                yield event
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        finally:
-            call.cancel()
+        """Yields GenerateResponse messages: tokens as they come, then the stats; retried only
+        before the first message, as in Client.generate_stream."""
+        request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
+                                    speculation_length)
+        deadline = self._deadline(timeout)
+        for retry in itertools.count():
+            call, started = self._start_generate(request, deadline), False
+            try:
+                async for event in call:
+                    started = True
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                if started:
+                    raise from_rpc_error(exc) from exc
+                delay = self._retry_delay(exc, retry, deadline)
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def generate(self, prompt: str, **kwargs: Any) -> Generation:
         result = Generation()
@@ -331,4 +369,5 @@ class AsyncClient(_Base):
         await self.close()
 
 
-__all__ = ["AsyncClient", "Client", "GenerateStats", "Generation", "TpClusterError", "from_tensor", "to_tensor"]
+__all__ = ["AsyncClient", "Client", "GenerateStats", "Generation", "RetryPolicy", "TpClusterError", "from_tensor",
+           "to_tensor"]

@@ -27,7 +27,8 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=os.environ.get("TPCLUSTER_TARGET", "127.0.0.1:50051"))
     parser.add_argument("--token-file", help="bearer token file (or TPCLUSTER_TOKEN)")
     parser.add_argument("--ca-file", help="CA certificate for TLS")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="each call's deadline in seconds; UNAVAILABLE (a replica rebuilding) is retried until then")
     parser.add_argument("--json", action="store_true")
 
 

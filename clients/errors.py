@@ -5,7 +5,7 @@
     ├── InvalidArgument       bad shapes, empty text, too-long input, bad sampling parameters
     ├── ResourceExhausted     the model's queue is full, the payload is too large, or no capacity
     ├── FailedPrecondition    the model folder or checkpoint cannot be used as it is (fix it, then retry)
-    ├── Unavailable           no ready replica, ranks lost; retried automatically for unary calls
+    ├── Unavailable           no ready replica, ranks lost; retried until the deadline (clients.retry)
     ├── DeadlineExceeded      the call's deadline passed
     ├── Unauthenticated       missing or wrong bearer token
     ├── Cancelled             the call was cancelled

@@ -64,6 +64,7 @@ class RankWorker:
         self._calls: list[Any] = []  # the same, bound to the weights
         self._shared_memory: SharedMemoryGroup | None = None
         self._run_s, self._runs = 0.0, 0  # graph calls: seconds and count (the benchmark's breakdown)
+        self._threads = 0  # torch threads asked for; 0: as the process starts
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
         elif world_size == 1:
@@ -95,6 +96,7 @@ class RankWorker:
 
         if threads > 0:
             torch.set_num_threads(threads)
+            self._threads = threads
         if self.world_size == 1:
             return
         if host.startswith("127."):
@@ -206,6 +208,8 @@ class RankWorker:
         """
         if not self._calls:
             raise ClusterError("this rank holds no traced shard; trace or load the model first")
+        if self._threads and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)  # per OS thread: a compiled graph runs steps on its own thread
         started = time.perf_counter()
         try:
             with torch.no_grad():
@@ -279,6 +283,7 @@ class RankWorker:
              aliases: dict[str, int] | None = None) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
+            self._threads = threads
         self._aliases = dict(aliases or {})
         self._backend = get_backend(backend)
         self._backend.prepare_rank(self.rank, self.world_size, self.node)  # neuron: its runtime env and collectives

@@ -45,7 +45,8 @@ class Replica:
 
 class ReplicaPool:
     """The replicas of one model. `load` (blocking) adopts or launches them; `pick` routes;
-    `run` makes one call on a replica and takes a lost one out of rotation at once."""
+    `run` makes one call on a replica, takes a lost one out of rotation at once and moves the
+    call to another ready replica once."""
 
     def __init__(self, model: str, folder: Path | None, replicas: list[Replica], resident: bool) -> None:
         if not replicas:
@@ -106,10 +107,30 @@ class ReplicaPool:
             raise self.unavailable()
         return min(ready, key=lambda r: r.in_flight)
 
-    async def run(self, call: Callable[[AsyncCoordinatorHandle], Awaitable[T]], replica: Replica | None = None) -> T:
-        """`call(handle)` on `replica` (default: `pick()`); a lost rank or coordinator takes the
-        replica out of rotation at once and is UNAVAILABLE to the caller."""
-        replica = replica or self.pick()
+    async def run(self, call: Callable[[AsyncCoordinatorHandle], Awaitable[T]], replica: Replica | None = None,
+                  deadline: float | None = None) -> T:
+        """`call(handle)` on `replica`, or on the replica `pick()` chooses. A lost rank or coordinator
+        takes the replica out of rotation at once. A call the pool routed itself is then made once
+        more on another ready replica, if one exists and the event loop's clock is before `deadline`
+        (None: no bound here; the caller's own wait bounds it), so a request that met a loss still
+        succeeds; otherwise the loss is UNAVAILABLE to the caller. `call` must be safe to repeat (a
+        stateless forward); a call pinned to `replica` (it holds state there) is never moved."""
+        chosen = replica or self.pick()
+        try:
+            return await self._run_on(chosen, call)
+        except ModelUnavailable as exc:
+            if replica is not None or not self.ready:
+                raise
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise
+            other = self.pick()  # `chosen` is out of rotation now, so this is another replica
+            log.info("model %s: retrying a call lost on replica %d on replica %d", self.model, chosen.index, other.index)
+            try:
+                return await self._run_on(other, call)
+            except ModelUnavailable as again:
+                raise again from exc
+
+    async def _run_on(self, replica: Replica, call: Callable[[AsyncCoordinatorHandle], Awaitable[T]]) -> T:
         replica.in_flight += 1
         try:
             return await call(replica.coordinator.aio)

@@ -195,8 +195,12 @@ class ServedModel:
         return await self._forward(inputs, timeout)
 
     async def _forward(self, inputs: tuple[torch.Tensor, ...], timeout: float | None = None) -> list[np.ndarray]:
-        wait = self.pool.config.call_timeout_s if timeout is None else timeout
-        return _leaves(await self.pool.run(lambda handle: handle.forward(inputs, timeout=wait)))
+        """One forward on a ready replica; one lost meanwhile costs a second try on another replica,
+        within the same `timeout` (default: the coordinator's call timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.pool.config.call_timeout_s if timeout is None else timeout)
+        return _leaves(await self.pool.run(lambda handle: handle.forward(inputs, timeout=max(deadline - loop.time(), 1e-3)),
+                                           deadline=deadline))
 
     async def _run_infer_batch(self, payloads: list[tuple[torch.Tensor, ...]]) -> list[Any]:
         groups: dict[tuple, list[int]] = {}

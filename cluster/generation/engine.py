@@ -14,10 +14,16 @@ generates does not depend on what else shares the batch. A round is one round tr
 draft proposes k tokens in one `decode_loop` call on its ranks, the target verifies them in one
 `verify` forward. Rolling back rejected tokens is free, because what a query may attend to is
 decided by the lengths kept here, not by the cache contents.
+
+A draft that fails (its ranks lost, a call timed out) costs no sequence: the round it failed in
+goes on target-only, every sequence that speculated decodes target-only from then on (its
+`SpeculationStats.target_only_steps` counts those rounds), and the batch forgets the draft. The
+target's cache is untouched by a failed draft call, so greedy output is what it would have been.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -29,6 +35,8 @@ from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import DECODE, VERIFY, DraftPlan, RoundPlan, RowState, draft_tokens_kept, plan_round
 from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
+
+log = logging.getLogger("tpcluster.generation")
 
 
 @dataclass
@@ -107,6 +115,7 @@ class _Sequence:
     cached: int = 0  # tokens of the sequence in the target's cache
     draft_cached: int = 0
     started: bool = False
+    draft_lost: bool = False  # it speculated until its draft failed: target-only since
     finish: str = ""
     outbox: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
@@ -285,8 +294,11 @@ class DecodeBatch:
     def _prefill_round(self, plan: RoundPlan) -> None:
         bucket, inputs = prefill_inputs(self.target.layout, list(plan.prompts))
         logits = self.target.forward_bucket(bucket, inputs)[0][:, 0].float()
-        if plan.draft_prompts:
-            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, list(plan.draft_prompts)))
+        if plan.draft_prompts and self.draft is not None:  # None: lost earlier in this step
+            try:
+                self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, list(plan.draft_prompts)))
+            except DraftUnavailable as exc:
+                self._lose_draft(exc)
         for slot in plan.prefill:
             row = self.slots[slot]
             row.advance([row.pick(logits[slot])], target=row.prompt_length, draft=row.prompt_length if row.k else 0)
@@ -296,6 +308,8 @@ class DecodeBatch:
         for slot in plan.running:
             row = self.slots[slot]
             row.advance([row.pick(logits[slot])], target=1)
+            if row.draft_lost:
+                row.stats.target_only_steps += 1
 
     def _speculative_round(self, plan: RoundPlan) -> None:
         """One draft/verify round over every running row: gpt-fast's `speculative_decode`, batched.
@@ -308,9 +322,15 @@ class DecodeBatch:
         sampling, seeds = [SamplingParams()] * plan.draft.width, [0] * plan.draft.width
         for row in drafted:
             sampling[row.slot], seeds[row.slot] = row.request.sampling, row.seed()
-        proposals, q = self._on_draft(self.draft.decode_loop, DraftPlan(
-            plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling), tuple(seeds),
-            want_probs=any(not row.request.sampling.greedy for row in drafted)))
+        try:
+            proposals, q = self._on_draft(self.draft.decode_loop, DraftPlan(
+                plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling), tuple(seeds),
+                want_probs=any(not row.request.sampling.greedy for row in drafted)))
+        except DraftUnavailable as exc:
+            # The target's feed is the same in a decode round: this round still makes every row's token.
+            self._lose_draft(exc)
+            self._decode_round(plan)
+            return
         # 2. Verify: the target scores each row's last token and its own k proposals in one forward.
         fed = [list(tokens) for tokens in plan.target.tokens]
         for row in drafted:
@@ -339,6 +359,16 @@ class DecodeBatch:
         bucket, inputs = step_inputs(self.target.layout, kind, [list(t) for t in tokens], list(starts))
         n = 1 if kind == DECODE else self.target.layout.verify_tokens
         return self.target.forward_bucket(bucket, inputs)[0][:, :n].float()
+
+    def _lose_draft(self, exc: DraftUnavailable) -> None:
+        """The draft failed: every sequence that speculated goes on target-only, and the batch
+        forgets the draft (a later request may bring one again, for itself)."""
+        rows = [row for row in self.slots.values() if row.k]
+        for row in rows:
+            row.k, row.draft_lost = 0, True
+        self.draft = None
+        log.warning("%s: %s; %d sequence(s) go on without speculation", self.target.name, str(exc).splitlines()[0],
+                    len(rows))
 
     def _on_draft(self, call: Callable[..., Any], *args: Any) -> Any:
         """A call to the draft's ranks; its failure is the draft's, not this (target) model's."""

@@ -114,12 +114,15 @@ class SpeculationStats:
     """Running counts of speculative decoding.
 
     proposed: draft tokens offered for verification; accepted: those the target accepted;
-    steps: verification rounds, counted per row (a round over a batch of B rows is B steps).
+    steps: verification rounds, counted per row (a round over a batch of B rows is B steps);
+    target_only_steps: rounds a row that asked for speculation decoded without it, its draft having
+    failed (counted per row, like steps; they are not in the rates).
     """
 
     proposed: int = 0
     accepted: int = 0
     steps: int = 0
+    target_only_steps: int = 0
 
     def add(self, proposed: int, accepted: int, rows: int = 1) -> None:
         """Record one verification round over `rows` rows, `proposed` and `accepted` summed over them."""
@@ -142,12 +145,18 @@ class SpeculationStats:
         """Tokens emitted per round per row: accepted proposals plus the target's one; 0 before any round."""
         return (self.accepted + self.steps) / self.steps if self.steps else 0.0
 
+    @property
+    def draft_lost(self) -> bool:
+        """Whether the draft failed and the rows went on target-only."""
+        return self.target_only_steps > 0
+
     def merge(self, other: SpeculationStats) -> SpeculationStats:
         """A new SpeculationStats holding the sums of this one and `other`."""
         return SpeculationStats(
             proposed=self.proposed + other.proposed,
             accepted=self.accepted + other.accepted,
             steps=self.steps + other.steps,
+            target_only_steps=self.target_only_steps + other.target_only_steps,
         )
 
     def as_dict(self) -> dict[str, float]:
@@ -156,6 +165,7 @@ class SpeculationStats:
             "proposed": self.proposed,
             "accepted": self.accepted,
             "steps": self.steps,
+            "target_only_steps": self.target_only_steps,
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
         }

@@ -1,7 +1,9 @@
 """Client and AsyncClient against an in-process fake gateway: the same requests, the same decoded
-results, the same retries (UNAVAILABLE only) and typed errors. No Ray, no models."""
+results, the same retries (UNAVAILABLE until the deadline; a stream only before its first message)
+and typed errors. No Ray, no models."""
 
 import asyncio
+import random
 from concurrent import futures
 
 import grpc
@@ -10,18 +12,33 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from clients.client import AsyncClient, Client, GenerateStats, Generation
-from clients.errors import NotFound, Unavailable
+from clients.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
 from clients.protocol.tensors import from_tensor, to_tensor
+from clients.retry import RetryPolicy
+
+UNAVAILABLE, EXHAUSTED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class FakeGateway(pb_grpc.InferenceServicer):
-    """Answers from the request alone; Embed fails UNAVAILABLE `unavailable` times first."""
+    """Answers from the request alone. Embed and Generate first fail with each status in `failures`
+    (one per call, before any token), or UNAVAILABLE `unavailable` times; a Generate stream breaks
+    with UNAVAILABLE after `break_after` tokens while that is set."""
 
     def __init__(self) -> None:
         self.unavailable = 0
+        self.failures: list[grpc.StatusCode] = []
+        self.break_after: int | None = None
         self.calls: list[str] = []
+
+    def _fail_first(self, name: str, context) -> None:
+        self.calls.append(name)
+        if self.failures:
+            context.abort(self.failures.pop(0), f"{name} failure {len(self.calls)}")
+        if self.unavailable:
+            self.unavailable -= 1
+            context.abort(UNAVAILABLE, "warming up")
 
     def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelMetadata(name="a", task="embed"), pb.ModelMetadata(name="b")])
@@ -35,10 +52,7 @@ class FakeGateway(pb_grpc.InferenceServicer):
         return pb.StatusResponse(gateway_version="fake")
 
     def Embed(self, request, context):
-        self.calls.append("Embed")
-        if self.unavailable:
-            self.unavailable -= 1
-            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        self._fail_first("Embed", context)
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=[len(t), 1.0]) for t in request.texts], dimensions=2)
 
     def Classify(self, request, context):
@@ -49,7 +63,10 @@ class FakeGateway(pb_grpc.InferenceServicer):
         return pb.InferResponse(outputs=[to_tensor(t.name, from_tensor(t) * 2) for t in request.inputs])
 
     def Generate(self, request, context):
+        self._fail_first("Generate", context)
         for i, ch in enumerate(request.prompt[: request.max_new_tokens]):
+            if i == self.break_after:
+                context.abort(UNAVAILABLE, "replica lost mid-stream")
             yield pb.GenerateResponse(token=pb.GeneratedToken(id=i, text=ch.upper()))
         yield pb.GenerateResponse(stats=pb.GenerateStats(generated_tokens=min(len(request.prompt), request.max_new_tokens),
                                                          finish_reason="length", draft_tokens_proposed=request.speculation_length))
@@ -122,6 +139,94 @@ def test_unavailable_is_retried_and_other_errors_are_not(gateway):
         asyncio.run(exhaust())
     assert len(fake.calls) == 2
     fake.unavailable = 0
+
+
+def test_unavailable_is_retried_until_the_deadline_not_a_fixed_count(gateway):
+    fake, target = gateway
+    fake.unavailable, fake.calls = 10, []  # a rebuild longer than the old 3 retries could wait
+    fast = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
+    with Client(target, timeout=30, retry=fast) as c:
+        assert c.embed(["abcd"]).tolist() == [[4.0, 1.0]]
+    assert fake.calls == ["Embed"] * 11
+    fake.unavailable, fake.calls = 10**6, []
+    with Client(target, timeout=0.5, retry=fast) as c, pytest.raises(Unavailable, match="warming up"):
+        c.embed(["a"])  # the last status is reported, not DEADLINE_EXCEEDED
+    assert len(fake.calls) > 4
+    fake.unavailable = 0
+
+
+def test_resource_exhausted_is_retried_only_when_the_policy_says_so(gateway):
+    fake, target = gateway
+    fake.failures, fake.calls = [EXHAUSTED], []
+    with Client(target, timeout=10) as c, pytest.raises(ResourceExhausted, match="Embed failure 1"):
+        c.embed(["a"])
+    assert fake.calls == ["Embed"]
+    fake.failures, fake.calls = [EXHAUSTED, UNAVAILABLE, EXHAUSTED], []
+    policy = RetryPolicy(initial_backoff_s=0.001, retryable_codes=frozenset({UNAVAILABLE, EXHAUSTED}))
+    with Client(target, timeout=10, retry=policy) as c:
+        assert c.embed(["ab"]).tolist() == [[2.0, 1.0]]
+    assert fake.calls == ["Embed"] * 4
+    fake.failures, fake.calls = [grpc.StatusCode.INVALID_ARGUMENT], []
+    with Client(target, timeout=10, retry=policy) as c, pytest.raises(InvalidArgument):
+        c.embed(["a"])
+    assert fake.calls == ["Embed"]
+
+
+def test_a_stream_is_retried_before_its_first_token_and_never_after(gateway):
+    fake, target = gateway
+    policy = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
+    fake.failures, fake.calls = [UNAVAILABLE, UNAVAILABLE], []
+    with Client(target, timeout=10, retry=policy) as c:
+        assert c.generate("abc", max_new_tokens=3).text == "ABC"
+    assert fake.calls == ["Generate"] * 3
+    fake.failures, fake.calls, fake.break_after = [UNAVAILABLE], [], 2
+    seen: list[str] = []
+    with Client(target, timeout=10, retry=policy) as c, pytest.raises(Unavailable, match="mid-stream"):
+        for event in c.generate_stream("abcd", max_new_tokens=4):
+            seen.append(event.token.text)
+    assert seen == ["A", "B"] and fake.calls == ["Generate"] * 2  # one retry before the first token, no replay
+
+    async def stream() -> list[str]:
+        out: list[str] = []
+        async with AsyncClient(target, timeout=10, retry=policy) as c:
+            async for event in c.generate_stream("abcd", max_new_tokens=4):
+                out.append(event.token.text)
+        return out
+
+    fake.failures, fake.calls, fake.break_after = [UNAVAILABLE], [], None
+    assert asyncio.run(stream()) == ["A", "B", "C", "D", ""] and fake.calls == ["Generate"] * 2
+    fake.calls, fake.break_after, seen = [], 1, []
+    with pytest.raises(Unavailable, match="mid-stream"):
+        asyncio.run(stream())
+    assert fake.calls == ["Generate"]
+    fake.break_after = None
+
+
+def test_retry_policy_waits_full_jitter_under_a_capped_exponential_and_refuses_terminal_codes():
+    policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0, max_retries=6)
+    assert [policy.backoff(n) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    rng, twin = random.Random(7), random.Random(7)
+    delays = [policy.next_delay(UNAVAILABLE, n, 100.0, rng) for n in range(6)]
+    assert delays == [twin.uniform(0.0, policy.backoff(n)) for n in range(6)]
+    assert all(0.0 <= d <= policy.backoff(n) for n, d in enumerate(delays))
+    assert policy.next_delay(UNAVAILABLE, 6, 100.0, rng) is None  # max_retries used up
+    assert policy.next_delay(EXHAUSTED, 0, 100.0, rng) is None  # not in the default codes
+    assert policy.next_delay(UNAVAILABLE, 0, 0.0, rng) is None  # no time left before the deadline
+    assert RetryPolicy().max_retries is None and RetryPolicy().retryable_codes == {UNAVAILABLE}
+    with pytest.raises(ValueError, match=r"cannot retry \['INVALID_ARGUMENT'\].*retry only"):
+        RetryPolicy(retryable_codes=frozenset({UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT}))
+    with pytest.raises(TypeError, match="a set of codes: pass frozenset"):
+        RetryPolicy(retryable_codes=UNAVAILABLE)
+    with pytest.raises(ValueError, match="initial_backoff_s <= max_backoff_s"):
+        RetryPolicy(initial_backoff_s=2.0, max_backoff_s=1.0)
+    with pytest.raises(ValueError, match="multiplier must be >= 1"):
+        RetryPolicy(multiplier=0.5)
+    with pytest.raises(ValueError, match="max_retries must be >= 0"):
+        RetryPolicy(max_retries=-1)
+    with pytest.raises(ValueError, match="deadline in seconds"):
+        Client("127.0.0.1:1", timeout=0)
+    with Client("127.0.0.1:1", retries=0) as c:
+        assert c.retry == RetryPolicy(max_retries=0)
 
 
 def test_tensor_codec_round_trips_and_refuses_bad_payloads():

@@ -257,3 +257,64 @@ def test_generate_batch_resync_closes_sessions_a_server_lost_track_of(pair):
     assert round_.summaries[lost].finish == [""]  # closed before it finished
     coordinator.generate_batch(closes=[kept])
     assert coordinator.generate_batch().steps == {}
+
+
+class _LosingDraft:
+    """A draft model's coordinator whose ranks are lost after `rounds` proposal rounds
+    (`prefills` prefills), as a kill -9 of a draft rank would show to the target's loop."""
+
+    def __init__(self, coordinator, rounds=10**6, prefills=10**6):
+        self.inner, self.rounds, self.prefills = coordinator, rounds, prefills
+        self.calls = {"decode_loop": 0, "forward_bucket": 0}
+
+    def info(self):
+        return self.inner.info()
+
+    def _lost(self, method, limit):
+        self.calls[method] += 1
+        if self.calls[method] > limit:
+            from cluster.errors import RankFailure
+
+            raise RankFailure(1, f"the draft's rank process died during {method}")
+
+    def forward_bucket(self, *args):
+        self._lost("forward_bucket", self.prefills)
+        return self.inner.forward_bucket(*args)
+
+    def decode_loop(self, plan):
+        self._lost("decode_loop", self.rounds)
+        return self.inner.decode_loop(plan)
+
+
+@pytest.mark.parametrize("lost_at", ["decode_loop", "forward_bucket"])
+def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, lost_at):
+    from cluster.generation.engine import GenerationRequest
+
+    _, target, draft, _ = pair
+    coordinator = target.coordinator
+    losing = _LosingDraft(draft.coordinator, rounds=2) if lost_at == "decode_loop" else _LosingDraft(draft.coordinator, prefills=0)
+    speculating = GenerationRequest((tuple(PROMPTS[0]), tuple(PROMPTS[2])), 14, speculation_length=3)
+    plain = GenerationRequest((tuple(PROMPTS[1]),), 14)
+    sessions = [coordinator.generate_open(speculating, losing), coordinator.generate_open(plain)]
+    got = {s: [[] for _ in range(2)] for s in sessions}
+    steps = 0
+    while True:
+        results = {s: coordinator.generate_step(s) for s in sessions}
+        for session, result in results.items():
+            for row, tokens in enumerate(result.tokens):
+                got[session][row] += tokens
+        steps += 1
+        if all(result.done for result in results.values()):
+            break
+        assert steps < 40, "the generation did not finish after its draft was lost"
+    summary, other = (coordinator.generate_close(s) for s in sessions)
+    expected = generate(target, [PROMPTS[0], PROMPTS[2], PROMPTS[1]], max_new_tokens=14).sequences
+    assert got[sessions[0]] == expected[:2] and got[sessions[1]][0] == expected[2]  # greedy: as if undisturbed
+    assert summary.finish == ["length", "length"] and summary.generated == expected[:2]
+    stats = summary.speculation
+    assert stats.draft_lost and other.speculation.target_only_steps == 0
+    if lost_at == "decode_loop":  # two verify rounds of 2 rows x 3 proposals, then target-only
+        assert losing.calls["decode_loop"] == 3 and (stats.proposed, stats.steps) == (12, 4)
+    else:  # lost at the prefill: never proposed anything, every decode round target-only
+        assert losing.calls == {"decode_loop": 0, "forward_bucket": 1} and stats.proposed == 0
+        assert stats.target_only_steps == 2 * 13

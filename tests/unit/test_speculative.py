@@ -177,11 +177,15 @@ def test_speculation_stats_arithmetic():
     assert batch.steps == 3 and batch.mean_accepted_length == 3.0
     merged = stats.merge(batch)
     assert (merged.proposed, merged.accepted, merged.steps) == (20, 10, 5)
+    assert not merged.draft_lost
+    lost = SpeculationStats(target_only_steps=2).merge(SpeculationStats(target_only_steps=3))
+    assert lost.target_only_steps == 5 and lost.draft_lost and lost.acceptance_rate == 0.0
     assert (stats.proposed, batch.proposed) == (8, 12)  # merge leaves both unchanged
     assert merged.as_dict() == {
         "proposed": 20,
         "accepted": 10,
         "steps": 5,
+        "target_only_steps": 0,
         "acceptance_rate": 0.5,
         "mean_accepted_length": 3.0,
     }

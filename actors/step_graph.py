@@ -1,0 +1,44 @@
+"""The per-step rank calls of a replica through a Ray Compiled Graph.
+
+A replica calls its ranks on every generated token (forward, decode_loop). As ordinary actor
+calls each fan-out costs a task submission per rank and a wait through the object store
+(~1.2 ms for two ranks on a 2-core node); through a compiled graph, whose channels are shared
+memory between the coordinator and ranks, the same fan-out costs ~0.4 ms (measured here with a
+[1, 256] int64 input; Ray documents < 50 us on idle machines). Control calls (trace, load,
+replace_weights, describe, health) stay ordinary actor calls: a rank actor answers them while the
+graph is compiled.
+
+The graph is compiled once the replica holds its shards and torn down with its rank group: a
+replica that loses a rank gets a new rank group, and with it a new graph.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import ray
+
+from actors.rank_actor import from_wire, to_wire
+
+
+class StepGraph:
+    """forward / decode_loop on every rank of a group, as one compiled-graph execution."""
+
+    def __init__(self, actors: Sequence[Any], submit_timeout_s: float) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as request:
+            dag = MultiOutputNode([actor.serve.bind(request) for actor in actors])
+        self._graph = dag.experimental_compile(_submit_timeout=submit_timeout_s)
+
+    def run(self, method: str, args: tuple, timeout: float) -> list[Any]:
+        """Every rank's answer, in rank order; raises what the ranks raised, or Ray's errors for a lost one."""
+        ref = self._graph.execute((method, to_wire(args)))
+        return [from_wire(result) for result in ray.get(ref, timeout=timeout)]
+
+    def close(self, timeout: float) -> None:
+        """Tear the graph down; bounded, since a rank that died may leave the teardown waiting."""
+        worker = threading.Thread(target=self._graph.teardown, name="step-graph-teardown", daemon=True)
+        worker.start()
+        worker.join(timeout)
