@@ -211,7 +211,10 @@ class ReplicaScheduler:
         return None
 
     def _release_draft(self) -> None:
-        if self.draft_lender is not None and not any(g.draft is not None for g in self.active.values()):
+        """Give the borrowed draft back once no speculating sequence is here or on its way: admitted
+        and not yet reported, running, or cancelled and not yet closed (it still steps until then)."""
+        holding = [*self.admitted.values(), *self.active.values(), *self.closing.values(), *self.closes_sent.values()]
+        if self.draft_lender is not None and not any(g.draft is not None for g in holding):
             lender, self.draft_lender = self.draft_lender, None
             lender.lent_to = None
             if lender.waiting:
