@@ -161,8 +161,8 @@ class RayRankGroup(RankGroup):
 def _inline(value: Any) -> bool:
     if isinstance(value, _SMALL):
         return True
-    arrays = [x for x in tree_leaves(value) if isinstance(x, np.ndarray)]
-    return bool(arrays) and len(arrays) == len(tree_leaves(value)) and sum(a.nbytes for a in arrays) <= _INLINE_BYTES
+    leaves = tree_leaves(value)
+    return bool(leaves) and all(isinstance(x, np.ndarray) for x in leaves) and sum(x.nbytes for x in leaves) <= _INLINE_BYTES
 
 
 def remove_orphaned_group(name: str) -> bool:
