@@ -120,8 +120,9 @@ class RemoteCoordinator:
     def finish_trace(self) -> None:
         self._call("finish_trace")
 
-    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
-        self._call("load", state, graphs, weights, timeout=self.config.trace_timeout_s)
+    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None],
+             draft: tuple | None = None) -> None:
+        self._call("load", state, graphs, weights, draft, timeout=self.config.trace_timeout_s)
 
     def export(self) -> Exported:
         return self._call("export", timeout=self.config.trace_timeout_s)

@@ -13,7 +13,7 @@ from cluster.rank import RankWorker
 
 
 #: the rank calls on every generated token, sent through a Ray Compiled Graph (actors.rank_group)
-SERVING_METHODS = ("forward", "decode_loop")
+SERVING_METHODS = ("forward", "decode_loop", "draft_forward", "draft_decode_loop", "speculate")
 
 
 def to_wire(value: Any) -> Any:

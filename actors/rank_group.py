@@ -108,6 +108,15 @@ class RayRankGroup(RankGroup):
     def decode_loop(self, plan: Any, timeout: float) -> Any:
         return self._serve("decode_loop", (plan,), timeout)
 
+    def draft_forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
+        return self._serve("draft_forward", (bucket, inputs), timeout)
+
+    def draft_decode_loop(self, plan: Any, timeout: float) -> Any:
+        return self._serve("draft_decode_loop", (plan,), timeout)
+
+    def speculate(self, plan: Any, timeout: float) -> Any:
+        return self._serve("speculate", (plan,), timeout)
+
     def _compile(self, timeout: float) -> None:
         if self._steps is None:
             self._pids = [info["pid"] for info in self.describe(timeout)]

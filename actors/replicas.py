@@ -20,6 +20,7 @@ from actors.placement import pick_node, rank_nodes
 from actors.runtime import NAMESPACE, ensure_ray
 from cluster.coordinator import CoordinatorConfig
 from cluster.trace import artifact
+from cluster.trace.fused import read_fused_draft
 
 log = logging.getLogger("tpcluster.replicas")
 
@@ -41,12 +42,13 @@ def launch_replica(folder: str | Path, config: CoordinatorConfig | None = None, 
     """Load the saved model in `folder` onto fresh rank actors; every file is checked against the
     manifest. With `name` the replica is resident (named, detached); `node_ip` pins its ranks."""
     state, graphs, weights = artifact.read(folder)
+    draft = read_fused_draft(folder)
     label = {"path": str(Path(folder).resolve()), "manifest": artifact.digest(folder)} if name else None
     coordinator = launch_coordinator(state.tp_degree, config or CoordinatorConfig(), name=name, label=label,
                                      node_ip=node_ip)
     try:
         coordinator.start()
-        coordinator.load(state, graphs, weights)
+        coordinator.load(state, graphs, weights, draft)
     except BaseException:
         coordinator.close()
         raise

@@ -88,6 +88,7 @@ class Coordinator:
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
+        self._draft_buckets: list[Signature] = []  # a fused draft's bucket signatures
         self.rebuilds = 0
         self.streams = RoundStreams(self.generate_batch, lambda: self._batch is not None and self._batch.has_work())
         self.aio = AsyncOverThreads(self)
@@ -145,10 +146,20 @@ class Coordinator:
         self.ranks.finish_trace(self.config.call_timeout_s)
 
     # -- loading ----------------------------------------------------------------------------
-    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None]) -> None:
+    def load(self, state: ModelState, graphs: Sequence[list[bytes]], weights: Sequence[dict | None],
+             draft: tuple[ModelState, list[bytes], dict | None] | None = None) -> None:
+        """Load each rank's shard; with `draft` (a TP=1 draft's state, graphs and weights), the whole
+        draft onto every rank too, for fused speculation (see cluster.trace.fused)."""
+        from cluster.trace.fused import fused_draft_info
+
+        fused = fused_draft_info(state, draft[0]) if draft is not None else None
         self.ranks.load(state.backend, graphs, weights, self._threads(), state.io_aliases, self.config.trace_timeout_s)
+        if draft is not None:
+            self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s)
+            state.extra = {**state.extra, "fused_draft": fused}
+            self._draft_buckets = list(draft[0].buckets)
         self.state = state
-        self._payload = (graphs, weights)
+        self._payload = (graphs, weights, draft)
         self._set_kernel(state.kernel)
 
     # -- failure and recovery ---------------------------------------------------------------
@@ -176,9 +187,11 @@ class Coordinator:
                 self.ranks.close()
                 self.ranks = self._factory()
                 self.ranks.form_group(self.config.rendezvous_timeout_s, self._threads())
-                graphs, weights = self._payload
+                graphs, weights, draft = self._payload
                 self.ranks.load(self.state.backend, graphs, weights, self._threads(), self.state.io_aliases,
                                 self.config.trace_timeout_s)
+                if draft is not None:
+                    self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s)
                 self.rebuilds += 1
                 self._broken = None
                 break
@@ -212,6 +225,21 @@ class Coordinator:
     def decode_loop(self, plan: Any) -> Any:  # a cluster.generation.plan.DraftPlan
         return self._serving(lambda: self.ranks.decode_loop(plan, self.config.call_timeout_s))
 
+    def draft_forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """forward_bucket on the fused draft every rank holds."""
+        if not 0 <= bucket < len(self._draft_buckets):
+            raise InputError(f"fused draft bucket {bucket} does not exist" if self._draft_buckets
+                             else "this model holds no fused draft")
+        self._check_signature(inputs, self._draft_buckets[bucket])
+        return self._serving(lambda: self.ranks.draft_forward(bucket, inputs, self.config.call_timeout_s))
+
+    def draft_decode_loop(self, plan: Any) -> Any:
+        return self._serving(lambda: self.ranks.draft_decode_loop(plan, self.config.call_timeout_s))
+
+    def speculate(self, plan: Any) -> Any:  # a cluster.generation.plan.FusedRound
+        """One fused round: the draft's proposals and the target's verify forward in one call to the ranks."""
+        return self._serving(lambda: self.ranks.speculate(plan, self.config.call_timeout_s))
+
     # -- generation (the target/draft loop runs here) ----------------------------------------
     def endpoint(self) -> Any:
         from cluster.generation.engine import DecoderEndpoint
@@ -221,7 +249,8 @@ class Coordinator:
         if not decoder:
             raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
         return DecoderEndpoint(self.forward_bucket, self.decode_loop, DecoderLayout.from_json(decoder["layout"]),
-                               int(decoder["vocab_size"]), decoder.get("name", "model"), key=f"local-{id(self)}")
+                               int(decoder["vocab_size"]), decoder.get("name", "model"), key=f"local-{id(self)}",
+                               speculate=self.speculate)
 
     def _decode_batch(self) -> Any:
         from cluster.generation.engine import DecodeBatch
@@ -237,6 +266,8 @@ class Coordinator:
         from cluster.generation.engine import DecoderEndpoint
         from cluster.generation.layout import DecoderLayout
 
+        if isinstance(draft, str):
+            return self._fused_endpoint(draft)
         key = getattr(draft, "group_name", "") or f"local-{id(draft)}"
         batch = self._batch
         if batch is not None and batch.draft is not None and batch.draft.key == key:
@@ -248,6 +279,22 @@ class Coordinator:
             raise InputError("draft and target were traced with different tokenizers: they must share one")
         return DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
                                int(info["vocab_size"]), info.get("name", "draft"), key=key)
+
+    def _fused_endpoint(self, name: str) -> Any:
+        """The draft fused into this model, asked for by its name."""
+        from cluster.generation.engine import DecoderEndpoint
+        from cluster.generation.layout import DecoderLayout
+
+        fused = (self.state.extra if self.state else {}).get("fused_draft")
+        if not fused or fused["name"] != name:
+            held = f"its fused draft is {fused['name']!r}" if fused else "it holds no fused draft"
+            raise InputError(f"draft {name!r} is not fused into this model ({held}): name a loaded draft model, "
+                             "or fuse the draft into the target's folder (cluster.trace.fuse_draft)")
+        batch = self._batch
+        if batch is not None and batch.draft is not None and batch.draft.fused:
+            return batch.draft
+        return DecoderEndpoint(self.draft_forward_bucket, self.draft_decode_loop, DecoderLayout.from_json(fused["layout"]),
+                               int(fused["vocab_size"]), name, key=f"fused-{id(self)}", fused=True)
 
     def generate_open(self, request: Any, draft: Any = None) -> int:
         """Admit a request's prompts into the model's batch (one KV-cache slot each); returns a session id.

@@ -31,7 +31,7 @@ from cluster.trace.backends import Backend, get_backend
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DraftPlan
+    from cluster.generation.plan import DraftPlan, FusedRound
 
 
 @dataclass
@@ -49,6 +49,15 @@ def collect_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+@dataclass
+class _DraftShard:
+    """A fused draft on this rank: the whole (TP=1) draft model, its graphs bound to its weights."""
+
+    calls: list[Any]
+    weights: dict[str, torch.Tensor] | None
+    aliases: dict[str, int]
+
+
 class RankWorker:
     def __init__(self, rank: int, world_size: int, collectives: Collectives | None = None, node: str = "") -> None:
         self.rank = rank
@@ -62,6 +71,7 @@ class RankWorker:
         self._aliases: dict[str, int] = {}  # state weight name -> output index (io_aliases)
         self._blobs: list[bytes | None] = []  # graph files as traced, adopted or loaded
         self._calls: list[Any] = []  # the same, bound to the weights
+        self._draft: _DraftShard | None = None  # a draft replicated on every rank (fused speculation)
         self._shared_memory: SharedMemoryGroup | None = None
         self._run_s, self._runs = 0.0, 0  # graph calls: seconds and count (the benchmark's breakdown)
         self._threads = 0  # torch threads asked for; 0: as the process starts
@@ -200,30 +210,37 @@ class RankWorker:
         self._calls[bucket] = self._backend.bind(graph, self._weights)
 
     # -- serving ----------------------------------------------------------------------------
-    def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """Run one bucket's graph; state outputs (io_aliases) update the state and are not returned.
+    def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...], draft: bool = False) -> Any:
+        """Run one bucket's graph (of the fused draft with `draft`); state outputs (io_aliases)
+        update the state and are not returned.
 
         A state output may hold only the leading rows of its state (a batch bucket smaller than the
         state's batch): it updates those rows.
         """
         if not self._calls:
             raise ClusterError("this rank holds no traced shard; trace or load the model first")
+        if draft and self._draft is None:
+            raise ClusterError("this rank holds no fused draft; load the target from a folder with one (cluster.trace.fuse_draft)")
         if self._threads and torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)  # per OS thread: a compiled graph runs steps on its own thread
         started = time.perf_counter()
         try:
             with torch.no_grad():
-                return self._run_graph(bucket, inputs)
+                if draft:
+                    return self._run_graph(self._draft.calls[bucket], self._draft.weights, self._draft.aliases, inputs)
+                return self._run_graph(self._calls[bucket], self._weights, self._aliases, inputs)
         finally:
             self._run_s += time.perf_counter() - started
             self._runs += 1
 
-    def _run_graph(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        outputs = self._calls[bucket](*inputs)
-        if not self._aliases:
+    @staticmethod
+    def _run_graph(call: Any, weights: dict[str, torch.Tensor] | None, aliases: dict[str, int],
+                   inputs: tuple[torch.Tensor, ...]) -> Any:
+        outputs = call(*inputs)
+        if not aliases:
             return outputs
-        for name, index in self._aliases.items():
-            state, new = self._weights[name], outputs[index]
+        for name, index in aliases.items():
+            state, new = weights[name], outputs[index]
             if new.shape == state.shape:
                 state.copy_(new)
             elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
@@ -231,7 +248,7 @@ class RankWorker:
             else:
                 raise ClusterError(f"state output {index} has shape {tuple(new.shape)}; state {name!r} is "
                                    f"{tuple(state.shape)}: return the state, or its leading rows")
-        kept = set(self._aliases.values())
+        kept = set(aliases.values())
         return tuple(o for i, o in enumerate(outputs) if i not in kept)
 
     def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -246,6 +263,42 @@ class RankWorker:
         the feeding contract in `cluster.generation.plan.DraftPlan`. Rank 0 returns
         (tokens [B, steps], probs [B, steps, V] or None); the other ranks None.
         """
+        out = self._decode_loop(plan, draft=False)
+        return out if self.rank == 0 else None
+
+    def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """`forward` on the fused draft (its prefill); rank 0 returns the outputs."""
+        outputs = self._run(bucket, inputs, draft=True)
+        return outputs if self.rank == 0 else None
+
+    def draft_decode_loop(self, plan: DraftPlan) -> Any:
+        """`decode_loop` on the fused draft."""
+        out = self._decode_loop(plan, draft=True)
+        return out if self.rank == 0 else None
+
+    def speculate(self, plan: FusedRound) -> Any:
+        """One fused round: the draft's proposals (on this rank's copy of the draft), then the target's
+        verify forward over each row's fed token and its proposals, in one call.
+
+        Every rank runs the same draft on the same inputs and seeds; rank 0's proposals are
+        all-gathered so every rank verifies the same tokens whatever the arithmetic. Rank 0 returns
+        (proposals [B, steps], draft probs or None, target logits [B, verify_tokens, V], seconds in
+        the draft); the other ranks None.
+        """
+        from cluster.generation.layout import step_inputs
+
+        started = time.perf_counter()
+        proposals, probs = self._decode_loop(plan.draft, draft=True)
+        if self.world_size > 1 and self._collectives is not None:
+            proposals = self._collectives.all_gather(proposals.unsqueeze(0).contiguous(), 0)[0]
+        draft_s = time.perf_counter() - started
+        fed = [list(tokens) + (proposals[slot, :k].tolist() if k else [])
+               for slot, (tokens, k) in enumerate(zip(plan.tokens, plan.proposals))]
+        bucket, inputs = step_inputs(plan.layout, "verify", fed, list(plan.starts))
+        logits = self._run(bucket, inputs)[0][:, : plan.layout.verify_tokens]
+        return (proposals, probs, logits, draft_s) if self.rank == 0 else None
+
+    def _decode_loop(self, plan: DraftPlan, draft: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         from cluster.generation.layout import step_inputs
         from cluster.generation.sampling import make_generator, probabilities, sample
 
@@ -258,7 +311,7 @@ class RankWorker:
         feed = [row[0] for row in plan.pending]
         for step in range(width + plan.steps - 1):  # the last proposal is never fed
             bucket, inputs = step_inputs(plan.layout, "decode", [[t] for t in feed], starts)
-            logits = self._run(bucket, inputs)[0][:rows, 0].float()
+            logits = self._run(bucket, inputs, draft)[0][:rows, 0].float()
             starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
             if step >= width - 1:
                 p = torch.cat([probabilities(logits[r : r + 1], params[r]) for r in range(rows)])
@@ -271,8 +324,6 @@ class RankWorker:
                 feed = [t if on else -1 for t, on in zip(picked.tolist(), active)]
             else:
                 feed = [row[step + 1] for row in plan.pending]
-        if self.rank != 0:
-            return None
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
     def export(self) -> RankExport:
@@ -292,6 +343,17 @@ class RankWorker:
         self._blobs = list(graphs)
         for bucket, blob in enumerate(graphs):
             self._set_graph(bucket, self._backend.load(blob, f"rank {self.rank} bucket {bucket} graph"))
+
+    def load_draft(self, graphs: list[bytes], weights: dict[str, torch.Tensor] | None,
+                   aliases: dict[str, int] | None = None) -> None:
+        """Hold a whole TP=1 draft beside this rank's shard (fused speculation): every rank of the
+        target gets the same graphs and its own copy of the weights and KV cache."""
+        if self._backend is None:
+            raise ClusterError("load the target's shard before its fused draft")
+        own = {k: v.clone() for k, v in weights.items()} if weights is not None else None
+        calls = [self._backend.bind(self._backend.load(blob, f"rank {self.rank} fused draft bucket {bucket} graph"), own)
+                 for bucket, blob in enumerate(graphs)]
+        self._draft = _DraftShard(calls, own, dict(aliases or {}))
 
     def weight_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         if self._weights is None:

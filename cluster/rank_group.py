@@ -22,7 +22,7 @@ from cluster.rank import RankExport, RankWorker
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DraftPlan
+    from cluster.generation.plan import DraftPlan, FusedRound
 
 
 def rank_exception(rank: int, exc: BaseException, remote_traceback: str) -> ClusterError:
@@ -92,6 +92,20 @@ class RankGroup(ABC):
     def decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
         """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
         return self._same("decode_loop", timeout, plan)[0]
+
+    def load_draft(self, graphs: list[bytes], weights: dict | None, aliases: dict[str, int], timeout: float) -> None:
+        """The same whole (TP=1) draft onto every rank, beside its shard (fused speculation)."""
+        self._same("load_draft", timeout, graphs, weights, aliases)
+
+    def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...], timeout: float) -> Any:
+        return self._same("draft_forward", timeout, bucket, inputs)[0]
+
+    def draft_decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
+        return self._same("draft_decode_loop", timeout, plan)[0]
+
+    def speculate(self, plan: FusedRound, timeout: float) -> Any:
+        """One fused draft/verify round (cluster.rank.RankWorker.speculate); rank 0's answer."""
+        return self._same("speculate", timeout, plan)[0]
 
     def timings(self, reset: bool, timeout: float) -> list[dict[str, float]]:
         return self._same("timings", timeout, reset)

@@ -54,15 +54,17 @@ def load_coordinator(path: str | os.PathLike, config: CoordinatorConfig, *, name
                      node_ip: str | None = None) -> CoordinatorHandle:
     """A coordinator holding the saved model in `path` (see actors.replicas.launch_replica)."""
     from cluster.trace import artifact
+    from cluster.trace.fused import read_fused_draft
 
     if artifact.read_manifest(path)["backend"] != "eager":
         from actors.replicas import launch_replica
 
         return launch_replica(path, config, name=name, node_ip=node_ip)
     state, graphs, weights = artifact.read(path)
+    draft = read_fused_draft(path)
     coordinator = start_coordinator(state.tp_degree, state.backend, config)
     try:
-        coordinator.load(state, graphs, weights)
+        coordinator.load(state, graphs, weights, draft)
     except BaseException:
         coordinator.close()
         raise

@@ -23,9 +23,16 @@ def latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> dict[str
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return {"p50_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))],
-            "p99_ms": samples[int(0.99 * (len(samples) - 1))]}
+    return percentiles_ms(samples)
+
+
+def percentiles_ms(samples: list[float]) -> dict[str, float]:
+    """p50 (the median), p90 and p99 (nearest rank, rounded down) of latencies in ms."""
+    if not samples:
+        raise ValueError("no latency samples: at least one call must be timed")
+    ordered = sorted(samples)
+    return {"p50_ms": statistics.median(ordered), "p90_ms": ordered[int(0.9 * (len(ordered) - 1))],
+            "p99_ms": ordered[int(0.99 * (len(ordered) - 1))]}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

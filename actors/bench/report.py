@@ -41,6 +41,13 @@ def summary(results: dict[str, Any]) -> str:
     if "soak" in results:
         s = results["soak"]
         parts.append(f"soak {s['requests']} requests, {s['crashes']} crashes, {s['lost']} lost, p99 {s['good_p99_ms']:.0f} ms")
+    if "fronts" in results:
+        f = results["fronts"]
+        parts.append(f"Embed p50 tpcluster.v1 {f['tpcluster_v1']['p50_ms']:.2f} ms, added by "
+                     + ", ".join(f"{label} {f[name]['added_p50_ms']:+.2f} ms (x{f[name]['p50_ratio']:.2f}, paired {f[name]['paired_added_p50_ms']:+.2f})"
+                                 for name, label in (("open_inference_protocol", "OIP"), ("openai_http", "OpenAI HTTP"),
+                                                     ("openai_http_stdlib", "OpenAI HTTP via http.client")))
+                     + f" (goal <= 1 ms: {'met' if f['within_goal'] else 'missed'}); vectors differ by <= {f['max_abs_diff']:.1e}")
     return "; ".join(parts)
 
 
@@ -70,6 +77,9 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars.append(("Generate, 32 clients: time/token, batching on vs off", 1 / results["generate"]["generate_32_clients_batching_gain"]))
     if "batch" in results:
         bars.append(("batch job: time/record vs in-process loop", 1 / results["batch"]["batch_job_over_loop"]))
+    if "fronts" in results:
+        bars += [(f"Embed p50 via {label} vs tpcluster.v1", results["fronts"][name]["p50_ratio"])
+                 for name, label in (("open_inference_protocol", "Open Inference Protocol"), ("openai_http", "OpenAI HTTP"))]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)

@@ -169,7 +169,8 @@ def model_metadata(model: Any) -> pb.ModelMetadata:
                             buckets=buckets, inputs=[_spec(t) for t in model.inputs], ready=model.pool.ready,
                             replicas=len(model.pool.replicas), ready_replicas=model.pool.ready_count,
                             labels=list(model.spec.labels), max_sequence_length=model.max_length,
-                            outputs=[_spec(t) for t in model.outputs], rpcs=model.rpcs, limits=limits(model))
+                            outputs=[_spec(t) for t in model.outputs], rpcs=model.rpcs, limits=limits(model),
+                            fused_draft=getattr(model, "fused_draft", ""))
 
 
 def _spec(info: Any) -> pb.TensorSpec:

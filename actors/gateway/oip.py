@@ -104,7 +104,7 @@ class OpenInferenceServicer(ObservedServicer, oip_grpc.GRPCInferenceServiceServi
     async def _generate(self, model: Any, inputs: dict[str, np.ndarray], parameters: Any,
                         timeout: float) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
         prompt, sampling = oip_codec.generate_request(model.name, inputs, parameters)
-        draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
+        draft = model.draft_named(sampling.draft_model, self.registry)
         text, stats = "", None
         async for token, piece in model.generate(prompt, sampling, draft, timeout):
             if token is None:

@@ -179,7 +179,7 @@ class OpenAIRoutes:
             labels["model"] = body.model
             model = self.registry.get(body.model)
             model.need_task("generate")
-            draft = self.registry.get(body.sampling.draft_model) if body.sampling.draft_model else None
+            draft = model.draft_named(body.sampling.draft_model, self.registry)
             choices = Choices(model, draft, body, self._timeout(request))
             try:
                 await choices.started()
@@ -304,9 +304,9 @@ class OpenAIServer:
         if not 0 <= port < 65536:
             raise InputError(f"HTTP port {port} is out of range; use 1-65535, or 0 for any free port")
         for target, draft in (drafts or {}).items():
-            for name in (target, draft):
-                gateway.registry.get(name)  # ModelNotFound names the served models
-            if gateway.registry.get(target).spec.task != "generate" or gateway.registry.get(draft).spec.task != "generate":
+            served = gateway.registry.get(target)  # ModelNotFound names the served models
+            paired = served.draft_named(draft, gateway.registry)
+            if served.spec.task != "generate" or (not isinstance(paired, str) and paired.spec.task != "generate"):
                 raise InputError(f"draft pairing {target}={draft}: both must be decoders (task 'generate')")
         self.gateway = gateway
         self.drafts = dict(drafts or {})

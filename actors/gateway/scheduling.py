@@ -41,7 +41,12 @@ class Generation:
     """One Generate request as the scheduler sees it; its consumer reads `out`."""
 
     request: Any  # cluster.generation.engine.GenerationRequest
-    draft: Any = None  # the draft's ServedModel
+    draft: Any = None  # the draft's ServedModel; its name (a str) when the draft is fused into the target
+
+    @property
+    def borrows_draft(self) -> bool:
+        """Whether it speculates with a draft replica borrowed from another model."""
+        return self.draft is not None and not isinstance(self.draft, str)
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
     session: int | None = None
     cancelled: bool = False
@@ -191,8 +196,8 @@ class ReplicaScheduler:
         for generation in list(self.waiting):
             if len(opens) >= free:
                 break
-            draft = None
-            if generation.draft is not None:
+            draft = generation.draft  # a fused draft's name goes to the target's coordinator as it is
+            if generation.borrows_draft:
                 draft = self._borrow_draft(generation.draft)
                 if draft is None:
                     continue  # its draft is busy: later requests may still fit
@@ -214,7 +219,7 @@ class ReplicaScheduler:
         """Give the borrowed draft back once no speculating sequence is here or on its way: admitted
         and not yet reported, running, or cancelled and not yet closed (it still steps until then)."""
         holding = [*self.admitted.values(), *self.active.values(), *self.closing.values(), *self.closes_sent.values()]
-        if self.draft_lender is not None and not any(g.draft is not None for g in holding):
+        if self.draft_lender is not None and not any(g.borrows_draft for g in holding):
             lender, self.draft_lender = self.draft_lender, None
             lender.lent_to = None
             if lender.waiting:

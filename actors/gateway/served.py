@@ -56,6 +56,8 @@ class ServedModel:
 
             self.tokenizer = AutoTokenizer.from_pretrained(pool.folder / spec.tokenizer)
         layout = pool.info.decoder.get("layout", {})
+        # a draft compiled into this model (cluster.trace.fused): Generate names it, no replica is borrowed
+        self.fused_draft: str = (pool.info.extra.get("fused_draft") or {}).get("name", "")
         self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
         if spec.task == "generate" and not self.max_length:
             self.max_length = max(layout.get("prompt_buckets", [0]))
@@ -261,6 +263,13 @@ class ServedModel:
         return split
 
     # -- Generate ---------------------------------------------------------------------------
+    def draft_named(self, name: str, registry: Any) -> "ServedModel | str | None":
+        """The draft a Generate request names: this model's fused draft (its name, as a string: the
+        ranks hold it), else the served model of that name; None for no name."""
+        if not name:
+            return None
+        return name if name == self.fused_draft else registry.get(name)
+
     async def generate(self, prompt: str, sampling: Sampling, draft: "ServedModel | None",
                        timeout: float) -> AsyncIterator[tuple[int | None, Any]]:
         """Stream (token id, text piece) pairs, then (None, GenerationStats).
@@ -269,7 +278,7 @@ class ServedModel:
         client that goes away frees its slot at the next step.
         """
         self.need_task("generate")
-        if draft is not None:
+        if isinstance(draft, ServedModel):
             draft.need_task("generate")
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         self._check_length(len(ids), "prompt")

@@ -117,7 +117,7 @@ class InferenceServicer(ObservedServicer, pb_grpc.InferenceServicer):
         async with self._observed("Generate", request.model, context):
             model = self.registry.get(request.model)
             prompt, sampling = codec.decode_generate(request)
-            draft = self.registry.get(sampling.draft_model) if sampling.draft_model else None
+            draft = model.draft_named(sampling.draft_model, self.registry)
             stream = model.generate(prompt, sampling, draft, self._timeout(context))
             # A client that goes away while this handler waits to send leaves `stream` suspended, and
             # its cleanup (closing the session, freeing the replica) would wait for garbage

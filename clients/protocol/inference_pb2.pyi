@@ -35,7 +35,7 @@ class Bucket(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "task", "tp_degree", "backend", "buckets", "inputs", "ready", "replicas", "ready_replicas", "labels", "max_sequence_length", "outputs", "rpcs", "limits")
+    __slots__ = ("name", "task", "tp_degree", "backend", "buckets", "inputs", "ready", "replicas", "ready_replicas", "labels", "max_sequence_length", "outputs", "rpcs", "limits", "fused_draft")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TP_DEGREE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class ModelMetadata(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RPCS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    FUSED_DRAFT_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     tp_degree: int
@@ -64,7 +65,8 @@ class ModelMetadata(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     rpcs: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., backend: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., rpcs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    fused_draft: str
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., backend: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., rpcs: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., fused_draft: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_texts", "max_text_characters", "max_new_tokens", "default_max_new_tokens", "max_speculation_length", "default_speculation_length", "context_length", "max_batch_rows", "max_tensor_elements", "max_stop_sequences", "default_top_p")

@@ -56,7 +56,8 @@ class GenerationStream:
 
     def __init__(self, model: Any, prompts: list[list[int]], request: GenerationRequest, draft_model: Any) -> None:
         self._coordinator = model._coordinator
-        self._draft = draft_model.coordinator if draft_model is not None else None
+        # a str names the draft fused into the target (cluster.trace.fuse_draft); else a loaded draft model
+        self._draft = draft_model if draft_model is None or isinstance(draft_model, str) else draft_model.coordinator
         self._request = request
         self._prompts = prompts
         self.output: GenerationOutput | None = None

@@ -15,6 +15,14 @@ draft proposes k tokens in one `decode_loop` call on its ranks, the target verif
 `verify` forward. Rolling back rejected tokens is free, because what a query may attend to is
 decided by the lengths kept here, not by the cache contents.
 
+A request that leaves speculation_length at 0 lets each round choose its k
+(`cluster.generation.adaptive.choose_k`): the batch times every model call it makes and counts each
+sequence's accepted proposals, and a round speculates only as deep as pays at the current batch
+size (k = 0: those rows decode plainly, their draft cache catching up when they speculate again).
+A request that pins k keeps it. Greedy output is the target's whatever k each round takes;
+sampled output is an exact sample of the target either way, but only a pinned k makes a seeded
+request's tokens independent of the rounds' choices.
+
 A draft that fails (its ranks lost, a call timed out) costs no sequence: the round it failed in
 goes on target-only, every sequence that speculated decodes target-only from then on (its
 `SpeculationStats.target_only_steps` counts those rounds), and the batch forgets the draft. The
@@ -24,15 +32,19 @@ target's cache is untouched by a failed draft call, so greedy output is what it 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
+from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, VERIFY_CALL, CallCosts, SpeculatingRow,
+                                         acceptance_estimate, choose_k, explore)
 from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
-from cluster.generation.plan import DECODE, VERIFY, DraftPlan, RoundPlan, RowState, draft_tokens_kept, plan_round
+from cluster.generation.plan import (DECODE, VERIFY, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
+                                     plan_round)
 from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
 
@@ -41,7 +53,11 @@ log = logging.getLogger("tpcluster.generation")
 
 @dataclass
 class DecoderEndpoint:
-    """What the loop needs of one model: its layout and vocabulary, and two calls to its ranks."""
+    """What the loop needs of one model: its layout and vocabulary, and two calls to its ranks.
+
+    A target that holds a fused draft also has `speculate` (one call: the draft's proposals and the
+    verify forward); that draft's own endpoint is `fused` (its calls go to the target's ranks).
+    """
 
     forward_bucket: Callable[[int, tuple], Any]
     decode_loop: Callable[[DraftPlan], Any]
@@ -49,6 +65,8 @@ class DecoderEndpoint:
     vocab_size: int
     name: str = "model"
     key: str = ""  # identifies the replica (and so its KV cache) behind the calls
+    speculate: Callable[[FusedRound], Any] | None = None
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,8 @@ class GenerationRequest:
 
     A sequence finishes at eos_token_id (kept), at max_new_tokens, or when its generated tokens
     end with one of stop_sequences (dropped: neither kept nor handed out, see `_Sequence.emit`).
-    speculation_length is the draft's proposals per round when the request comes with a draft.
+    speculation_length is the draft's proposals per round when the request comes with a draft; 0:
+    adaptive (each round picks, up to the target's largest k).
     """
 
     prompts: tuple[tuple[int, ...], ...]
@@ -110,8 +129,11 @@ class _Sequence:
     sequence: list[int]  # prompt + emitted
     prompt_length: int
     request: GenerationRequest
-    k: int  # draft proposals per round; 0: no speculation
+    k: int  # draft proposals per round (adaptive: the most a round may ask); 0: no speculation
     generator: torch.Generator
+    adaptive: bool = False  # each round picks its k, up to `k`
+    round_k: int = 0  # this round's proposals
+    trials: int = 0  # accepted proposals plus each round's first rejection: the acceptance estimate's base
     cached: int = 0  # tokens of the sequence in the target's cache
     draft_cached: int = 0
     started: bool = False
@@ -121,7 +143,8 @@ class _Sequence:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
 
     def state(self) -> RowState:
-        return RowState(self.slot, tuple(self.sequence), self.k, self.started, bool(self.finish), self.cached,
+        k = self.round_k if self.started else self.k  # a new row's draft is prefilled whatever the round picks
+        return RowState(self.slot, tuple(self.sequence), k, self.started, bool(self.finish), self.cached,
                         self.draft_cached)
 
     def advance(self, tokens: list[int], target: int, draft: int = 0) -> None:
@@ -164,8 +187,9 @@ class _Sequence:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
 
-def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: DecoderEndpoint | None) -> int:
-    """Check a request against the models; returns its speculation length (0 without a draft)."""
+def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: DecoderEndpoint | None) -> tuple[int, bool]:
+    """Check a request against the models; returns (its speculation length, 0 without a draft; whether
+    rounds pick it, up to that length)."""
     prompts = request.prompts
     if not prompts or any(not p for p in prompts):
         raise InputError("every prompt needs at least one token; send non-empty prompts")
@@ -180,18 +204,24 @@ def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: Decode
         raise InputError(f"{len(prompts)} prompts in one request; model {target.name!r} holds at most "
                          f"{target.layout.max_batch} sequences: split the request")
     k = request.speculation_length if draft is not None else 0
+    adaptive = draft is not None and k == 0
     if draft is not None:
         if draft.vocab_size != target.vocab_size:
             raise InputError(f"draft {draft.name!r} has a vocabulary of {draft.vocab_size}, target {target.name!r} "
                              f"{target.vocab_size}: draft and target must share a tokenizer and vocabulary")
+        if target.layout.verify_tokens < 2:
+            raise InputError(f"{target.name!r} was traced without verification graphs (verify_tokens): it cannot be "
+                             "a speculation target; generate without a draft, or retrace it with verify_tokens")
+        if adaptive:
+            k = target.layout.verify_tokens - 1
         if not 1 <= k < target.layout.verify_tokens:
-            raise InputError(f"speculation_length must be 1..{target.layout.verify_tokens - 1} for {target.name!r} "
-                             f"(its verification bucket holds {target.layout.verify_tokens} tokens), got {k}")
+            raise InputError(f"speculation_length must be 1..{target.layout.verify_tokens - 1} (or 0: adaptive) for "
+                             f"{target.name!r} (its verification bucket holds {target.layout.verify_tokens} tokens), got {k}")
     room = min(target.layout.scratch, draft.layout.scratch if draft else target.layout.scratch)
     if longest + request.max_new_tokens + k + 1 > room:
         raise InputError(f"prompt ({longest}) + max_new_tokens ({request.max_new_tokens}) does not fit the KV cache "
                          f"({room - k - 1} tokens); lower max_new_tokens")
-    return k
+    return k, adaptive
 
 
 class DecodeBatch:
@@ -201,7 +231,12 @@ class DecodeBatch:
     every live sequence; `take` hands a session the tokens generated since its last take; `close`
     frees its slots. A session belongs to whoever opened it, who closes it. One draft model at a
     time serves the batch's speculating sequences: its cache rows mirror the target's slots.
+
+    `costs` and `acceptance` are what adaptive rounds decide from: the measured seconds of each
+    kind of call per batch bucket, and the pair's running per-token acceptance.
     """
+
+    EXPLORE_EVERY = 100  # adaptive rounds between two runs of the choice not taken (its cost drifts)
 
     def __init__(self, target: DecoderEndpoint) -> None:
         self.target = target
@@ -209,6 +244,9 @@ class DecodeBatch:
         self.slots: dict[int, _Sequence] = {}
         self.sessions: dict[int, list[_Sequence]] = {}
         self._last_session = 0
+        self.costs = CallCosts()
+        self.acceptance = 0.6  # the prior of a new sequence's acceptance; follows the pair's measured rate
+        self._adaptive_rounds = 0
 
     # -- sessions ---------------------------------------------------------------------------
     @property
@@ -224,7 +262,7 @@ class DecodeBatch:
 
     def open(self, request: GenerationRequest, draft: DecoderEndpoint | None = None) -> int:
         """Admit the request's prompts, one free slot each; they are prefilled at the next step."""
-        k = _validate(request, self.target, draft)
+        k, adaptive = _validate(request, self.target, draft)
         rows = len(request.prompts)
         if draft is not None and self.draft is not None and self.draft.key != draft.key and self._speculating():
             raise Overloaded(f"{self.target.name!r} is speculating with another draft replica; retry shortly")
@@ -240,7 +278,7 @@ class DecodeBatch:
         members = []
         for slot, prompt in zip(free, request.prompts):
             row_generator = make_generator(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            member = _Sequence(slot, session, list(prompt), len(prompt), request, k, row_generator)
+            member = _Sequence(slot, session, list(prompt), len(prompt), request, k, row_generator, adaptive)
             self.slots[slot] = member
             members.append(member)
         self.sessions[session] = members
@@ -283,6 +321,7 @@ class DecodeBatch:
     # -- rounds: plan, execute, update ------------------------------------------------------
     def step(self) -> None:
         """One round for every live sequence; new tokens go to each sequence's outbox."""
+        self._choose_round_k()
         plan = plan_round([s.state() for s in self.slots.values()])
         if plan.step == VERIFY:
             self._speculative_round(plan)
@@ -317,40 +356,49 @@ class DecodeBatch:
         Rows that do not speculate ride along in the verify forward with their one token.
         """
         rows = [self.slots[slot] for slot in plan.running]
-        drafted = [row for row in rows if row.k]
+        drafted = [row for row in rows if row.round_k]
         # 1. Propose: the draft samples k_max tokens per speculating row, in one call to its ranks.
         sampling, seeds = [SamplingParams()] * plan.draft.width, [0] * plan.draft.width
         for row in drafted:
             sampling[row.slot], seeds[row.slot] = row.request.sampling, row.seed()
-        try:
-            proposals, q = self._on_draft(self.draft.decode_loop, DraftPlan(
-                plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling), tuple(seeds),
-                want_probs=any(not row.request.sampling.greedy for row in drafted)))
-        except DraftUnavailable as exc:
-            # The target's feed is the same in a decode round: this round still makes every row's token.
-            self._lose_draft(exc)
-            self._decode_round(plan)
-            return
-        # 2. Verify: the target scores each row's last token and its own k proposals in one forward.
-        fed = [list(tokens) for tokens in plan.target.tokens]
-        for row in drafted:
-            fed[row.slot] += proposals[row.slot, : row.k].tolist()
-        logits = self._target_step(VERIFY, fed, plan.target.starts)
+        draft_plan = DraftPlan(plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling),
+                               tuple(seeds), want_probs=any(not row.request.sampling.greedy for row in drafted))
+        steps = len(plan.draft.tokens[0]) + plan.k_max - 1
+        if self.draft.fused:  # 1 + 2 in one call to the target's ranks, each holding the draft
+            proposals, q, logits = self._fused_round(plan, draft_plan, steps)
+        else:
+            started = time.perf_counter()
+            try:
+                proposals, q = self._on_draft(self.draft.decode_loop, draft_plan)
+                self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width),
+                                   (time.perf_counter() - started) / steps)
+            except DraftUnavailable as exc:
+                # The target's feed is the same in a decode round: this round still makes every row's token.
+                self._lose_draft(exc)
+                self._decode_round(plan)
+                return
+            # 2. Verify: the target scores each row's last token and its own k proposals in one forward.
+            fed = [list(tokens) for tokens in plan.target.tokens]
+            for row in drafted:
+                fed[row.slot] += proposals[row.slot, : row.round_k].tolist()
+            logits = self._target_step(VERIFY, fed, plan.target.starts)
         for row in rows:
-            if not row.k:
+            k = row.round_k
+            if not k:
                 row.advance([row.pick(logits[row.slot, 0])], target=1)
                 continue
             # 3. Accept a prefix of the proposals with min(1, p/q); resample at the first rejection.
-            params, proposed = row.request.sampling, proposals[row.slot : row.slot + 1, : row.k]
-            p = probabilities(logits[row.slot : row.slot + 1, : row.k + 1], params)
+            params, proposed = row.request.sampling, proposals[row.slot : row.slot + 1, :k]
+            p = probabilities(logits[row.slot : row.slot + 1, : k + 1], params)
             if params.greedy or q is None:  # greedy verification looks at the target only
                 q_row = torch.nn.functional.one_hot(proposed, p.shape[-1]).float()
             else:
-                q_row = q[row.slot : row.slot + 1, : row.k]
+                q_row = q[row.slot : row.slot + 1, :k]
             out, accepted = verify_draft(proposed, q_row, p, row.generator, params.greedy)
             a = int(accepted[0])
             # 4. Update: the target keeps the fed token and the accepted proposals, the draft what it fed of them.
-            row.stats.add(row.k, a)
+            row.stats.add(k, a)
+            self._accepted(row, a, k)
             row.advance(out[0, : a + 1].tolist(), target=1 + a,
                         draft=draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max))
 
@@ -358,7 +406,61 @@ class DecodeBatch:
         """The target's logits [B, n, V] (float) for a decode or verify step."""
         bucket, inputs = step_inputs(self.target.layout, kind, [list(t) for t in tokens], list(starts))
         n = 1 if kind == DECODE else self.target.layout.verify_tokens
-        return self.target.forward_bucket(bucket, inputs)[0][:, :n].float()
+        started = time.perf_counter()
+        logits = self.target.forward_bucket(bucket, inputs)[0]
+        self.costs.observe(DECODE_CALL if kind == DECODE else VERIFY_CALL, self.target.layout.batch_bucket(len(tokens)),
+                           time.perf_counter() - started)
+        return logits[:, :n].float()
+
+    def _fused_round(self, plan: RoundPlan, draft_plan: DraftPlan, steps: int) -> tuple[Any, Any, torch.Tensor]:
+        """Proposals, draft probabilities and the target's verify logits from one call to the
+        target's ranks (the draft is fused into it); its failure is the target's."""
+        ks = [0] * len(plan.target.tokens)
+        for slot in plan.running:
+            ks[slot] = self.slots[slot].round_k
+        started = time.perf_counter()
+        proposals, q, logits, draft_s = self.target.speculate(FusedRound(
+            draft_plan, plan.target.tokens, plan.target.starts, tuple(ks), self.target.layout))
+        elapsed = time.perf_counter() - started
+        self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width), draft_s / steps)
+        self.costs.observe(VERIFY_CALL, self.target.layout.batch_bucket(len(plan.target.tokens)), max(0.0, elapsed - draft_s))
+        return proposals, q, logits.float()
+
+    # -- adaptive speculation -----------------------------------------------------------------
+    def _choose_round_k(self) -> None:
+        """Set each running row's proposals for the next round: a pinned k as asked, an adaptive one
+        from `choose_k` over the measured costs at this batch size (or what is still unmeasured)."""
+        running = [s for s in self.slots.values() if s.started and not s.finish]
+        drafted = [s for s in running if s.k] if self.draft is not None else []
+        for row in running:
+            row.round_k = 0
+        for row in drafted:
+            row.round_k = 0 if row.adaptive else row.k
+        adaptive = [s for s in drafted if s.adaptive]
+        if not adaptive:
+            return
+        target_batch = self.target.layout.batch_bucket(max(s.slot for s in running) + 1)
+        draft_batch = self.draft.layout.batch_bucket(max(s.slot for s in drafted) + 1)
+        decode_s, verify_s = self.costs.get(DECODE_CALL, target_batch), self.costs.get(VERIFY_CALL, target_batch)
+        step_s = self.costs.get(DRAFT_STEP, draft_batch)
+        cap = max(s.k for s in adaptive)
+        k = explore(decode_s, verify_s, step_s, cap)
+        if k is None:
+            rows = [SpeculatingRow(acceptance_estimate(s.stats.accepted, s.trials, self.acceptance),
+                                   0 if s.adaptive else s.k, s.k, len(s.sequence) - s.draft_cached) for s in drafted]
+            k = choose_k(rows, len(running) - len(drafted), decode_s, verify_s, step_s)
+            self._adaptive_rounds += 1
+            if self._adaptive_rounds % self.EXPLORE_EVERY == 0:  # re-measure the choice not taken
+                k = 0 if k else min(2, cap)
+        for row in adaptive:
+            row.round_k = min(k, row.k)
+
+    def _accepted(self, row: _Sequence, accepted: int, k: int) -> None:
+        """Count a verified round into the row's and the pair's acceptance: `accepted` of k proposals,
+        and one rejection unless all were accepted."""
+        trials = accepted + (1 if accepted < k else 0)
+        row.trials += trials
+        self.acceptance += 0.05 * (accepted / trials - self.acceptance)
 
     def _lose_draft(self, exc: DraftUnavailable) -> None:
         """The draft failed: every sequence that speculated goes on target-only, and the batch
@@ -371,7 +473,10 @@ class DecodeBatch:
                     len(rows))
 
     def _on_draft(self, call: Callable[..., Any], *args: Any) -> Any:
-        """A call to the draft's ranks; its failure is the draft's, not this (target) model's."""
+        """A call to the draft's ranks; its failure is the draft's, not this (target) model's (a fused
+        draft's ranks are the target's: its failure is the target's)."""
+        if self.draft.fused:
+            return call(*args)
         try:
             return call(*args)
         except (InputError, Overloaded):

@@ -39,6 +39,10 @@ class DecoderLayout:
     def max_cache(self) -> int:
         return max(self.cache_buckets)
 
+    def batch_bucket(self, rows: int) -> int:
+        """The smallest batch bucket that holds `rows` rows (the largest when none does)."""
+        return next((b for b in self.batch_buckets if b >= rows), self.max_batch)
+
     @property
     def scratch(self) -> int:
         return self.max_cache - 1

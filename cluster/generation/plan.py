@@ -162,6 +162,25 @@ class DraftPlan:
             raise ValueError("DraftPlan needs starts, sampling and seeds for every pending row")
 
 
+@dataclass(frozen=True)
+class FusedRound:
+    """One fused speculation round on the target's ranks (`cluster.rank.RankWorker.speculate`): the
+    draft call `draft` on each rank's copy of the draft, then the target's verify forward, where row
+    (slot) r feeds tokens[r] followed by its first proposals[r] proposals from starts[r]."""
+
+    draft: DraftPlan
+    tokens: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+    proposals: tuple[int, ...]
+    layout: DecoderLayout
+
+    def __post_init__(self) -> None:
+        if not len(self.tokens) == len(self.starts) == len(self.proposals):
+            raise ValueError("FusedRound needs tokens, starts and proposals for every row")
+        if any(k > self.draft.steps for k in self.proposals):
+            raise ValueError(f"FusedRound: a row asks for more than the draft's {self.draft.steps} proposals")
+
+
 def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     """How many tokens a row's draft cache gains in a round where the target accepted `accepted`
     of its proposals: its pending tokens, and the accepted proposals the draft fed back (only
@@ -169,4 +188,4 @@ def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     return sum(1 for t in pending if t >= 0) + min(accepted, steps - 1)
 
 
-__all__ = ["DECODE", "VERIFY", "DraftPlan", "Feed", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]
+__all__ = ["DECODE", "VERIFY", "DraftPlan", "Feed", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]

@@ -218,11 +218,14 @@ def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[d
 
 
 def digest(path: str | os.PathLike) -> str:
-    """The model's identity: the sha256 of its manifest (which holds every file's sha256)."""
+    """The model's identity: the sha256 of its manifest (which holds every file's sha256), and of its
+    fused draft's manifest when it has one (cluster.trace.fused)."""
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise ArtifactError(f"{path} is not a saved model (no {MANIFEST}); save one with parallel_model_save")
-    return _sha256(manifest.read_bytes())
+    data = manifest.read_bytes()
+    draft = Path(path) / "draft" / MANIFEST
+    return _sha256(data + draft.read_bytes()) if draft.is_file() else _sha256(data)
 
 
 def tensor_bytes(path: str | os.PathLike) -> int:

@@ -44,3 +44,54 @@ def test_saved_decoder_loads_with_its_cache_state(models, tmp_path):
     cluster.trace.parallel_model_save(target, tmp_path / "target")
     with cluster.trace.parallel_model_load(tmp_path / "target") as loaded:
         assert generate(loaded, PROMPTS[:2], max_new_tokens=10).sequences == [hf_greedy(hf, p, 10) for p in PROMPTS[:2]]
+
+
+@pytest.fixture(scope="module")
+def fused(models, tmp_path_factory):
+    """The target saved with the draft fused into it (the draft whole on both of its ranks)."""
+    import cluster
+
+    _, target, _, root = models
+    saved = tmp_path_factory.mktemp("fused")
+    draft = trace_llama(root / "draft", tp_degree=1, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), name="tiny-draft",
+                        progress=False)
+    with draft:
+        cluster.trace.parallel_model_save(draft, saved / "draft")
+    cluster.trace.parallel_model_save(target, saved / "target")
+    cluster.trace.fuse_draft(saved / "target", saved / "draft")
+    with cluster.trace.parallel_model_load(saved / "target") as loaded:
+        yield loaded, saved
+
+
+def test_fused_speculation_equals_target_only_and_the_separate_draft(models, fused):
+    _, target, draft, _ = models
+    loaded, _ = fused
+    assert loaded.coordinator.info().extra["fused_draft"]["name"] == "tiny-draft"
+    for rows in (1, 4):
+        plain = generate(target, PROMPTS[:rows], max_new_tokens=20)
+        for k in (3, 0):  # pinned, adaptive
+            spec = generate(loaded, PROMPTS[:rows], max_new_tokens=20, draft_model="tiny-draft", speculation_length=k)
+            assert spec.sequences == plain.sequences
+    pinned = generate(loaded, PROMPTS[:1], max_new_tokens=20, draft_model="tiny-draft", speculation_length=3)
+    assert pinned.stats.draft_tokens_proposed > 0
+    # seeded sampling: the fused draft proposes what the separate one does, so the same tokens come out
+    sampled = dict(max_new_tokens=16, temperature=0.9, seed=11, speculation_length=2)
+    separate = generate(target, PROMPTS[:2], draft_model=draft, **sampled)
+    together = generate(loaded, PROMPTS[:2], draft_model="tiny-draft", **sampled)
+    assert together.sequences == separate.sequences
+
+
+def test_fusing_refuses_a_pair_that_does_not_fit(models, fused, tmp_path):
+    import cluster
+    from cluster.errors import ArtifactError, InputError
+
+    loaded, saved = fused
+    with pytest.raises(InputError, match="is not fused into this model \\(its fused draft is 'tiny-draft'\\)"):
+        generate(loaded, PROMPTS[:1], max_new_tokens=4, draft_model="another")
+    _, target, _, _ = models
+    with pytest.raises(InputError, match="trace it with tp_degree=1 \\(it has 2\\)"):
+        cluster.trace.fuse_draft(saved / "target", saved / "target")  # a TP=2 model as the draft
+    assert (saved / "target" / "draft" / "manifest.json").is_file()  # the refused fuse left the old draft
+    (saved / "target" / "draft" / "manifest.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="its fused draft does not load"):
+        cluster.trace.parallel_model_load(saved / "target")

@@ -189,7 +189,7 @@ def test_decoder_metadata_tokenize_and_the_open_inference_protocol(decoders):
         meta = client.get_model("target")
         assert list(meta.inputs) == [] and list(meta.rpcs) == ["Generate", "Tokenize"]
         limits = meta.limits
-        assert (limits.max_new_tokens, limits.default_max_new_tokens, limits.default_speculation_length) == (4096, 64, 4)
+        assert (limits.max_new_tokens, limits.default_max_new_tokens, limits.default_speculation_length) == (4096, 64, 0)
         assert limits.max_speculation_length == LAYOUT["verify_tokens"] - 1
         assert limits.context_length == max(LAYOUT["cache_buckets"]) - 1 and limits.max_texts == 1024
         assert client.get_model("draft").limits.max_speculation_length == 0  # no verify graphs: never a target

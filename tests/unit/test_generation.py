@@ -45,6 +45,16 @@ def test_greedy_speculative_equals_target_only(pair, rows, k):
     assert spec.stats.draft_tokens_proposed > 0 and spec.stats.acceptance_rate == spec.stats.draft_tokens_accepted / spec.stats.draft_tokens_proposed
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_adaptive_speculation_equals_target_only(pair, rows):
+    """speculation_length left at 0: each round picks its k (0 included); greedy output is the target's."""
+    _, target, draft, _ = pair
+    prompts = PROMPTS[:rows]
+    plain = generate(target, prompts, max_new_tokens=24)
+    adaptive = generate(target, prompts, max_new_tokens=24, draft_model=draft)
+    assert adaptive.sequences == plain.sequences
+
+
 def test_sampling_is_seeded_and_streaming_yields_steps(pair):
     _, target, draft, _ = pair
     a = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
@@ -141,7 +151,7 @@ def test_bad_requests_are_refused_and_the_model_keeps_serving(pair):
         generate(target, [list(range(1, 18))], max_new_tokens=4)
     with pytest.raises(InputError, match="does not fit the KV cache"):
         generate(target, PROMPTS[:1], max_new_tokens=60)
-    for k in (0, 5):
+    for k in (-1, 5):
         with pytest.raises(InputError, match="speculation_length must be 1..4"):
             generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=draft, speculation_length=k)
     with pytest.raises(InputError, match="stop sequences"):

@@ -22,6 +22,7 @@ ACTORS_USING_THE_CLIENT = {
     "actors/bench/measure.py": {"clients.client"},
     "actors/bench/serving.py": {"clients.client", "clients.soak"},
     "actors/bench/step.py": {"clients.client"},
+    "actors/bench/fronts.py": {"clients.client"},
 }
 
 

@@ -162,12 +162,12 @@ def test_defaults_resolve_wire_zeros_and_are_what_requests_and_the_library_use()
     from cluster.generation.engine import GenerationRequest
 
     assert (DEFAULTS.max_new_tokens, DEFAULTS.temperature, DEFAULTS.top_k, DEFAULTS.top_p) == (64, 0.0, 0, 1.0)
-    assert (DEFAULTS.speculation_length, DEFAULTS.max_new_tokens_limit, DEFAULTS.speculation_length_limit) == (4, 4096, 16)
-    assert DEFAULTS.resolve(max_new_tokens=0, top_p=0.0, speculation_length=0) == (64, 1.0, 4)
+    assert (DEFAULTS.speculation_length, DEFAULTS.max_new_tokens_limit, DEFAULTS.speculation_length_limit) == (0, 4096, 16)
+    assert DEFAULTS.resolve(max_new_tokens=0, top_p=0.0, speculation_length=0) == (64, 1.0, 0)  # 0: adaptive
     assert DEFAULTS.resolve(max_new_tokens=7, top_p=0.5, speculation_length=2) == (7, 0.5, 2)
     assert SamplingParams() == SamplingParams(DEFAULTS.temperature, DEFAULTS.top_k, DEFAULTS.top_p) and SamplingParams().greedy
     request = GenerationRequest(((1, 2),))
-    assert (request.max_new_tokens, request.speculation_length, request.stop_sequences) == (64, 4, ())
+    assert (request.max_new_tokens, request.speculation_length, request.stop_sequences) == (64, 0, ())
     params = inspect.signature(stream_generate).parameters
     assert params["max_new_tokens"].default is None and params["speculation_length"].default is None  # None: DEFAULTS
     with pytest.raises(ValueError, match="speculation_length"):

@@ -1,0 +1,149 @@
+"""Adaptive speculation: the choice of k from costs and acceptance, on plain values; the engine's use of it."""
+
+import pytest
+import torch
+
+from cluster.generation.adaptive import (CallCosts, SpeculatingRow, acceptance_estimate, choose_k, expected_tokens,
+                                         explore, round_plan_k)
+from cluster.generation.engine import DecodeBatch, DecoderEndpoint, GenerationRequest
+from cluster.generation.layout import DecoderLayout
+from cluster.generation.sampling import make_generator
+from cluster.generation.speculative import verify_draft
+from tests.unit.test_speculative import check_matches, draw, random_probs
+
+
+def test_expected_tokens_is_the_geometric_run_plus_the_targets_token():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_acceptance_estimate_starts_at_the_prior_and_follows_the_row():
+    assert acceptance_estimate(0, 0, prior=0.6) == pytest.approx(0.6)
+    assert acceptance_estimate(90, 100, prior=0.6) == pytest.approx((90 + 8 * 0.6) / 108)
+    assert acceptance_estimate(90, 100, prior=0.6) > acceptance_estimate(9, 10, prior=0.6) > 0.6
+
+
+def test_a_cheap_draft_the_target_agrees_with_speculates_deep():
+    rows = [SpeculatingRow(acceptance=0.9, pinned=0, cap=6)]
+    assert choose_k(rows, 0, decode_s=10e-3, verify_s=11e-3, draft_step_s=0.5e-3) == 6
+
+
+def test_an_expensive_draft_or_a_busy_batch_decodes_plainly():
+    agreeing = [SpeculatingRow(acceptance=0.6, pinned=0, cap=6)]
+    assert choose_k(agreeing, 0, decode_s=10e-3, verify_s=11e-3, draft_step_s=8e-3) == 0
+    busy = [SpeculatingRow(acceptance=0.6, pinned=0, cap=6)] * 16
+    assert choose_k(busy, 0, decode_s=20e-3, verify_s=90e-3, draft_step_s=6e-3) == 0
+
+
+def test_the_choice_is_the_best_rate_among_all_k():
+    rows = [SpeculatingRow(acceptance=0.7, pinned=0, cap=6), SpeculatingRow(acceptance=0.4, pinned=0, cap=3)]
+    decode_s, verify_s, step_s = 10e-3, 12e-3, 2e-3
+
+    def rate(k):
+        ks = round_plan_k(rows, k)
+        tokens = sum(expected_tokens(r.acceptance, rk) for r, rk in zip(rows, ks))
+        return tokens / (verify_s + (max(ks) * step_s) if max(ks) else decode_s)
+
+    best = choose_k(rows, 0, decode_s, verify_s, step_s)
+    assert rate(best) == max(rate(k) for k in range(7))
+    assert round_plan_k(rows, 5) == [5, 3]
+
+
+def test_pinned_rows_keep_their_k_and_a_lagging_draft_costs_its_catch_up():
+    rows = [SpeculatingRow(acceptance=0.5, pinned=4, cap=4), SpeculatingRow(acceptance=0.9, pinned=0, cap=6)]
+    assert round_plan_k(rows, 0) == [4, 0]
+    fresh = [SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=1)]
+    lagging = [SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=40)]
+    costs = dict(decode_s=10e-3, verify_s=11e-3, draft_step_s=1e-3)
+    assert choose_k(fresh, 0, **costs) > 0
+    assert choose_k(lagging, 0, **costs) == 0
+
+
+def test_unmeasured_costs_are_measured_first_and_averages_move():
+    assert explore(None, None, None, cap=6) == 2
+    assert explore(None, 1.0, 1.0, cap=6) == 0
+    assert explore(1.0, 1.0, None, cap=1) == 1
+    assert explore(1.0, 1.0, 1.0, cap=6) is None
+    costs = CallCosts(weight=0.5)
+    costs.observe("decode", 4, 2.0)
+    costs.observe("decode", 4, 4.0)
+    assert costs.get("decode", 4) == 3.0 and costs.get("decode", 1) is None
+
+
+def _batch(verify_tokens=5):
+    layout = DecoderLayout((1, 4), (8, 16), (32, 64), verify_tokens)
+    never = lambda *a: pytest.fail("no model call expected")  # noqa: E731
+    target = DecoderEndpoint(never, never, layout, 128, "target", "t")
+    draft = DecoderEndpoint(never, never, DecoderLayout((1, 4), (8, 16), (32, 64)), 128, "draft", "d")
+    return DecodeBatch(target), draft
+
+
+def test_the_batch_picks_each_rounds_k_from_its_measured_costs():
+    batch, draft = _batch()
+    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)  # speculation_length 0: adaptive, up to 4
+    batch.open(GenerationRequest(((4, 5),), 8, speculation_length=2), draft)  # pinned
+    rows = list(batch.slots.values())
+    assert [(r.adaptive, r.k) for r in rows] == [(True, 4), (False, 2)]
+    for row in rows:
+        row.started, row.cached, row.draft_cached = True, len(row.sequence) - 1, len(row.sequence) - 1
+    batch._choose_round_k()  # nothing measured at batch bucket 4: speculation is measured first
+    assert [r.round_k for r in rows] == [2, 2]
+    batch.costs.observe("decode", 4, 10e-3)
+    batch.costs.observe("verify", 4, 11e-3)
+    batch.costs.observe("draft_step", 4, 0.2e-3)
+    batch.acceptance = 0.9
+    batch._choose_round_k()
+    assert [r.round_k for r in rows] == [4, 2]
+    batch.costs.seconds[("draft_step", 4)] = 50e-3  # the draft became expensive...
+    batch._choose_round_k()
+    assert [r.round_k for r in rows] == [2, 2]  # ...but the pinned row pays for two draft steps anyway
+    batch.close(2)
+    batch._choose_round_k()
+    assert rows[0].round_k == 2  # one row: batch bucket 1, not measured yet
+    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 50e-3)):
+        batch.costs.observe(kind, 1, seconds)
+    batch._choose_round_k()
+    assert rows[0].round_k == 0  # alone, the adaptive row decodes plainly
+
+
+def test_adaptive_and_pinned_k_check_the_targets_verification_bucket():
+    from cluster.errors import InputError
+
+    batch, draft = _batch(verify_tokens=0)
+    with pytest.raises(InputError, match="without verification graphs"):
+        batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
+    batch, draft = _batch()
+    with pytest.raises(InputError, match=r"speculation_length must be 1..4 \(or 0: adaptive\)"):
+        batch.open(GenerationRequest(((1, 2, 3),), 8, speculation_length=5), draft)
+
+
+def test_sampling_stays_lossless_when_each_rounds_k_follows_the_history():
+    """Rows pick k from their own last round (as adaptive rounds do from measured acceptance); the
+    tokens they emit still follow the target at every position."""
+    gen = torch.Generator().manual_seed(7)
+    rows, vocab, length = 30_000, 5, 3
+    p = random_probs((vocab,), gen, sharpness=1.5)  # the target's distribution at every position
+    q = 0.5 * p + 0.5 * random_probs((vocab,), gen, sharpness=1.5)
+    out = [[] for _ in range(rows)]
+    last = [0] * rows
+    verify_gen = make_generator(11)
+    while True:
+        live = [r for r in range(rows) if len(out[r]) < length]
+        if not live:
+            break
+        for k in (1, 2, 3):
+            group = [r for r in live if 1 + last[r] % 3 == k]
+            if not group:
+                continue
+            n = len(group)
+            proposals = draw(q.expand(n, k, vocab), gen)
+            tokens, accepted = verify_draft(proposals, q.expand(n, k, vocab), p.expand(n, k + 1, vocab), verify_gen,
+                                            greedy=False)
+            for r, emitted, a in zip(group, tokens.tolist(), accepted.tolist()):
+                out[r] += emitted[: a + 1]
+                last[r] = a
+    emitted = torch.tensor([row[:length] for row in out])
+    for position in range(length):
+        check_matches(emitted[:, position], p, tolerance=0.012)
