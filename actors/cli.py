@@ -17,7 +17,8 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("actors.commands.demo", "trace the embedded MiniLM at TP=2 and embed the guide's sentences"),
     "bench": ("actors.commands.bench", "measure against in-process baselines (ratios)"),
-    "serve": ("actors.commands.serve", "serve saved models (or the embedded defaults) over gRPC"),
+    "compile": ("actors.commands.compile", "compile a Hugging Face checkpoint folder into a saved model folder"),
+    "serve": ("actors.commands.serve", "serve saved models or checkpoint folders (or the embedded defaults) over gRPC"),
     "batch": ("actors.commands.batch:batch", "run a JSONL file through a model here, exactly once and resumable"),
     "submit": ("actors.commands.batch:submit", "submit a batch job through Ray's Jobs API"),
     "unload": ("actors.commands.batch:unload", "free the resident replicas of models on a cluster"),

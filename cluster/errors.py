@@ -7,6 +7,7 @@ and a test pins the table), so an error means the same to every client.
     ClusterError
     ├── ShardingError (ValueError)      a size does not divide by the TP degree
     ├── CheckpointError                 missing/unexpected keys, shape mismatch, unreadable file
+    │   └── UnsupportedModel            a checkpoint's architecture or settings cannot be compiled
     ├── InputError (ValueError)         call-time inputs do not match the traced signature
     │   └── BucketError                 no bucket fits, or a kernel picked a bucket that does not exist
     ├── ArtifactError                   a saved model folder is truncated, tampered or from another version
@@ -41,6 +42,13 @@ class CheckpointError(ClusterError):
     """A checkpoint does not fit the model (keys, shapes) or cannot be read."""
 
     status = "FAILED_PRECONDITION"
+
+
+class UnsupportedModel(CheckpointError):
+    """A checkpoint's architecture, task or configuration is one tpcluster cannot compile (the message
+    names what is supported)."""
+
+    status = "INVALID_ARGUMENT"
 
 
 class InputError(ClusterError, ValueError):

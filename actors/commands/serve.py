@@ -1,4 +1,8 @@
-"""`tpcluster serve`: saved models (or the embedded defaults) behind the gRPC gateway."""
+"""`tpcluster serve`: saved models (or the embedded defaults) behind the gRPC gateway.
+
+A --model folder may also be a Hugging Face checkpoint: it is compiled at --tp on first use and
+cached under TPCLUSTER_CACHE, keyed by its files' content (cluster.models.hub.ensure_compiled).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a saved model folder (repeatable)")
+    parser.add_argument("--model", action="append", metavar="NAME=PATH",
+                        help="a saved model folder, or a Hugging Face checkpoint folder (compiled on first use, then "
+                             "cached) (repeatable)")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of checkpoints compiled here (default 2)")
     parser.add_argument("--address", help="Ray cluster to attach to (auto, ray://host:10001); default: start a local one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not target or not draft:
             raise SystemExit(f"--draft takes TARGET=DRAFT (two served model names), got {item!r}")
         drafts[target] = draft
+    compile_checkpoints(models, args)
     read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
     token = open(args.auth_token_file).read().strip() if args.auth_token_file else None
     batching = BatchingConfig(max_batch_rows=1 if args.no_batching else args.max_batch, max_wait_s=0 if args.no_batching else args.max_wait_ms / 1e3,
@@ -68,3 +76,24 @@ def run(args: argparse.Namespace) -> int:
     )
     asyncio.run(serve_forever(config, ready_file=args.ready_file))
     return 0
+
+
+def compile_checkpoints(models: dict[str, str], args: argparse.Namespace) -> None:
+    """Replace every checkpoint folder in `models` by its compiled folder (compiling it on first use)."""
+    import sys
+
+    from cluster.models.hub import ensure_compiled, is_checkpoint
+
+    checkpoints = {name: path for name, path in models.items() if is_checkpoint(path)}
+    if not checkpoints:
+        return
+    import cluster
+
+    cluster.init(address=args.address, neuron_cores=args.neuron_cores)
+    try:
+        for name, path in checkpoints.items():
+            models[name] = str(ensure_compiled(path, tp_degree=args.tp, progress=True))
+            print(f"tpcluster: {name}: checkpoint {path} -> compiled folder {models[name]}", file=sys.stderr, flush=True)
+    except BaseException:
+        cluster.shutdown()
+        raise

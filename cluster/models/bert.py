@@ -71,15 +71,25 @@ def parallelize_bert(bert: torch.nn.Module, config: Any, mlp: bool = True) -> to
     return bert
 
 
+_POOLING_NAMES = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
+                  "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}
+
+
 def pooling_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The sentence-transformers pooling settings of a checkpoint folder (mean pooling if absent)."""
+    """The sentence-transformers pooling settings of a checkpoint folder (mean pooling if absent), as
+    `pooling_mode_<mode>` flags (sentence-transformers 6 writes one `pooling_mode` name instead)."""
     folder = Path(path)
+    modules_file = folder / "modules.json"
+    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
+    pooling_dir = next((m.get("path") for m in modules if m.get("type", "").endswith("Pooling")), None) or "1_Pooling"
     pooling = {"pooling_mode_mean_tokens": True}
-    file = folder / "1_Pooling" / "config.json"
+    file = folder / pooling_dir / "config.json"
     if file.is_file():
         pooling = json.loads(file.read_text())
-    modules = folder / "modules.json"
-    normalize = modules.is_file() and any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+        mode = pooling.pop("pooling_mode", None)
+        if isinstance(mode, str):
+            pooling[f"pooling_mode_{_POOLING_NAMES.get(mode, mode)}"] = True
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
     return {**pooling, "normalize": normalize}
 
 

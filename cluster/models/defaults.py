@@ -21,9 +21,13 @@ BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 
 
+def cache_root() -> Path:
+    """TPCLUSTER_CACHE, else ~/.cache/tpcluster: where traced models are kept between runs."""
+    return Path(os.environ.get("TPCLUSTER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tpcluster"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("TPCLUSTER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tpcluster")
-    return Path(root) / "defaults" / f"torch-{torch.__version__}"
+    return cache_root() / "defaults" / f"torch-{torch.__version__}"
 
 
 def _examples(num_inputs: int, batch_buckets, seq_buckets) -> list[tuple[torch.Tensor, ...]]:

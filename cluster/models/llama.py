@@ -16,6 +16,7 @@ j < L with cache_mask[b, j] == 1 and j <= their own position; logits come from p
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,78 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.errors import ShardingError
+from cluster.errors import ShardingError, UnsupportedModel
 from cluster.parallel_layers import layers, parallel_state
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequencies as the config's rope_parameters (transformers 5) or rope_scaling (4.x) set them."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise UnsupportedModel(f"rope type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_config(cls, data: dict) -> "RopeScaling":
+        rope = dict(data.get("rope_scaling") or {})
+        rope.update(data.get("rope_parameters") or {})
+        if float(rope.get("partial_rotary_factor", data.get("partial_rotary_factor") or 1.0)) != 1.0:
+            raise UnsupportedModel("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        defaults = cls()
+        return cls(rope_type=kind, theta=float(rope.get("rope_theta", data.get("rope_theta") or defaults.theta)),
+                   factor=float(rope.get("factor", 1.0)),
+                   low_freq_factor=float(rope.get("low_freq_factor", defaults.low_freq_factor)),
+                   high_freq_factor=float(rope.get("high_freq_factor", defaults.high_freq_factor)),
+                   original_max_position_embeddings=int(rope.get("original_max_position_embeddings",
+                                                                 defaults.original_max_position_embeddings)))
+
+    def inv_freq(self, head_dim: int) -> torch.Tensor:
+        """The inverse frequencies of each rotary pair, scaled as configured (transformers' formulas)."""
+        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if self.rope_type == "linear":
+            return inv / self.factor
+        if self.rope_type == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv
+
+
+def _sliding_window(data: dict) -> int | None:
+    """The attention window the config sets on any layer (None: full attention everywhere)."""
+    window = data.get("sliding_window")
+    if not window:
+        return None
+    if data.get("model_type") == "qwen2" and not data.get("use_sliding_window"):
+        return None
+    layer_types = data.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 @dataclass(frozen=True)
 class LlamaShape:
+    """The sizes and settings of a Llama-family decoder (Llama, Mistral, Qwen2), from its config."""
+
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -41,18 +108,32 @@ class LlamaShape:
     rope_theta: float = 10000.0
     eos_token_id: int | None = None
     bos_token_id: int | None = None
+    explicit_head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    qkv_bias: bool = False  # Qwen2; Llama's attention_bias
+    o_bias: bool = False  # Llama's attention_bias
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope: RopeScaling | None = None  # None: default RoPE with rope_theta
+    sliding_window: int | None = None
+    max_position_embeddings: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> "LlamaShape":
         data = config if isinstance(config, dict) else config.to_dict()
-        rope = data.get("rope_parameters") or {}
+        rope = RopeScaling.from_config(data)
+        qwen2 = data.get("model_type") == "qwen2"
+        eos = data.get("eos_token_id")  # a list (Llama 3): generation stops at its first id only
         return cls(
             vocab_size=data["vocab_size"], hidden_size=data["hidden_size"], num_hidden_layers=data["num_hidden_layers"],
             num_attention_heads=data["num_attention_heads"],
             num_key_value_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
             intermediate_size=data["intermediate_size"], rms_norm_eps=data.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", data.get("rope_theta", 10000.0)),
-            eos_token_id=data.get("eos_token_id"), bos_token_id=data.get("bos_token_id"),
+            rope_theta=rope.theta, eos_token_id=(eos[0] if eos else None) if isinstance(eos, list) else eos,
+            bos_token_id=data.get("bos_token_id"), explicit_head_dim=int(data.get("head_dim") or 0),
+            qkv_bias=qwen2 or bool(data.get("attention_bias")), o_bias=bool(data.get("attention_bias")) and not qwen2,
+            mlp_bias=bool(data.get("mlp_bias")), tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            rope=rope, sliding_window=_sliding_window(data),
+            max_position_embeddings=int(data.get("max_position_embeddings") or 0),
         )
 
     @classmethod
@@ -61,7 +142,10 @@ class LlamaShape:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
+
+    def inv_freq(self) -> torch.Tensor:
+        return (self.rope or RopeScaling(theta=self.rope_theta)).inv_freq(self.head_dim)
 
 
 class RMSNorm(nn.Module):
@@ -91,10 +175,11 @@ class LlamaAttention(nn.Module):
         self.heads = shape.num_attention_heads // tp
         self.kv_heads = shape.num_key_value_heads // tp
         self.head_dim = hd
-        self.q_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_attention_heads * hd, bias=False, gather_output=False)
-        self.k_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, bias=False, gather_output=False)
-        self.v_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, bias=False, gather_output=False)
-        self.o_proj = layers.RowParallelLinear(shape.num_attention_heads * hd, shape.hidden_size, bias=False, input_is_parallel=True)
+        qkv = dict(bias=shape.qkv_bias, gather_output=False)
+        self.q_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_attention_heads * hd, **qkv)
+        self.k_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, **qkv)
+        self.v_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.num_key_value_heads * hd, **qkv)
+        self.o_proj = layers.RowParallelLinear(shape.num_attention_heads * hd, shape.hidden_size, bias=shape.o_bias, input_is_parallel=True)
         self.full_cache_outputs = False  # True where state outputs must have the state's shape (Neuron aliasing)
         self.register_buffer("k_cache", torch.zeros(max_batch, self.kv_heads, max_cache, hd), persistent=False)
         self.register_buffer("v_cache", torch.zeros(max_batch, self.kv_heads, max_cache, hd), persistent=False)
@@ -128,9 +213,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, shape: LlamaShape) -> None:
         super().__init__()
-        self.gate_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.intermediate_size, bias=False, gather_output=False)
-        self.up_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.intermediate_size, bias=False, gather_output=False)
-        self.down_proj = layers.RowParallelLinear(shape.intermediate_size, shape.hidden_size, bias=False, input_is_parallel=True)
+        bias = shape.mlp_bias
+        self.gate_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.intermediate_size, bias=bias, gather_output=False)
+        self.up_proj = layers.ColumnParallelLinear(shape.hidden_size, shape.intermediate_size, bias=bias, gather_output=False)
+        self.down_proj = layers.RowParallelLinear(shape.intermediate_size, shape.hidden_size, bias=bias, input_is_parallel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -156,8 +242,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = layers.ParallelEmbedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(shape, max_batch, max_cache) for _ in range(shape.num_hidden_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", shape.inv_freq(), persistent=False)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -192,28 +277,55 @@ class LlamaForCausalLM(nn.Module):
         return aliases
 
 
+def llama_state_dict(folder: str | os.PathLike, shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """The whole weights of a transformers decoder folder (single, sharded, safetensors or .bin),
+    with lm_head.weight taken from the embeddings where the config ties them and the file omits it."""
+    from cluster.models.hf_weights import read_weights
+
+    state = read_weights(folder)
+    return tie_lm_head(state, shape)
+
+
+def tie_lm_head(state: dict, shape: LlamaShape) -> dict:
+    """`state` (tensors or shapes) with lm_head.weight = the token embeddings when the config ties them."""
+    embed = "model.embed_tokens.weight"
+    if shape.tie_word_embeddings and "lm_head.weight" not in state and embed in state:
+        return {**state, "lm_head.weight": state[embed]}
+    return state
+
+
 def llama_from_checkpoint(folder: str | os.PathLike, max_batch: int = 4, max_cache: int = 512,
                           sharded: bool = False, checkpoint: str | os.PathLike | None = None,
-                          full_cache_outputs: bool = False) -> tuple[nn.Module, dict]:
-    """(model, io_aliases) for this rank from a transformers Llama folder (config.json + weights).
+                          full_cache_outputs: bool = False, dtype: str | None = None) -> tuple[nn.Module, dict]:
+    """(model, io_aliases) for this rank from a transformers Llama, Mistral or Qwen2 folder (config.json +
+    weights: one file or an index of shards), or from `checkpoint` (a file, or with `sharded` a folder of
+    tp_rank_XX files).
 
     The cache outputs are the batch bucket's rows only, unless `full_cache_outputs` (the whole
-    cache, for backends whose aliasing needs the state's shape)."""
+    cache, for backends whose aliasing needs the state's shape). `dtype` ("bfloat16", ...) casts the
+    weights and the cache; default float32."""
+    from cluster.models.hf_weights import assign_whole
     from cluster.parallel_layers import load
 
     folder = Path(folder)
-    model = LlamaForCausalLM(LlamaShape.from_folder(folder), max_batch, max_cache).eval()
+    shape = LlamaShape.from_folder(folder)
+    model = LlamaForCausalLM(shape, max_batch, max_cache).eval()
     for layer in model.model.layers:
         layer.self_attn.full_cache_outputs = full_cache_outputs
-    if checkpoint is None:
-        candidates = [folder / "model.safetensors", folder / "pytorch_model.bin"]
-        checkpoint = next((c for c in candidates if c.exists()), candidates[0])
-    load(checkpoint, model, sharded=sharded)
+    if checkpoint is not None or sharded:
+        load(checkpoint if checkpoint is not None else folder, model, sharded=sharded)
+    else:
+        assign_whole(model, llama_state_dict(folder, shape), str(folder), parallel_state.get_tensor_model_parallel_rank(),
+                     parallel_state.get_tensor_model_parallel_size())
+    if dtype is not None:
+        inv_freq = model.model.inv_freq
+        model = model.to(getattr(torch, dtype))
+        model.model.inv_freq = inv_freq  # positions are rotated in float32 whatever the weights' dtype
     return model, model.io_aliases()
 
 
 def trace_llama(folder: str | os.PathLike, tp_degree: int = 2, layout: Any = None, name: str = "llama",
-                progress: bool | None = None, **trace_options: Any) -> Any:
+                progress: bool | None = None, dtype: str | None = None, **trace_options: Any) -> Any:
     """Trace a transformers Llama folder for generation: every graph of `layout` (a DecoderLayout),
     weights separated (the graphs share one copy and the KV cache is state on the ranks)."""
     import functools
@@ -240,7 +352,7 @@ def trace_llama(folder: str | os.PathLike, tp_degree: int = 2, layout: Any = Non
 
     full = resolve_backend(trace_options.get("backend", "auto")) == "neuron"  # Neuron aliases whole tensors
     func = functools.partial(llama_from_checkpoint, str(folder.resolve()), layout.max_batch, layout.max_cache,
-                             full_cache_outputs=full)
+                             full_cache_outputs=full, dtype=dtype)
     return parallel_model_trace(func, examples, tp_degree=tp_degree, inline_weights_to_neff=False,
                                 bucket_config=BucketModelConfig(lambda: shape_bucket_kernel(signatures)),
                                 metadata=metadata, progress=progress, **trace_options)

@@ -1,5 +1,7 @@
 """Generate through the gateway: streamed tokens equal transformers' greedy tokens; cancel frees the model."""
 
+import shutil
+
 import grpc
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
 from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
+from cluster.trace import fuse_draft
 from tests.integration.harness import GatewayThread
 from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
 
@@ -28,7 +31,9 @@ def decoders(ray_cluster, tmp_path_factory):
     save_random_llama(root / "d", 1, PAIR_VOCAB, **TINY_DRAFT)
     build_decoder(root / "t", root / "target", 2, LAYOUT, pair_path(), "target")
     build_decoder(root / "d", root / "draft", 1, DRAFT_LAYOUT, pair_path(), "draft")
-    served = GatewayThread({"target": root / "target", "draft": root / "draft"})
+    shutil.copytree(root / "target", root / "fused")  # the same target, with the draft fused into it
+    fuse_draft(root / "fused", root / "draft")
+    served = GatewayThread({"target": root / "target", "draft": root / "draft", "fused": root / "fused"})
     yield served, hf
     served.close()
 
@@ -61,6 +66,24 @@ def test_generate_streams_what_transformers_generates(decoders):
     with grpc.insecure_channel(served.target) as channel:  # the raw generated stubs
         raw = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="target", prompt=PROMPT, max_new_tokens=40), timeout=60)
         assert _tokens(raw)[0] == expected
+
+
+def test_a_fused_draft_speculates_on_the_targets_own_ranks(decoders):
+    """"fused" holds the draft on its ranks: naming it speculates with no draft replica borrowed; the
+    tokens are the target's (greedy), and seeded sampling gives what the separate draft gives."""
+    served, _ = decoders
+    with Client(served.target) as client:
+        assert client.get_model("fused").fused_draft == "draft" and client.get_model("target").fused_draft == ""
+        plain = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=30))[0]
+        for k in (3, 0):  # pinned, adaptive
+            ids, _, stats = _tokens(client.generate_stream(PROMPT, model="fused", max_new_tokens=30, draft_model="draft",
+                                                           speculation_length=k))
+            assert ids == plain
+            if k:
+                assert stats.draft_tokens_proposed > 0
+        sampled = dict(max_new_tokens=20, temperature=0.9, seed=5, draft_model="draft", speculation_length=2)
+        separate = _tokens(client.generate_stream(PROMPT, model="target", **sampled))[0]
+        assert _tokens(client.generate_stream(PROMPT, model="fused", **sampled))[0] == separate
 
 
 def test_bad_generate_requests(decoders):

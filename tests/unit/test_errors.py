@@ -15,6 +15,7 @@ STATUS = {
     "ClusterError": "INTERNAL",
     "ShardingError": "INVALID_ARGUMENT",
     "CheckpointError": "FAILED_PRECONDITION",
+    "UnsupportedModel": "INVALID_ARGUMENT",
     "InputError": "INVALID_ARGUMENT",
     "BucketError": "INVALID_ARGUMENT",
     "ArtifactError": "FAILED_PRECONDITION",

@@ -1,0 +1,101 @@
+"""Bring your own checkpoint: Hugging Face folders compiled (cpu backend, real rank actors) by the
+library, `tpcluster compile` and `tpcluster serve`'s first-use path, then served by the gateway and
+called over gRPC: the answers equal transformers' on the same weights."""
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from clients.client import Client
+from cluster.models import hub
+from tests.hf_checkpoints import hf_encoder_output, save_classifier, save_decoder, save_sentence_transformer
+from tests.integration.harness import GatewayThread
+from tests.support import hf_greedy
+
+pytestmark = pytest.mark.integration
+
+DECODER_OPTIONS = hub.CompileOptions(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64,), verify_tokens=0)
+ENCODER_OPTIONS = hub.CompileOptions(batch_buckets=(1, 4), seq_buckets=(16,))
+PROMPT = "The for statement is used to iterate"
+TEXTS = ["The for statement is used to iterate", "tensor parallel ranks", "a third one"]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    from actors import cli
+    from actors.commands.serve import compile_checkpoints
+
+    root = tmp_path_factory.mktemp("byo")
+    saved_cache = os.environ.get("TPCLUSTER_CACHE")
+    os.environ["TPCLUSTER_CACHE"] = str(root / "tpcluster-cache")  # serve's first-use compiles land here
+    llama = save_decoder(root / "llama", "LlamaForCausalLM")
+    roberta = save_classifier(root / "roberta", "RobertaForSequenceClassification", ("negative", "positive"))
+    save_sentence_transformer(root / "st", pooling="mean")
+    folders = {"llama": hub.ensure_compiled(root / "llama", 2, DECODER_OPTIONS, root=root / "cache", progress=False)}
+    assert cli.main(["compile", str(root / "roberta"), "--out", str(root / "roberta-tp2"), "--tp", "2",
+                     "--batch-buckets", "1,4", "--seq-buckets", "16", "-q"]) == 0
+    folders["roberta"] = root / "roberta-tp2"
+    models = {"st": str(root / "st")}  # what `tpcluster serve --model st=CHECKPOINT --tp 1` does before serving
+    compile_checkpoints(models, argparse.Namespace(address=None, neuron_cores=None, tp=1))
+    folders["st"] = models["st"]
+    gateway = GatewayThread(folders)
+    yield gateway, root, folders, {"llama": llama, "roberta": roberta}
+    gateway.close()
+    if saved_cache is None:
+        os.environ.pop("TPCLUSTER_CACHE", None)
+    else:
+        os.environ["TPCLUSTER_CACHE"] = saved_cache
+
+
+def test_a_compiled_llama_streams_transformers_greedy_tokens(served):
+    from transformers import AutoTokenizer
+
+    gateway, root, _, hf = served
+    prompt_ids = AutoTokenizer.from_pretrained(root / "llama")(PROMPT)["input_ids"]
+    with Client(gateway.target) as client:
+        result = client.generate(PROMPT, model="llama", max_new_tokens=30)
+    assert result.token_ids == hf_greedy(hf["llama"], prompt_ids, 30)
+
+
+def test_a_compiled_roberta_classifier_gives_transformers_logits_and_labels(served):
+    from transformers import AutoTokenizer
+
+    gateway, root, _, hf = served
+    tokenizer = AutoTokenizer.from_pretrained(root / "roberta")
+    inputs = [("The for statement", "is used to iterate"), "tensor parallel ranks"]
+    with Client(gateway.target) as client:
+        results = client.classify(inputs, model="roberta")
+    for item, result in zip(inputs, results):
+        enc = tokenizer(*item, return_tensors="pt") if isinstance(item, tuple) else tokenizer(item, return_tensors="pt")
+        expected = hf_encoder_output(hf["roberta"], enc["input_ids"], enc["attention_mask"], None)[0]
+        np.testing.assert_allclose(np.array(result.logits), expected.numpy(), atol=1e-4)
+        assert result.label == ("negative", "positive")[int(expected.argmax())]
+
+
+def test_a_sentence_transformers_folder_embeds_as_sentence_transformers_does(served):
+    from sentence_transformers import SentenceTransformer
+
+    gateway, root, _, _ = served
+    with Client(gateway.target) as client:
+        vectors = client.embed(TEXTS, model="st")
+    expected = SentenceTransformer(str(root / "st"), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(vectors, expected, atol=1e-4)
+
+
+def test_a_second_start_reuses_the_compiled_folder(served, monkeypatch):
+    _, root, folders, _ = served
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(hub, "compile", no_compile)
+    assert hub.ensure_compiled(root / "llama", 2, DECODER_OPTIONS, root=root / "cache") == folders["llama"]
+    models = {"st": str(root / "st")}
+    from actors.commands.serve import compile_checkpoints
+
+    compile_checkpoints(models, argparse.Namespace(address=None, neuron_cores=None, tp=1))
+    assert models["st"] == folders["st"]
+    assert str(folders["st"]).startswith(str(root / "tpcluster-cache" / "compiled" / f"torch-{torch.__version__}"))
