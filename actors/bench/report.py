@@ -20,9 +20,12 @@ def summary(results: dict[str, Any]) -> str:
         parts.append("trace once/per-rank " + ", ".join(f"TP{tp} x{t[f'tp{tp}_once_over_per_rank']:.2f}" for tp in (1, 2, 4)))
     if "decoder" in results:
         d = results["decoder"]
-        parts.append(f"decode target-only {d['target_only_tok_s']:.0f} tok/s; speculative/target-only "
+        fused = [f"fused_k{k}" for k in (2, 4, 6)] + ["fused_adaptive"]
+        parts.append(f"decode target-only {d['target_only_tok_s']:.0f} tok/s; speculative/target-only, separate draft "
                      + ", ".join(f"k{k} x{d[f'speculative_k{k}_over_target_only']:.2f}" for k in (2, 4, 6))
-                     + f"; vs HF assisted x{max(d[f'speculative_k{k}_over_hf_assisted'] for k in (2, 4, 6)):.2f}")
+                     + f", adaptive x{d['speculative_adaptive_over_target_only']:.2f}; fused draft "
+                     + ", ".join(f"{label.removeprefix('fused_')} x{d[f'{label}_over_target_only']:.2f}" for label in fused)
+                     + f"; best vs HF assisted x{max(d[f'{label}_over_hf_assisted'] for label in fused):.2f}")
     if "step" in results:
         s = results["step"]
         parts.append("decode/HF generate " + ", ".join(
@@ -35,7 +38,9 @@ def summary(results: dict[str, Any]) -> str:
     if "generate" in results:
         g = results["generate"]
         parts.append("Generate continuous batching gain at 1/8/32 clients "
-                     + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32)))
+                     + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32))
+                     + "; speculating (fused, adaptive) over not "
+                     + "/".join(f"x{g[f'generate_{c}_clients_speculation_gain']:.2f}" for c in (1, 8, 32)))
     if "batch" in results:
         parts.append(f"batch job x{results['batch']['batch_job_over_loop']:.2f} records/s of an in-process loop")
     if "soak" in results:
@@ -48,6 +53,12 @@ def summary(results: dict[str, Any]) -> str:
                                  for name, label in (("open_inference_protocol", "OIP"), ("openai_http", "OpenAI HTTP"),
                                                      ("openai_http_stdlib", "OpenAI HTTP via http.client")))
                      + f" (goal <= 1 ms: {'met' if f['within_goal'] else 'missed'}); vectors differ by <= {f['max_abs_diff']:.1e}")
+    if "compile" in results:
+        c = results["compile"]
+        parts.append(f"Serve a checkpoint: first start {c['first_start_s']:.1f} s (compile {c['compile_s']:.1f} s), "
+                     f"second start {c['second_start_s']:.1f} s (load {c['second']['load_s']:.1f} s of {c['graphs']} graphs; "
+                     f"x{c['second_over_first']:.2f} of the first; goal <= x0.3: "
+                     f"{'met' if c['within_goal'] else 'missed'}); same tokens: {'yes' if c['same_tokens'] else 'NO'}")
     return "; ".join(parts)
 
 
@@ -68,6 +79,8 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars += [(f"trace once TP={tp}", results["trace_once"][f"tp{tp}_once_over_per_rank"]) for tp in (1, 2, 4)]
     if "decoder" in results:
         bars += [(f"speculative k={k}: time/token vs target-only", 1 / results["decoder"][f"speculative_k{k}_over_target_only"]) for k in (2, 4, 6)]
+        bars += [(f"fused draft, {label}: time/token vs target-only", 1 / results["decoder"][f"fused_{label}_over_target_only"])
+                 for label in ("k4", "adaptive")]
     if "step" in results:
         bars += [(f"decode TP={tp}: time/token vs transformers generate", 1 / results["step"][f"tp{tp}"]["over_hf_generate"])
                  for tp in (1, 2)]
@@ -75,11 +88,15 @@ def chart(results: dict[str, Any], path: str) -> None:
         bars.append(("Classify, 32 clients: time/request, batching on vs off", 1 / results["gateway"]["classify_32_clients_batching_gain"]))
     if "generate" in results:
         bars.append(("Generate, 32 clients: time/token, batching on vs off", 1 / results["generate"]["generate_32_clients_batching_gain"]))
+        bars += [(f"Generate, {c} clients: time/token, speculating vs not", 1 / results["generate"][f"generate_{c}_clients_speculation_gain"])
+                 for c in (1, 32)]
     if "batch" in results:
         bars.append(("batch job: time/record vs in-process loop", 1 / results["batch"]["batch_job_over_loop"]))
     if "fronts" in results:
         bars += [(f"Embed p50 via {label} vs tpcluster.v1", results["fronts"][name]["p50_ratio"])
                  for name, label in (("open_inference_protocol", "Open Inference Protocol"), ("openai_http", "OpenAI HTTP"))]
+    if "compile" in results:
+        bars.append(("serve a checkpoint: second start vs first (compile cache)", results["compile"]["second_over_first"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)

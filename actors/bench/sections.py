@@ -100,8 +100,9 @@ def bench_trace_once(results: dict[str, Any], repeats: int) -> None:
 
 
 def bench_decoder(results: dict[str, Any], repeats: int) -> None:
-    """Tokens/s on the shipped pair: ours target-only and speculative (k = 2, 4, 6), transformers'
-    generate and assisted generation in-process, greedy, batch 1, 64 new tokens."""
+    """Tokens/s on the shipped pair: ours target-only and speculative, with the draft as a separate
+    model (k = 2, 4, 6) and fused into the target (k = 2, 4, 6, and adaptive: speculation_length 0),
+    transformers' generate and assisted generation in-process, greedy, batch 1, 64 new tokens."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -141,12 +142,15 @@ def bench_decoder(results: dict[str, Any], repeats: int) -> None:
 
         ours()
         out["target_only_tok_s"], _ = ours()
-        for k in (2, 4, 6):
-            rate, stats = ours(draft_model=draft, speculation_length=k)
-            out[f"speculative_k{k}_tok_s"] = rate
-            out[f"speculative_k{k}"] = stats
-            out[f"speculative_k{k}_over_target_only"] = rate / out["target_only_tok_s"]
-            out[f"speculative_k{k}_over_hf_assisted"] = rate / out["hf_assisted_tok_s"]
+        runs = [(f"speculative_k{k}", dict(draft_model=draft, speculation_length=k)) for k in (2, 4, 6)]
+        runs += [(f"fused_k{k}", dict(draft_model="pair-draft", speculation_length=k)) for k in (2, 4, 6)]
+        runs += [("fused_adaptive", dict(draft_model="pair-draft")), ("speculative_adaptive", dict(draft_model=draft))]
+        for label, kwargs in runs:
+            rate, stats = ours(**kwargs)
+            out[f"{label}_tok_s"] = rate
+            out[label] = stats
+            out[f"{label}_over_target_only"] = rate / out["target_only_tok_s"]
+            out[f"{label}_over_hf_assisted"] = rate / out["hf_assisted_tok_s"]
         out["target_only_over_hf_generate"] = out["target_only_tok_s"] / out["hf_generate_tok_s"]
         out["sample_text"] = tokenizer.decode(generate(target, [ids[0]], max_new_tokens=40).sequences[0])
     results["decoder"] = out

@@ -57,7 +57,8 @@ def bench_gateway(results: dict[str, Any], repeats: int) -> None:
 
 def bench_generate(results: dict[str, Any], repeats: int) -> None:
     """Generate throughput (tokens/s) through the gateway at 1/8/32 concurrent clients, continuous
-    batching on (every KV-cache slot) and off (one sequence per replica)."""
+    batching on (every KV-cache slot) and off (one sequence per replica); and with batching on,
+    every request speculating with the draft fused into the target (adaptive k: speculation_length 0)."""
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.batching import BatchingConfig
     from actors.gateway.server import GatewayConfig
@@ -74,16 +75,22 @@ def bench_generate(results: dict[str, Any], repeats: int) -> None:
         try:
             if name == "batching_on":
                 out["slots"] = served.models["pair-target"].schedulers[0].capacity
+            variants = [(name, "")] + ([("speculating", "pair-draft")] if name == "batching_on" else [])
             for clients in (1, 8, 32):
-                def generate(c: Any, i: int) -> int:
-                    return c.generate(prompts[i % len(prompts)], model="pair-target", max_new_tokens=new).stats.generated_tokens
+                for variant, draft in variants:
+                    def generate(c: Any, i: int, draft: str = draft) -> int:
+                        return c.generate(prompts[i % len(prompts)], model="pair-target", max_new_tokens=new,
+                                          draft_model=draft).stats.generated_tokens
 
-                tokens, latencies, elapsed = closed_loop(served.target, clients, seconds, generate)
-                out[f"generate_{name}_{clients}_clients_tok_s"] = tokens / elapsed
-                out[f"generate_{name}_{clients}_clients_p50_s"] = statistics.median(latencies)
+                    tokens, latencies, elapsed = closed_loop(served.target, clients, seconds, generate)
+                    out[f"generate_{variant}_{clients}_clients_tok_s"] = tokens / elapsed
+                    out[f"generate_{variant}_{clients}_clients_p50_s"] = statistics.median(latencies)
         finally:
             served.close()
     batching_gains(out, "generate", "tok_s")
+    for clients in (1, 8, 32):
+        out[f"generate_{clients}_clients_speculation_gain"] = (out[f"generate_speculating_{clients}_clients_tok_s"]
+                                                               / out[f"generate_batching_on_{clients}_clients_tok_s"])
     results["generate"] = out
 
 

@@ -8,41 +8,52 @@ forwards and the draft's steps are not free, so plain decoding wins. `choose_k` 
 from two measurements:
 
 - `CallCosts`: the seconds of each kind of model call (target decode, target verify, one draft
-  step) per batch bucket, as moving averages of the calls this batch made;
+  step) per batch bucket: the median of the last few calls of that kind, so one call slowed by
+  the machine does not swing the choice;
 - each row's acceptance: the chance the target accepts one more proposal, estimated from the row's
   own rounds with the pair's running rate as the prior (`acceptance_estimate`).
 
 With acceptance a, a row asked for k proposals emits (1 - a^(k+1)) / (1 - a) tokens in expectation
 (the accepted run plus the target's own token); a round's cost is the verify forward plus the
-draft's steps (its pending tokens, then k - 1 more), or one decode forward when k = 0. `choose_k`
-returns the k with the most expected tokens per second. Rows that pin k keep it; an unmeasured
-kind of call is measured first (`explore`). Pure functions and plain values: no torch, no model.
+draft's k steps, or one decode forward when k = 0. A row whose draft cache lags (it decoded
+plainly for a while) first feeds the draft its missing tokens: that catch-up is paid once for the
+rounds that follow, so it counts 1/`CATCH_UP_ROUNDS` of its cost. `choose_k` returns the k with
+the most expected tokens per second (`rates` gives them all). Rows that pin k keep it; an
+unmeasured kind of call is measured first (`explore`), and the engine re-measures the option it
+has not taken for a while when that option's rate is close. Pure functions and plain values: no
+torch, no model.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
 DECODE_CALL = "decode"
 VERIFY_CALL = "verify"
 DRAFT_STEP = "draft_step"
+CATCH_UP_ROUNDS = 8  # rounds a lagging draft's catch-up is spread over
 
 
 @dataclass
 class CallCosts:
-    """Moving averages of call seconds by (kind, batch bucket); `weight` is the newest call's share."""
+    """Call seconds by (kind, batch bucket): the median of the last `window` calls of each."""
 
-    weight: float = 0.2
-    seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    window: int = 9
+    samples: dict[tuple[str, int], deque] = field(default_factory=dict)
 
     def observe(self, kind: str, batch: int, seconds: float) -> None:
-        key = (kind, batch)
-        old = self.seconds.get(key)
-        self.seconds[key] = seconds if old is None else old + self.weight * (seconds - old)
+        self.samples.setdefault((kind, batch), deque(maxlen=self.window)).append(seconds)
+
+    def set(self, kind: str, batch: int, seconds: float) -> None:
+        """Forget what was measured of this kind at this batch size: it costs `seconds` now."""
+        self.samples[(kind, batch)] = deque([seconds], maxlen=self.window)
 
     def get(self, kind: str, batch: int) -> float | None:
-        return self.seconds.get((kind, batch))
+        recent = self.samples.get((kind, batch))
+        return statistics.median(recent) if recent else None
 
 
 @dataclass(frozen=True)
@@ -75,25 +86,31 @@ def round_plan_k(rows: Sequence[SpeculatingRow], k: int) -> list[int]:
     return [row.pinned or min(k, row.cap) for row in rows]
 
 
-def choose_k(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
-             draft_step_s: float) -> int:
-    """The k offered to the adaptive rows this round (0: plain decoding for them) that maximises
-    expected tokens per second over the whole batch. `plain_rows` are running rows without a draft
-    (one token either way). Ties go to the smaller k."""
-    best_k, best_rate = 0, -1.0
+def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
+          draft_step_s: float) -> list[float]:
+    """Expected tokens per second of the whole batch when the adaptive rows are offered k = 0, 1, ...
+    up to the largest cap. `plain_rows` are running rows without a draft (one token either way)."""
+    out = []
     for k in range(0, max((row.cap for row in rows), default=0) + 1):
         ks = round_plan_k(rows, k)
         tokens = plain_rows + sum(expected_tokens(row.acceptance, rk) for row, rk in zip(rows, ks))
         longest = max(ks, default=0)
         if longest:
-            width = max(row.pending for row, rk in zip(rows, ks) if rk)
-            cost = verify_s + (width + longest - 1) * draft_step_s
+            lag = max(row.pending for row, rk in zip(rows, ks) if rk) - 1
+            cost = verify_s + (longest + lag / CATCH_UP_ROUNDS) * draft_step_s
         else:
             cost = decode_s
-        rate = tokens / max(cost, 1e-9)
-        if rate > best_rate * (1.0 + 1e-9):
-            best_k, best_rate = k, rate
-    return best_k
+        out.append(tokens / max(cost, 1e-9))
+    return out
+
+
+def choose_k(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
+             draft_step_s: float) -> int:
+    """The k offered to the adaptive rows this round (0: plain decoding for them) that maximises
+    expected tokens per second over the whole batch (see `rates`). Ties go to the smaller k."""
+    by_k = rates(rows, plain_rows, decode_s, verify_s, draft_step_s)
+    best = max(by_k)
+    return next(k for k, rate in enumerate(by_k) if rate >= best * (1.0 - 1e-9))
 
 
 def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float | None, cap: int) -> int | None:
@@ -106,4 +123,5 @@ def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float 
     return None
 
 
-__all__ = ["CallCosts", "SpeculatingRow", "acceptance_estimate", "choose_k", "expected_tokens", "explore", "round_plan_k"]
+__all__ = ["CATCH_UP_ROUNDS", "CallCosts", "SpeculatingRow", "acceptance_estimate", "choose_k", "expected_tokens",
+           "explore", "rates", "round_plan_k"]

@@ -40,7 +40,7 @@ import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
 from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, VERIFY_CALL, CallCosts, SpeculatingRow,
-                                         acceptance_estimate, choose_k, explore)
+                                         acceptance_estimate, explore, rates)
 from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import (DECODE, VERIFY, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
@@ -236,7 +236,11 @@ class DecodeBatch:
     kind of call per batch bucket, and the pair's running per-token acceptance.
     """
 
-    EXPLORE_EVERY = 100  # adaptive rounds between two runs of the choice not taken (its cost drifts)
+    # The option not taken (plain decoding, or speculating) is run once more after this many adaptive
+    # rounds when its expected rate is within this share of the chosen one: its costs drift with the
+    # machine's load, and a stale estimate must not lock the batch into one option.
+    RECHECK_ROUNDS = 20
+    RECHECK_SHARE = 0.7
 
     def __init__(self, target: DecoderEndpoint) -> None:
         self.target = target
@@ -247,6 +251,7 @@ class DecodeBatch:
         self.costs = CallCosts()
         self.acceptance = 0.6  # the prior of a new sequence's acceptance; follows the pair's measured rate
         self._adaptive_rounds = 0
+        self._last_taken: dict[tuple[bool, int], int] = {}  # (speculated?, batch bucket) -> adaptive round
 
     # -- sessions ---------------------------------------------------------------------------
     @property
@@ -448,10 +453,14 @@ class DecodeBatch:
         if k is None:
             rows = [SpeculatingRow(acceptance_estimate(s.stats.accepted, s.trials, self.acceptance),
                                    0 if s.adaptive else s.k, s.k, len(s.sequence) - s.draft_cached) for s in drafted]
-            k = choose_k(rows, len(running) - len(drafted), decode_s, verify_s, step_s)
+            by_k = rates(rows, len(running) - len(drafted), decode_s, verify_s, step_s)
+            k = max(range(len(by_k)), key=lambda j: (by_k[j], -j))
+            other = max(range(1, len(by_k)), key=lambda j: (by_k[j], -j)) if k == 0 else 0
             self._adaptive_rounds += 1
-            if self._adaptive_rounds % self.EXPLORE_EVERY == 0:  # re-measure the choice not taken
-                k = 0 if k else min(2, cap)
+            last = self._last_taken.get((other > 0, target_batch), 0)
+            if self._adaptive_rounds - last >= self.RECHECK_ROUNDS and by_k[other] >= self.RECHECK_SHARE * by_k[k]:
+                k = other
+        self._last_taken[(k > 0, target_batch)] = self._adaptive_rounds
         for row in adaptive:
             row.round_k = min(k, row.k)
 

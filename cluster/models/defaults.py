@@ -88,9 +88,11 @@ def build_decoder(source: Path, folder: Path, tp_degree: int, layout: dict, toke
 
 
 def ensure_decoders(root: Path | None = None, target_tp: int = 2) -> dict[str, Path]:
-    """The shipped target/draft pair, traced for generation (empty if the pair is not in this checkout)."""
+    """The shipped target/draft pair, traced for generation, the draft also fused into the target
+    (empty if the pair is not in this checkout)."""
     from cluster.models.pair import draft_path, pair_path, target_path
     from cluster.trace.artifact import read_manifest
+    from cluster.trace.fused import DRAFT_FOLDER, fuse_draft
 
     if not (target_path() / "config.json").is_file():
         return {}
@@ -106,6 +108,11 @@ def ensure_decoders(root: Path | None = None, target_tp: int = 2) -> dict[str, P
         if not ok:
             build_decoder(source, folder, tp, layout, pair_path(), name)
         folders[name] = folder
+    # the target also holds the draft whole on each of its ranks: Generate with draft_model="pair-draft"
+    # speculates in one call to the target's ranks (cluster.trace.fused)
+    fused = folders["pair-target"] / DRAFT_FOLDER / "manifest.json"
+    if not fused.is_file() or fused.read_bytes() != (folders["pair-draft"] / "manifest.json").read_bytes():
+        fuse_draft(folders["pair-target"], folders["pair-draft"])
     return folders
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cluster.generation.adaptive import (CallCosts, SpeculatingRow, acceptance_estimate, choose_k, expected_tokens,
-                                         explore, round_plan_k)
+from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, choose_k,
+                                         expected_tokens, explore, rates, round_plan_k)
 from cluster.generation.engine import DecodeBatch, DecoderEndpoint, GenerationRequest
 from cluster.generation.layout import DecoderLayout
 from cluster.generation.sampling import make_generator
@@ -44,21 +44,22 @@ def test_the_choice_is_the_best_rate_among_all_k():
     def rate(k):
         ks = round_plan_k(rows, k)
         tokens = sum(expected_tokens(r.acceptance, rk) for r, rk in zip(rows, ks))
-        return tokens / (verify_s + (max(ks) * step_s) if max(ks) else decode_s)
+        return tokens / (verify_s + max(ks) * step_s if max(ks) else decode_s)
 
     best = choose_k(rows, 0, decode_s, verify_s, step_s)
     assert rate(best) == max(rate(k) for k in range(7))
     assert round_plan_k(rows, 5) == [5, 3]
 
 
-def test_pinned_rows_keep_their_k_and_a_lagging_draft_costs_its_catch_up():
+def test_pinned_rows_keep_their_k_and_a_lagging_draft_costs_its_catch_up_spread_over_rounds():
     rows = [SpeculatingRow(acceptance=0.5, pinned=4, cap=4), SpeculatingRow(acceptance=0.9, pinned=0, cap=6)]
     assert round_plan_k(rows, 0) == [4, 0]
-    fresh = [SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=1)]
-    lagging = [SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=40)]
     costs = dict(decode_s=10e-3, verify_s=11e-3, draft_step_s=1e-3)
-    assert choose_k(fresh, 0, **costs) > 0
-    assert choose_k(lagging, 0, **costs) == 0
+    fresh = rates([SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=1)], 0, **costs)
+    lagging = rates([SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=1 + CATCH_UP_ROUNDS)], 0, **costs)
+    assert fresh[0] == lagging[0] == 1 / 10e-3
+    assert lagging[4] == pytest.approx(expected_tokens(0.8, 4) / (11e-3 + (4 + 1) * 1e-3))  # one step's catch-up
+    assert choose_k([SpeculatingRow(acceptance=0.8, pinned=0, cap=4, pending=200)], 0, **costs) == 0
 
 
 def test_unmeasured_costs_are_measured_first_and_averages_move():
@@ -66,10 +67,13 @@ def test_unmeasured_costs_are_measured_first_and_averages_move():
     assert explore(None, 1.0, 1.0, cap=6) == 0
     assert explore(1.0, 1.0, None, cap=1) == 1
     assert explore(1.0, 1.0, 1.0, cap=6) is None
-    costs = CallCosts(weight=0.5)
-    costs.observe("decode", 4, 2.0)
-    costs.observe("decode", 4, 4.0)
-    assert costs.get("decode", 4) == 3.0 and costs.get("decode", 1) is None
+    costs = CallCosts(window=3)
+    for seconds in (2.0, 90.0, 4.0):  # one call slowed by the machine does not move the estimate far
+        costs.observe("decode", 4, seconds)
+    assert costs.get("decode", 4) == 4.0 and costs.get("decode", 1) is None
+    costs.observe("decode", 4, 3.0)
+    costs.observe("decode", 4, 3.0)  # only the last three count
+    assert costs.get("decode", 4) == 3.0
 
 
 def _batch(verify_tokens=5):
@@ -96,7 +100,7 @@ def test_the_batch_picks_each_rounds_k_from_its_measured_costs():
     batch.acceptance = 0.9
     batch._choose_round_k()
     assert [r.round_k for r in rows] == [4, 2]
-    batch.costs.seconds[("draft_step", 4)] = 50e-3  # the draft became expensive...
+    batch.costs.set("draft_step", 4, 50e-3)  # the draft became expensive...
     batch._choose_round_k()
     assert [r.round_k for r in rows] == [2, 2]  # ...but the pinned row pays for two draft steps anyway
     batch.close(2)
