@@ -5,7 +5,8 @@ Sections (pick with --only): core (eager vs ParallelModel TP=1/2, trace time), s
 [128, 512] vs one 512 bucket), trace_once (trace time at TP 1/2/4, once vs per rank), decoder
 (the shipped pair, ours vs transformers), step (a decode step's breakdown at TP 1/2, and decode
 tok/s over transformers' generate), gateway, generate, batch and soak (through a gateway), fronts
-(one Embed call through tpcluster.v1, the Open Inference Protocol and the OpenAI HTTP API).
+(one Embed call through tpcluster.v1, the Open Inference Protocol and the OpenAI HTTP API), compile
+(first and second start of a checkpoint through the compile cache).
 
 Importing this package imports neither torch nor the cluster; each section does when it runs.
 """
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from actors.bench import fronts, sections, serving, step
+from actors.bench import compile_cache, fronts, sections, serving, step
 from actors.bench.inputs import SENTENCES
 from actors.bench.measure import machine
 from actors.bench.report import chart, summary
@@ -28,7 +29,7 @@ SECTIONS = {
     "trace_once": sections.bench_trace_once, "decoder": sections.bench_decoder, "step": step.bench_step,
     "gateway": serving.bench_gateway,
     "generate": serving.bench_generate, "batch": serving.bench_batch, "soak": serving.bench_soak,
-    "fronts": fronts.bench_fronts,
+    "fronts": fronts.bench_fronts, "compile": compile_cache.bench_compile,
 }
 
 
