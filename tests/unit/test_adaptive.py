@@ -151,3 +151,24 @@ def test_sampling_stays_lossless_when_each_rounds_k_follows_the_history():
     emitted = torch.tensor([row[:length] for row in out])
     for position in range(length):
         check_matches(emitted[:, position], p, tolerance=0.012)
+
+
+def test_the_option_not_taken_is_run_again_when_it_comes_close():
+    batch, draft = _batch()
+    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
+    row = next(iter(batch.slots.values()))
+    row.started, row.cached, row.draft_cached = True, 2, 2
+    batch.acceptance = 0.2  # a draft that rarely agrees: speculating is a little slower than decoding
+    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 2e-3)):
+        batch.costs.observe(kind, 1, seconds)
+    picked = []
+    for _ in range(2 * batch.RECHECK_ROUNDS):
+        batch._choose_round_k()
+        picked.append(row.round_k)
+    assert picked.count(0) >= len(picked) - 2 and any(picked)  # plain decoding, and speculation re-measured
+    batch.costs.set("draft_step", 1, 50e-3)  # far slower: never re-run
+    picked = []
+    for _ in range(2 * batch.RECHECK_ROUNDS):
+        batch._choose_round_k()
+        picked.append(row.round_k)
+    assert not any(picked)
