@@ -124,7 +124,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append")
     parser.add_argument("--draft", help="draft model for speculative decoding")
-    parser.add_argument("--k", type=int, default=0, help="tokens the draft proposes per step (0: the server's default, 4)")
+    parser.add_argument("--k", type=int, default=0, help="tokens the draft proposes per step (0: the server's default, adaptive: each step picks k from measured acceptance and cost)")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
