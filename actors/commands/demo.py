@@ -34,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
             labels = client.classify(pairs, model="minilm-paraphrase")
             generations = {}
             if "pair-target" in {m.name for m in models}:
-                for label, draft in (("target only", ""), ("speculative, draft pair-draft, k=4", "pair-draft")):
+                runs = (("target only", "", 0), ("speculative, draft pair-draft fused into the target, k=4", "pair-draft", 4),
+                        ("speculative, fused draft, adaptive k", "pair-draft", 0))
+                for label, draft, k in runs:
                     generations[label] = client.generate("The for statement is used to", model="pair-target", max_new_tokens=40,
-                                                         draft_model=draft, speculation_length=4 if draft else 0)
+                                                         draft_model=draft, speculation_length=k)
             status = client.status()
     finally:
         served.close()

@@ -22,6 +22,9 @@ class GatewayMetrics:
                                       ["model"], registry=self.registry)
         self.draft_accepted = Counter("tpcluster_draft_tokens_accepted_total", "Speculative draft tokens accepted",
                                       ["model"], registry=self.registry)
+        self.carried_on = Counter("tpcluster_generations_carried_on_total",
+                                  "Generate streams that lost their replica and went on on another", ["model"],
+                                  registry=self.registry)
         self.ready = Gauge("tpcluster_model_ready", "1 when the model has a ready replica", ["model"], registry=self.registry)
 
     def serve(self, host: str, port: int):

@@ -10,12 +10,19 @@ per-token path.
 
 A speculating request borrows a replica of its draft model for the scheduler's batch (the draft's
 cache rows mirror the target's slots), so the draft replica serves no generations of its own until
-the last speculating sequence leaves.
+the last speculating sequence leaves; a draft fused into the target needs no borrowing.
+
+A replica lost mid-generation costs its streams nothing when another replica is ready: each of its
+generations goes on there (`Generation.carried_on`: the prompt plus the tokens already streamed,
+prefilled, then the same rounds), so the client's stream continues without a gap, with the same
+greedy tokens, and a seeded sampled one with the same tokens too (each round's random draws come
+from the sequence's seed and length, cluster.generation.engine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import uuid
@@ -43,6 +50,19 @@ class Generation:
     request: Any  # cluster.generation.engine.GenerationRequest
     draft: Any = None  # the draft's ServedModel; its name (a str) when the draft is fused into the target
 
+    def carried_on(self, max_prompt: int) -> Any:
+        """The request that continues this generation on another replica (its prompt and the tokens
+        already streamed, `resumed`), or None when it cannot: several rows, a prompt that would not
+        fit the prefill, or nothing left to generate."""
+        request = self.request
+        if self.cancelled or len(request.prompts) != 1:
+            return None
+        prompt = tuple(request.prompts[0]) + tuple(self.emitted)
+        resumed = request.resumed + len(self.emitted)
+        if len(prompt) > max_prompt or resumed >= request.max_new_tokens:
+            return None
+        return dataclasses.replace(request, prompts=(prompt,), resumed=resumed)
+
     @property
     def borrows_draft(self) -> bool:
         """Whether it speculates with a draft replica borrowed from another model."""
@@ -50,6 +70,8 @@ class Generation:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
     session: int | None = None
     cancelled: bool = False
+    emitted: list[int] = field(default_factory=list)  # tokens handed to `out` since `request` was made
+    scheduler: Any = None  # the ReplicaScheduler it is queued on or runs on (it moves when its replica is lost)
 
 
 class ReplicaScheduler:
@@ -82,6 +104,7 @@ class ReplicaScheduler:
         return bool(self.active or self.closing or self.closes_sent or self.admitted)
 
     def submit(self, generation: Generation) -> None:
+        generation.scheduler = self
         self.waiting.append(generation)
         self.wake()
 
@@ -151,10 +174,33 @@ class ReplicaScheduler:
             return
         error = ModelUnavailable(f"model {self.model.name!r} replica {self.replica.index} lost the generation "
                                  "(the replica was rebuilt); retry")
-        for generation in self.active.values():
+        for generation in self._carry_on(list(self.active.values())):
             generation.out.put_nowait(error)
         self.active.clear()
         self.closes_sent.clear()
+
+    def _carry_on(self, generations: list[Generation]) -> list[Generation]:
+        """Send the generations this replica lost to a ready replica, each from where its stream is
+        (see `Generation.carried_on`); returns those that cannot go on."""
+        if not any(s.replica.ready for s in self.model.schedulers):
+            return generations
+        left = []
+        for generation in generations:
+            request = generation.carried_on(self.model.max_length)
+            if request is None:
+                left.append(generation)
+                continue
+            generation.request, generation.session, generation.emitted = request, None, []
+            try:
+                self.model.route(generation)
+            except ClusterError:  # no replica after all: `route` handed the generation the error
+                continue
+            self.model.carried_on += 1
+            if self.model.metrics is not None:
+                self.model.metrics.carried_on.labels(self.model.name).inc()
+            log.info("model %s replica %d: a generation goes on on another replica after %d streamed token(s)",
+                     self.model.name, self.replica.index, request.resumed)
+        return left
 
     async def _sleep(self, timeout: float | None) -> None:
         self._wake.clear()
@@ -244,6 +290,7 @@ class ReplicaScheduler:
         for session, step in result.steps.items():
             generation = self.active.get(session)
             if generation is not None:
+                generation.emitted.extend(step.tokens[0])
                 generation.out.put_nowait(step)
         for session, summary in result.summaries.items():
             generation = self.active.pop(session, None) or self.closes_sent.pop(session, None)
@@ -265,8 +312,11 @@ class ReplicaScheduler:
         else:
             error = ClusterError(f"{where}: generation failed: {exc}")
             error.__cause__ = exc
-        log.warning("%s: %d generation(s) failed: %s", where, len(self.active) + len(opened), str(error).splitlines()[0])
-        for generation in [*self.active.values(), *opened]:
+        lost = [*self.active.values(), *opened]
+        failed = self._carry_on(lost) if isinstance(error, ModelUnavailable) else lost
+        if failed:
+            log.warning("%s: %d generation(s) failed: %s", where, len(failed), str(error).splitlines()[0])
+        for generation in failed:
             generation.out.put_nowait(error)
         self.active.clear()
         self.closing.clear()

@@ -70,6 +70,7 @@ class ServedModel:
         self.infer_batcher = DynamicBatcher(name, self._run_infer_batch, batching, concurrency, on_batch=self.record_batch)
         self.max_queue = batching.max_queue
         self.schedulers: list[ReplicaScheduler] = []
+        self.carried_on = 0  # Generate streams moved to another replica when theirs was lost
         if spec.task == "generate":  # continuous batching: one scheduler per replica's KV cache
             slots = max(layout.get("batch_buckets", [1]))
             slots = min(slots, batching.max_sequences) if batching.max_sequences else slots
@@ -288,7 +289,7 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         generation = Generation(sampling.request(ids, self.tokenizer.eos_token_id), draft)
-        scheduler = self.route(generation)
+        self.route(generation)
         started = loop.time()
         text = TextStream(self.tokenizer, sampling.stop)
         reason, first, summary = "", None, None
@@ -311,7 +312,7 @@ class ServedModel:
                 yield event
         finally:
             if summary is None:
-                scheduler.cancel(generation)
+                generation.scheduler.cancel(generation)  # where it runs now: it may have moved replicas
         if reason == "stop" and summary is None:  # the slot is freed at the next round, with the counts
             summary = await _summary_after_stop(generation, min(5.0, max(0.0, deadline - loop.time())))
         stats = GenerationStats.measure(

@@ -10,7 +10,10 @@ token or, when some of them speculate, run one draft/verify round. A new request
 at the next round and a finished one leaves without waiting for the others: continuous batching.
 
 Every sequence keeps its own sampling parameters and random generator, so what a seeded request
-generates does not depend on what else shares the batch. A round is one round trip per model: the
+generates does not depend on what else shares the batch. The generator is drawn afresh each
+round from the sequence's seed and its length (`position_generator`), so a sequence carried on
+elsewhere (`GenerationRequest.resumed`: another replica prefills the prompt plus what was already
+generated) continues the same random stream. A round is one round trip per model: the
 draft proposes k tokens in one `decode_loop` call on its ranks, the target verifies them in one
 `verify` forward. Rolling back rejected tokens is free, because what a query may attend to is
 decided by the lengths kept here, not by the cache contents.
@@ -76,7 +79,9 @@ class GenerationRequest:
     A sequence finishes at eos_token_id (kept), at max_new_tokens, or when its generated tokens
     end with one of stop_sequences (dropped: neither kept nor handed out, see `_Sequence.emit`).
     speculation_length is the draft's proposals per round when the request comes with a draft; 0:
-    adaptive (each round picks, up to the target's largest k).
+    adaptive (each round picks, up to the target's largest k). resumed: the last `resumed` tokens of
+    every prompt were generated (by a replica that was lost): they count toward max_new_tokens and
+    stop sequences, and sampling goes on from where they left it.
     """
 
     prompts: tuple[tuple[int, ...], ...]
@@ -85,6 +90,7 @@ class GenerationRequest:
     eos_token_id: int | None = None
     speculation_length: int = DEFAULTS.speculation_length
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    resumed: int = 0
 
 
 @dataclass
@@ -113,6 +119,11 @@ class SessionSummary:
         return [seq[n:] for seq, n in zip(self.sequences, self.prompt_lengths)]
 
 
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of a sequence's round starting at `position`: a function of the two only."""
+    return make_generator((seed * 6364136223846793005 + (position + 1) * 1442695040888963407) % 2**63)
+
+
 def stop_matched(sequence: Sequence[int], start: int, stops: Sequence[Sequence[int]]) -> int:
     """The length of the first of `stops` that sequence[start:] ends with; 0 when none does."""
     for stop in stops:
@@ -130,7 +141,7 @@ class _Sequence:
     prompt_length: int
     request: GenerationRequest
     k: int  # draft proposals per round (adaptive: the most a round may ask); 0: no speculation
-    generator: torch.Generator
+    seed: int  # with the sequence's length, what seeds each round's generator
     adaptive: bool = False  # each round picks its k, up to `k`
     round_k: int = 0  # this round's proposals
     trials: int = 0  # accepted proposals plus each round's first rejection: the acceptance estimate's base
@@ -141,11 +152,17 @@ class _Sequence:
     finish: str = ""
     outbox: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    generator: torch.Generator | None = None  # this round's (`new_round`)
+
+    def new_round(self) -> None:
+        """Draw this round's generator from the seed and the sequence's length."""
+        self.generator = position_generator(self.seed, len(self.sequence))
 
     def state(self) -> RowState:
         k = self.round_k if self.started else self.k  # a new row's draft is prefilled whatever the round picks
-        return RowState(self.slot, tuple(self.sequence), k, self.started, bool(self.finish), self.cached,
-                        self.draft_cached)
+        # a resumed row is prefilled up to its last token, which the next round feeds, as it would have
+        tokens = self.sequence[:-1] if self.request.resumed and not self.started else self.sequence
+        return RowState(self.slot, tuple(tokens), k, self.started, bool(self.finish), self.cached, self.draft_cached)
 
     def advance(self, tokens: list[int], target: int, draft: int = 0) -> None:
         """Take one round's result: `target` / `draft` more of the sequence's tokens are now in each
@@ -183,7 +200,8 @@ class _Sequence:
             return int(logits.argmax())
         return int(sample(probabilities(logits[None].float(), params), self.generator)[0])
 
-    def seed(self) -> int:
+    def draft_seed(self) -> int:
+        """A seed for the draft's sampling this round, from this round's generator."""
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
 
@@ -195,6 +213,9 @@ def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: Decode
         raise InputError("every prompt needs at least one token; send non-empty prompts")
     if request.max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+    if not 0 <= request.resumed < min(map(len, prompts)) or request.resumed >= request.max_new_tokens:
+        raise InputError(f"resumed={request.resumed}: the generated tokens a prompt ends with must leave a prompt "
+                         "token and fewer than max_new_tokens")
     if any(not stop or any(not isinstance(t, int) or t < 0 for t in stop) for stop in request.stop_sequences):
         raise InputError("stop sequences must be non-empty sequences of token ids")
     longest = max(map(len, prompts))
@@ -218,7 +239,7 @@ def _validate(request: GenerationRequest, target: DecoderEndpoint, draft: Decode
             raise InputError(f"speculation_length must be 1..{target.layout.verify_tokens - 1} (or 0: adaptive) for "
                              f"{target.name!r} (its verification bucket holds {target.layout.verify_tokens} tokens), got {k}")
     room = min(target.layout.scratch, draft.layout.scratch if draft else target.layout.scratch)
-    if longest + request.max_new_tokens + k + 1 > room:
+    if longest + request.max_new_tokens - request.resumed + k + 1 > room:
         raise InputError(f"prompt ({longest}) + max_new_tokens ({request.max_new_tokens}) does not fit the KV cache "
                          f"({room - k - 1} tokens); lower max_new_tokens")
     return k, adaptive
@@ -282,8 +303,8 @@ class DecodeBatch:
         generator = make_generator(request.sampling.seed)
         members = []
         for slot, prompt in zip(free, request.prompts):
-            row_generator = make_generator(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            member = _Sequence(slot, session, list(prompt), len(prompt), request, k, row_generator, adaptive)
+            row_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            member = _Sequence(slot, session, list(prompt), len(prompt) - request.resumed, request, k, row_seed, adaptive)
             self.slots[slot] = member
             members.append(member)
         self.sessions[session] = members
@@ -326,6 +347,8 @@ class DecodeBatch:
     # -- rounds: plan, execute, update ------------------------------------------------------
     def step(self) -> None:
         """One round for every live sequence; new tokens go to each sequence's outbox."""
+        for row in self.slots.values():
+            row.new_round()
         self._choose_round_k()
         plan = plan_round([s.state() for s in self.slots.values()])
         if plan.step == VERIFY:
@@ -345,7 +368,9 @@ class DecodeBatch:
                 self._lose_draft(exc)
         for slot in plan.prefill:
             row = self.slots[slot]
-            row.advance([row.pick(logits[slot])], target=row.prompt_length, draft=row.prompt_length if row.k else 0)
+            fed = len(plan.prompts[slot])
+            # a resumed row emits nothing here: its next round starts where the lost replica's would have
+            row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=fed, draft=fed if row.k else 0)
 
     def _decode_round(self, plan: RoundPlan) -> None:
         logits = self._target_step(DECODE, plan.target.tokens, plan.target.starts)[:, 0]
@@ -365,7 +390,7 @@ class DecodeBatch:
         # 1. Propose: the draft samples k_max tokens per speculating row, in one call to its ranks.
         sampling, seeds = [SamplingParams()] * plan.draft.width, [0] * plan.draft.width
         for row in drafted:
-            sampling[row.slot], seeds[row.slot] = row.request.sampling, row.seed()
+            sampling[row.slot], seeds[row.slot] = row.request.sampling, row.draft_seed()
         draft_plan = DraftPlan(plan.draft.tokens, plan.draft.starts, plan.k_max, self.draft.layout, tuple(sampling),
                                tuple(seeds), want_probs=any(not row.request.sampling.greedy for row in drafted))
         steps = len(plan.draft.tokens[0]) + plan.k_max - 1

@@ -121,10 +121,9 @@ def test_a_stopped_row_finishes_while_its_neighbours_go_on(pair):
 
 def test_sequence_emit_finishes_on_stop_then_eos_then_length():
     from cluster.generation.engine import GenerationRequest, _Sequence
-    from cluster.generation.sampling import make_generator
 
     def row(**kw):
-        return _Sequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, make_generator(0))
+        return _Sequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, 0)
 
     seq = row(max_new_tokens=5, stop_sequences=((2, 7),))
     seq.emit([7])  # the stop may not reach into the prompt
@@ -328,3 +327,31 @@ def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, l
     else:  # lost at the prefill: never proposed anything, every decode round target-only
         assert losing.calls == {"decode_loop": 0, "forward_bucket": 1} and stats.proposed == 0
         assert stats.target_only_steps == 2 * 13
+
+
+def test_a_resumed_sequence_continues_the_same_random_stream(pair):
+    """A sequence carried on elsewhere (its prompt plus what it had generated, `resumed`) generates what it
+    would have: each round's generator comes from the sequence's seed and length."""
+    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.sampling import SamplingParams
+
+    _, target, draft, _ = pair
+    coordinator = target.coordinator
+
+    def run(request, draft_model=None):
+        """The generated tokens, and where each step's tokens ended (a stream hands tokens over by steps)."""
+        session = coordinator.generate_open(request, draft_model)
+        ends = []
+        while not (step := coordinator.generate_step(session)).done:
+            ends.append(ends[-1] + len(step.tokens[0]) if ends else len(step.tokens[0]))
+        return coordinator.generate_close(session).generated[0], ends
+
+    for k, with_draft in ((0, None), (2, draft.coordinator)):
+        sampling = SamplingParams(temperature=0.9, seed=21)
+        whole, ends = run(GenerationRequest((tuple(PROMPTS[0]),), 20, sampling, speculation_length=k), with_draft)
+        for cut in (ends[0], ends[len(ends) // 2]):
+            prompt = tuple(PROMPTS[0]) + tuple(whole[:cut])
+            resumed = GenerationRequest((prompt,), 20, sampling, speculation_length=k, resumed=cut)
+            assert run(resumed, with_draft)[0] == whole, (k, cut)
+    with pytest.raises(InputError, match="resumed=20"):
+        run(GenerationRequest((tuple(PROMPTS[0]) + tuple(whole),), 20, resumed=20))
