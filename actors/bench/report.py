@@ -59,7 +59,23 @@ def summary(results: dict[str, Any]) -> str:
                      f"second start {c['second_start_s']:.1f} s (load {c['second']['load_s']:.1f} s of {c['graphs']} graphs; "
                      f"x{c['second_over_first']:.2f} of the first; goal <= x0.3: "
                      f"{'met' if c['within_goal'] else 'missed'}); same tokens: {'yes' if c['same_tokens'] else 'NO'}")
+    if "failover" in results:
+        parts.append(failover_summary(results["failover"]))
     return "; ".join(parts)
+
+
+def failover_summary(f: dict[str, Any]) -> str:
+    """The failover section in one clause: load, kills and rebuilds, failures, streams, p99s, memory."""
+    failures = ", ".join(f"{code} {n}" for code, n in f["failures_by_status"].items()) or "none"
+    rebuilds = f["rebuild_s"]
+    rebuilt = f", rebuilt in {min(rebuilds):.0f}-{max(rebuilds):.0f} s" if rebuilds else ""
+    p99 = "/".join(f"{f['latency_ms'][rpc]['p99_ms']:.0f}" for rpc in ("embed", "classify", "generate") if rpc in f["latency_ms"])
+    growth = f["memory_growth_mb"]
+    return (f"failover {f['seconds'] / 60:.1f} min, {f['kills_done']} rank kills ({f['rebuilds_observed']} rebuilds{rebuilt}): "
+            f"{f['requests']} requests, {f['failed']} failed ({failures}); {f['streams_mismatching']} of "
+            f"{f['streams_compared']} greedy streams differ ({f['tokens_lost']} lost, {f['tokens_duplicated']} duplicated, "
+            f"{f['tokens_changed']} changed tokens); p99 embed/classify/generate {p99} ms; memory growth gateway "
+            f"{growth['gateway_process']:+.0f} MB, ranks {growth['ranks_total']:+.0f} MB")
 
 
 def chart(results: dict[str, Any], path: str) -> None:

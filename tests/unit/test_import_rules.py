@@ -23,6 +23,7 @@ ACTORS_USING_THE_CLIENT = {
     "actors/bench/serving.py": {"clients.client", "clients.soak"},
     "actors/bench/step.py": {"clients.client"},
     "actors/bench/fronts.py": {"clients.client"},
+    "actors/bench/failover.py": {"clients.client", "clients.errors"},
 }
 
 
