@@ -34,6 +34,7 @@ from typing import Sequence
 DECODE_CALL = "decode"
 VERIFY_CALL = "verify"
 DRAFT_STEP = "draft_step"
+ROUND_OVERHEAD = "round_overhead"  # a round's time outside its model calls (planning, sampling, handing tokens over)
 CATCH_UP_ROUNDS = 8  # rounds a lagging draft's catch-up is spread over
 
 
@@ -46,6 +47,10 @@ class CallCosts:
 
     def observe(self, kind: str, batch: int, seconds: float) -> None:
         self.samples.setdefault((kind, batch), deque(maxlen=self.window)).append(seconds)
+
+    def forget(self, kind: str, batch: int) -> None:
+        """Drop what was measured of this kind at this batch size (the next call measures it afresh)."""
+        self.samples.pop((kind, batch), None)
 
     def set(self, kind: str, batch: int, seconds: float) -> None:
         """Forget what was measured of this kind at this batch size: it costs `seconds` now."""
@@ -87,9 +92,10 @@ def round_plan_k(rows: Sequence[SpeculatingRow], k: int) -> list[int]:
 
 
 def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
-          draft_step_s: float) -> list[float]:
+          draft_step_s: float, overhead_s: float = 0.0) -> list[float]:
     """Expected tokens per second of the whole batch when the adaptive rows are offered k = 0, 1, ...
-    up to the largest cap. `plain_rows` are running rows without a draft (one token either way)."""
+    up to the largest cap. `plain_rows` are running rows without a draft (one token either way);
+    `overhead_s` is what every round costs besides its model calls."""
     out = []
     for k in range(0, max((row.cap for row in rows), default=0) + 1):
         ks = round_plan_k(rows, k)
@@ -100,15 +106,15 @@ def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, veri
             cost = verify_s + (longest + lag / CATCH_UP_ROUNDS) * draft_step_s
         else:
             cost = decode_s
-        out.append(tokens / max(cost, 1e-9))
+        out.append(tokens / max(cost + overhead_s, 1e-9))
     return out
 
 
 def choose_k(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
-             draft_step_s: float) -> int:
+             draft_step_s: float, overhead_s: float = 0.0) -> int:
     """The k offered to the adaptive rows this round (0: plain decoding for them) that maximises
     expected tokens per second over the whole batch (see `rates`). Ties go to the smaller k."""
-    by_k = rates(rows, plain_rows, decode_s, verify_s, draft_step_s)
+    by_k = rates(rows, plain_rows, decode_s, verify_s, draft_step_s, overhead_s)
     best = max(by_k)
     return next(k for k, rate in enumerate(by_k) if rate >= best * (1.0 - 1e-9))
 
@@ -123,5 +129,5 @@ def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float 
     return None
 
 
-__all__ = ["CATCH_UP_ROUNDS", "CallCosts", "SpeculatingRow", "acceptance_estimate", "choose_k", "expected_tokens",
+__all__ = ["CATCH_UP_ROUNDS", "ROUND_OVERHEAD", "CallCosts", "SpeculatingRow", "acceptance_estimate", "choose_k", "expected_tokens",
            "explore", "rates", "round_plan_k"]

@@ -42,8 +42,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
-from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, VERIFY_CALL, CallCosts, SpeculatingRow,
-                                         acceptance_estimate, explore, rates)
+from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
+                                         SpeculatingRow, acceptance_estimate, explore, rates)
 from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import (DECODE, VERIFY, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
@@ -273,6 +273,8 @@ class DecodeBatch:
         self.acceptance = 0.6  # the prior of a new sequence's acceptance; follows the pair's measured rate
         self._adaptive_rounds = 0
         self._last_taken: dict[tuple[bool, int], int] = {}  # (speculated?, batch bucket) -> adaptive round
+        self._last_step: tuple[float, float] | None = None  # (when the last step began, seconds in its model calls)
+        self._calls_s = 0.0  # seconds in model calls during this step
 
     # -- sessions ---------------------------------------------------------------------------
     @property
@@ -347,6 +349,7 @@ class DecodeBatch:
     # -- rounds: plan, execute, update ------------------------------------------------------
     def step(self) -> None:
         """One round for every live sequence; new tokens go to each sequence's outbox."""
+        self._time_round()
         for row in self.slots.values():
             row.new_round()
         self._choose_round_k()
@@ -400,6 +403,7 @@ class DecodeBatch:
             started = time.perf_counter()
             try:
                 proposals, q = self._on_draft(self.draft.decode_loop, draft_plan)
+                self._called(time.perf_counter() - started)
                 self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width),
                                    (time.perf_counter() - started) / steps)
             except DraftUnavailable as exc:
@@ -438,9 +442,24 @@ class DecodeBatch:
         n = 1 if kind == DECODE else self.target.layout.verify_tokens
         started = time.perf_counter()
         logits = self.target.forward_bucket(bucket, inputs)[0]
+        self._called(time.perf_counter() - started)
         self.costs.observe(DECODE_CALL if kind == DECODE else VERIFY_CALL, self.target.layout.batch_bucket(len(tokens)),
                            time.perf_counter() - started)
         return logits[:, :n].float()
+
+    def _time_round(self) -> None:
+        """Measure what the last round cost outside its model calls (when rounds run back to back)."""
+        now = time.perf_counter()
+        if self._last_step is not None:
+            began, calls = self._last_step
+            if now - began < 1.0:  # back to back; a longer gap was idle time
+                self.costs.observe(ROUND_OVERHEAD, 0, max(0.0, now - began - calls))
+        self._last_step, self._calls_s = (now, 0.0), 0.0
+
+    def _called(self, seconds: float) -> None:
+        self._calls_s += seconds
+        if self._last_step is not None:
+            self._last_step = (self._last_step[0], self._calls_s)
 
     def _fused_round(self, plan: RoundPlan, draft_plan: DraftPlan, steps: int) -> tuple[Any, Any, torch.Tensor]:
         """Proposals, draft probabilities and the target's verify logits from one call to the
@@ -452,6 +471,7 @@ class DecodeBatch:
         proposals, q, logits, draft_s = self.target.speculate(FusedRound(
             draft_plan, plan.target.tokens, plan.target.starts, tuple(ks), self.target.layout))
         elapsed = time.perf_counter() - started
+        self._called(elapsed)
         self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width), draft_s / steps)
         self.costs.observe(VERIFY_CALL, self.target.layout.batch_bucket(len(plan.target.tokens)), max(0.0, elapsed - draft_s))
         return proposals, q, logits.float()
@@ -478,13 +498,17 @@ class DecodeBatch:
         if k is None:
             rows = [SpeculatingRow(acceptance_estimate(s.stats.accepted, s.trials, self.acceptance),
                                    0 if s.adaptive else s.k, s.k, len(s.sequence) - s.draft_cached) for s in drafted]
-            by_k = rates(rows, len(running) - len(drafted), decode_s, verify_s, step_s)
+            by_k = rates(rows, len(running) - len(drafted), decode_s, verify_s, step_s,
+                         self.costs.get(ROUND_OVERHEAD, 0) or 0.0)
             k = max(range(len(by_k)), key=lambda j: (by_k[j], -j))
             other = max(range(1, len(by_k)), key=lambda j: (by_k[j], -j)) if k == 0 else 0
             self._adaptive_rounds += 1
             last = self._last_taken.get((other > 0, target_batch), 0)
             if self._adaptive_rounds - last >= self.RECHECK_ROUNDS and by_k[other] >= self.RECHECK_SHARE * by_k[k]:
-                k = other
+                k = other  # and what it costs is measured afresh: the old samples are as stale as the choice
+                for kind, batch in ([(VERIFY_CALL, target_batch), (DRAFT_STEP, draft_batch)] if k
+                                    else [(DECODE_CALL, target_batch)]):
+                    self.costs.forget(kind, batch)
         self._last_taken[(k > 0, target_batch)] = self._adaptive_rounds
         for row in adaptive:
             row.round_k = min(k, row.k)

@@ -159,16 +159,29 @@ def test_the_option_not_taken_is_run_again_when_it_comes_close():
     row = next(iter(batch.slots.values()))
     row.started, row.cached, row.draft_cached = True, 2, 2
     batch.acceptance = 0.2  # a draft that rarely agrees: speculating is a little slower than decoding
-    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 2e-3)):
-        batch.costs.observe(kind, 1, seconds)
-    picked = []
-    for _ in range(2 * batch.RECHECK_ROUNDS):
-        batch._choose_round_k()
-        picked.append(row.round_k)
+    costs = {"decode": 10e-3, "verify": 11e-3, "draft_step": 2e-3}
+
+    def rounds(n):
+        """n rounds, each measuring the calls it would make, as DecodeBatch.step does."""
+        picked = []
+        for _ in range(n):
+            batch._choose_round_k()
+            picked.append(row.round_k)
+            for kind in ("verify", "draft_step") if row.round_k else ("decode",):
+                batch.costs.observe(kind, 1, costs[kind])
+        return picked
+
+    rounds(1)
+    picked = rounds(2 * batch.RECHECK_ROUNDS)
     assert picked.count(0) >= len(picked) - 2 and any(picked)  # plain decoding, and speculation re-measured
-    batch.costs.set("draft_step", 1, 50e-3)  # far slower: never re-run
-    picked = []
-    for _ in range(2 * batch.RECHECK_ROUNDS):
-        batch._choose_round_k()
-        picked.append(row.round_k)
-    assert not any(picked)
+    costs["draft_step"] = 50e-3  # far slower: once measured, never re-run
+    rounds(batch.RECHECK_ROUNDS + 1)
+    assert not any(rounds(2 * batch.RECHECK_ROUNDS))
+
+
+def test_a_rounds_fixed_overhead_favours_fewer_longer_rounds():
+    rows = [SpeculatingRow(acceptance=0.55, pinned=0, cap=6)]
+    costs = dict(decode_s=8.7e-3, verify_s=10.3e-3, draft_step_s=4e-3)
+    assert choose_k(rows, 0, **costs) == 0
+    assert choose_k(rows, 0, **costs, overhead_s=8e-3) > 0  # every round pays it: tokens per round count more
+    assert rates(rows, 0, **costs, overhead_s=8e-3)[0] == pytest.approx(1 / 16.7e-3)
