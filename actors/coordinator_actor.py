@@ -44,11 +44,18 @@ class CoordinatorActor:
         with self._creating:
             if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
                 wait = self._config.placement_timeout_s
-                first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip)
+                first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip,
+                                     on_lost=self._rank_lost)
                 # a rebuild goes wherever the cores are: the first node may be the one that was lost
-                factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name)  # noqa: E731
+                factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name,  # noqa: E731
+                                               on_lost=self._rank_lost)
                 self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
             return self._coordinator
+
+    def _rank_lost(self, group: RayRankGroup, exc: Exception) -> None:
+        coordinator = self._coordinator
+        if coordinator is not None:
+            coordinator.rank_lost(group, exc)
 
     def call(self, method: str, *args: Any) -> Any:
         coordinator = self._ensure()
@@ -59,6 +66,14 @@ class CoordinatorActor:
                         resync: bool) -> Iterator[GenerationRound]:
         """A round stream (cluster.generation.rounds): each round is yielded as soon as it is made."""
         yield from self._ensure().generate_rounds(stream, opens, closes, sessions, resync)
+
+    def watch_health(self, version: int, wait_s: float) -> tuple[int, str | None]:
+        """Coordinator.watch_health, beside the serving calls (it takes no lock): a gateway's long poll."""
+        coordinator = self._coordinator
+        if coordinator is None:  # nothing loaded yet: nothing to watch
+            time.sleep(min(wait_s, 1.0))
+            return 0, "the replica holds no model yet"
+        return coordinator.watch_health(version, wait_s)
 
     def identity(self) -> dict[str, Any]:
         """What a gateway or batch job checks before it adopts this resident replica."""
@@ -193,6 +208,21 @@ class RemoteCoordinator:
     def health(self) -> list[int]:
         return self._call("health", timeout=self.config.health_timeout_s)
 
+    def watch_health(self, version: int, wait_s: float) -> tuple[int, str | None]:
+        """(version, why not serving or None) once it differs from `version`, else after wait_s."""
+        if self._actor is None:
+            raise ClusterError("this model was closed; load it again")
+        ref = self._actor.watch_health.remote(version, wait_s)
+        try:
+            return ray.get(ref, timeout=wait_s + self.config.health_timeout_s)
+        except GetTimeoutError as exc:
+            raise ClusterTimeout(f"coordinator watch_health did not answer within {wait_s:.0f} s") from exc
+        except (RayTaskError, RayActorError) as exc:
+            raise translate(exc, "watch_health") from exc
+
+    def rebuild_phases(self) -> dict[str, float]:
+        return self._call("rebuild_phases", timeout=self.config.health_timeout_s)
+
     def close(self) -> None:
         if self._actor is None:
             return
@@ -244,8 +274,17 @@ class AsyncRemoteCoordinator(AsyncCalls):
                                                                                        resync)
         return _AsyncRounds(rounds, timeout)
 
+    async def watch_health(self, version: int, wait_s: float, *, timeout: float) -> tuple[int, str | None]:
+        """RemoteCoordinator.watch_health, awaited: the pool's long poll of one replica."""
+        if self._remote._actor is None:
+            raise ClusterError("this model was closed; load it again")
+        return await self._wait(self._remote._actor.watch_health.remote(version, wait_s), "watch_health", timeout)
+
     async def _call(self, method: str, *args: Any, timeout: float) -> Any:
-        ref = self._remote._submit(method, args)
+        return await self._wait(self._remote._submit(method, args), method, timeout)
+
+    @staticmethod
+    async def _wait(ref: Any, method: str, timeout: float) -> Any:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         except asyncio.TimeoutError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,8 @@ from cluster.rank import RankWorker
 
 #: the rank calls on every generated token, sent through a Ray Compiled Graph (actors.rank_group)
 SERVING_METHODS = ("forward", "decode_loop", "draft_forward", "draft_decode_loop", "speculate")
+#: the compiled graph's first execution, run when it is compiled (actors.step_graph)
+WARM_UP = "warm-up"
 
 
 def to_wire(value: Any) -> Any:
@@ -28,10 +31,19 @@ def from_wire(value: Any) -> Any:
     return tree_map(lambda x: torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x, value)
 
 
-@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1)
+# Rank calls run one at a time (the default group); `watch` has a thread of its own, and the
+# compiled graph runs on Ray's system group.
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1, concurrency_groups={"watch": 1})
 class RankActor:
     def __init__(self, rank: int, world_size: int) -> None:
         self._worker = RankWorker(rank, world_size, node=ray.util.get_node_ip_address())
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> int:
+        """Never answers while the rank lives: its owner learns of the process's death from this
+        call failing, the moment Ray sees it, without a call or poll of its own (RayRankGroup)."""
+        threading.Event().wait()
+        return self._worker.rank
 
     def call(self, method: str, *args: Any) -> Any:
         return to_wire(getattr(self._worker, method)(*from_wire(args)))
@@ -39,6 +51,8 @@ class RankActor:
     def serve(self, request: tuple[str, tuple]) -> Any:
         """A per-step call (forward, decode_loop) arriving through the replica's compiled graph."""
         method, args = request
+        if method == WARM_UP:
+            return self._worker.ping()
         if method not in SERVING_METHODS:
             raise ValueError(f"{method} is not a per-step rank call")
         return to_wire(getattr(self._worker, method)(*from_wire(args)))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError, RayTaskError
@@ -30,8 +31,11 @@ _INLINE_BYTES = 1 << 16  # arguments up to this size travel inside the call; lar
 
 class RayRankGroup(RankGroup):
     def __init__(self, world_size: int, placement_timeout_s: float, name: str | None = None,
-                 node_ip: str | None = None) -> None:
+                 node_ip: str | None = None, on_lost: Callable[["RayRankGroup", RankFailure], None] | None = None) -> None:
+        """`on_lost(group, failure)` is called, from a thread of its own, as soon as a rank's process
+        dies (not at the next call to it); never after `close`."""
         self.world_size = world_size
+        self._closed = False
         largest, total = neuron_core_capacity()
         if largest < world_size:
             raise CapacityError(
@@ -61,6 +65,19 @@ class RayRankGroup(RankGroup):
         ]
         self._steps: StepGraph | None = None  # compiled once the ranks hold their shards
         self._pids: list[int] = []
+        if on_lost is not None:
+            watches = [actor.watch.remote() for actor in self._actors]
+            threading.Thread(target=self._watch, args=(watches, on_lost), name="rank-watch", daemon=True).start()
+
+    def _watch(self, watches: list, on_lost: Callable[["RayRankGroup", RankFailure], None]) -> None:
+        """Wait for the first rank's `watch` call to end: it ends only when the rank's process dies."""
+        try:
+            ready, _ = ray.wait(watches, num_returns=1, timeout=None)
+        except Exception:  # noqa: BLE001 - Ray itself is going away: nothing to report to
+            return
+        if not self._closed and ready:
+            rank = watches.index(ready[0])
+            on_lost(self, RankFailure(rank, f"rank {rank}'s process died"))
 
     def form_group(self, timeout: float, threads: int) -> None:
         host, port = self._get([self._actors[0].rendezvous.remote()], [0], "rendezvous", timeout)[0]
@@ -158,6 +175,7 @@ class RayRankGroup(RankGroup):
             steps.close(timeout=5.0)
 
     def close(self) -> None:
+        self._closed = True
         self._drop_steps()
         for actor in self._actors:
             ray.kill(actor, no_restart=True)

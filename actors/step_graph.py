@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import ray
 
-from actors.rank_actor import from_wire, to_wire
+from actors.rank_actor import WARM_UP, from_wire, to_wire
 
 
 class StepGraph:
@@ -31,6 +31,10 @@ class StepGraph:
         with InputNode() as request:
             dag = MultiOutputNode([actor.serve.bind(request) for actor in actors])
         self._graph = dag.experimental_compile(_submit_timeout=submit_timeout_s)
+        # Executed once now, so every channel has its reader and writer registered: Ray 2.60 kills the
+        # owning process (a failed CHECK in MutableObjectProvider::RegisterReaderChannel) when a graph
+        # that never ran is torn down after one of its actors died (seen: an idle replica losing a rank).
+        self.run(WARM_UP, (), submit_timeout_s)
 
     def run(self, method: str, args: tuple, timeout: float) -> list[Any]:
         """Every rank's answer, in rank order; raises what the ranks raised, or Ray's errors for a lost one."""

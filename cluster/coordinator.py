@@ -84,9 +84,13 @@ class Coordinator:
         self._spec: TraceSpec | None = None
         self._started = False
         self._factory = rank_group_factory
-        self._payload: tuple | None = None  # (graphs, weights) the ranks were loaded from
+        self._payload: tuple | None = None  # (graphs, weights, draft) the ranks were loaded from
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
+        self._failing = threading.Lock()  # a serving call and the rank watch may both see a loss
+        self._health = threading.Condition()  # notified on every change of `_broken` (watch_health)
+        self._health_version = 0
+        self._rebuild_phases: dict[str, float] = {}
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
         self._draft_buckets: list[Signature] = []  # a fused draft's bucket signatures
         self.rebuilds = 0
@@ -173,32 +177,73 @@ class Coordinator:
             self._fail(exc)
             raise RankFailure(exc.rank, f"{exc.message}; the replica is rebuilding") from exc
 
+    def rank_lost(self, ranks: RankGroup, exc: Exception) -> None:
+        """A rank of `ranks` died, seen by the group's own watch rather than a call: the replica breaks
+        (and starts its rebuild) at once, even while idle. A group already replaced is ignored."""
+        if ranks is self.ranks:
+            self._fail(exc)
+
     def _fail(self, exc: Exception) -> None:
-        self._broken = str(exc).split("\n", 1)[0]
-        self._batch = None  # the caches are gone with the ranks
-        if self._factory is not None and self._payload is not None and self._rebuilding is None:
-            self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
-            self._rebuilding.start()
+        with self._failing:
+            if self._broken is None:
+                self._set_broken(str(exc).split("\n", 1)[0])
+            self._batch = None  # the caches are gone with the ranks
+            if self._factory is not None and self._payload is not None and self._rebuilding is None:
+                self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
+                self._rebuilding.start()
+
+    def _set_broken(self, reason: str | None) -> None:
+        with self._health:
+            self._broken = reason
+            self._health_version += 1
+            self._health.notify_all()
+
+    def watch_health(self, version: int, wait_s: float) -> tuple[int, str | None]:
+        """(version, why the replica is not serving or None) as soon as the version differs from
+        `version`, else after `wait_s`: a watcher learns of a loss and of the replica's return the
+        moment they happen (-1: the current state at once)."""
+        with self._health:
+            self._health.wait_for(lambda: self._health_version != version, timeout=wait_s)
+            return self._health_version, self._broken
 
     def _rebuild(self) -> None:
         delays = self.config.rebuild_backoff.delays()
         while True:
+            phases, mark = {}, time.perf_counter()
+
+            def phase(name: str) -> None:
+                nonlocal mark
+                now = time.perf_counter()
+                phases[name] = round(now - mark, 3)
+                mark = now
+
             try:
                 self.ranks.close()
+                phase("close")
                 self.ranks = self._factory()
+                phase("placement")
                 self.ranks.form_group(self.config.rendezvous_timeout_s, self._threads())
+                phase("rendezvous")
                 graphs, weights, draft = self._payload
                 self.ranks.load(self.state.backend, graphs, weights, self._threads(), self.state.io_aliases,
                                 self.config.trace_timeout_s)
+                phase("load")
                 if draft is not None:
                     self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s)
+                    phase("draft")
                 self.rebuilds += 1
-                self._broken = None
-                break
+                self._rebuild_phases = phases
+                with self._failing:  # a loss from now on starts a new rebuild
+                    self._rebuilding = None
+                    self._set_broken(None)
+                return
             except Exception as exc:  # keep trying: capacity may come back
-                self._broken = f"rebuild failed: {str(exc).splitlines()[0]}"
+                self._set_broken(f"rebuild failed: {str(exc).splitlines()[0]}")
                 time.sleep(next(delays))
-        self._rebuilding = None
+
+    def rebuild_phases(self) -> dict[str, float]:
+        """Seconds in each step of the last completed rebuild (close, placement, rendezvous, load, draft)."""
+        return dict(self._rebuild_phases)
 
     def _set_kernel(self, kernel: bytes | None) -> None:
         self._kernel = torch.jit.load(io.BytesIO(kernel)) if kernel else None

@@ -331,7 +331,9 @@ class RankWorker:
         return RankExport(blobs, self._weights)
 
     def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int,
-             aliases: dict[str, int] | None = None) -> None:
+             aliases: dict[str, int] | None = None) -> float:
+        """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took."""
+        started = time.perf_counter()
         if threads > 0:
             torch.set_num_threads(threads)
             self._threads = threads
@@ -343,6 +345,7 @@ class RankWorker:
         self._blobs = list(graphs)
         for bucket, blob in enumerate(graphs):
             self._set_graph(bucket, self._backend.load(blob, f"rank {self.rank} bucket {bucket} graph"))
+        return time.perf_counter() - started
 
     def load_draft(self, graphs: list[bytes], weights: dict[str, torch.Tensor] | None,
                    aliases: dict[str, int] | None = None) -> None:

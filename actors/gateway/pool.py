@@ -2,9 +2,10 @@
 and health. The data path (actors.gateway.served) asks it for a replica and reports losses; it
 never decides where a request goes or how a replica comes back.
 
-A lost rank is rebuilt by the replica's own coordinator (it reports ready again to the health
-check); a lost coordinator (its ranks die with it) is recreated here from the saved model, under
-the same name when resident, with `CoordinatorConfig.rebuild_backoff` between attempts.
+A lost rank is rebuilt by the replica's own coordinator, which pushes its health (lost,
+rebuilding, ready) to a long poll the pool keeps on it (`watch`); a lost coordinator (its ranks
+die with it) is recreated here from the saved model, under the same name when resident, with
+`CoordinatorConfig.rebuild_backoff` between attempts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from cluster.trace import artifact
 
 log = logging.getLogger("tpcluster.gateway")
 T = TypeVar("T")
+WATCH_WAIT_S = 30.0  # a replica's health long poll returns at a change, else after this
+WATCH_RETRY_S = 0.5  # after a failed long poll
 
 
 def first_line(exc: BaseException) -> str:
@@ -57,6 +60,8 @@ class ReplicaPool:
         self.resident = resident  # replicas are named and detached: recreated under the same name
         self.config: CoordinatorConfig = replicas[0].coordinator.config
         self.info: CoordinatorInfo = replicas[0].coordinator.info()
+        self._on_change: Callable[[], None] | None = None
+        self._watchers: list[asyncio.Task] = []
 
     @classmethod
     def load(cls, model: str, folder: Path, count: int, resident: bool) -> "ReplicaPool":
@@ -144,7 +149,9 @@ class ReplicaPool:
     def lost(self, replica: Replica, exc: BaseException) -> None:
         if replica.ready:
             log.warning("model %s replica %d lost: %s", self.model, replica.index, first_line(exc))
-        replica.ready, replica.error = False, first_line(exc)
+            replica.ready = False
+            self._changed()
+        replica.error = first_line(exc)
         if isinstance(exc, CoordinatorLost) and replica.recreating is None and self.folder is not None:
             replica.recreating = asyncio.get_running_loop().create_task(self._recreate(replica))
 
@@ -158,9 +165,8 @@ class ReplicaPool:
                 try:
                     replica.coordinator = await loop.run_in_executor(
                         None, lambda: launch_replica(self.folder, self.config, name=name))
-                    replica.ready, replica.error = True, ""
-                    replica.recoveries += 1
-                    log.warning("model %s replica %d recreated", self.model, replica.index)
+                    replica.error = ""
+                    self._back(replica, "recreated")
                     return
                 except Exception as exc:  # capacity may come back: keep trying
                     replica.error = f"recreating: {first_line(exc)}"
@@ -175,10 +181,8 @@ class ReplicaPool:
                 continue
             try:
                 await replica.coordinator.aio.health(timeout=self.config.health_timeout_s)
-                if not replica.ready:
-                    replica.recoveries += 1  # the coordinator rebuilt its ranks
-                    log.warning("model %s replica %d ready again", self.model, replica.index)
-                replica.ready, replica.error = True, ""
+                replica.error = ""
+                self._back(replica, "ready again")  # the coordinator rebuilt its ranks
             except (ModelUnavailable, RankFailure) as exc:
                 self.lost(replica, exc)
             except ClusterTimeout:  # busy (a long generation step), not lost: a failure shows as an error
@@ -186,6 +190,54 @@ class ReplicaPool:
             except Exception as exc:  # any other failure: do not route requests here
                 replica.ready, replica.error = False, first_line(exc)
         return self.ready
+
+    def _back(self, replica: Replica, how: str) -> None:
+        if not replica.ready:
+            replica.ready = True
+            replica.recoveries += 1
+            log.warning("model %s replica %d %s", self.model, replica.index, how)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    # -- pushed health ----------------------------------------------------------------------
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Follow each replica's health as its coordinator reports it: a loss, a rebuild's end and a
+        lost coordinator are seen the moment they happen (one long poll per replica, no polling
+        interval); `on_change()` is called whenever the model's readiness may have changed. Runs
+        in the running event loop until `close`."""
+        self._on_change = on_change
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._watch(replica)) for replica in self.replicas]
+
+    async def _watch(self, replica: Replica) -> None:
+        version, watched = -1, None
+        while True:
+            if replica.recreating is not None:
+                await asyncio.wait({replica.recreating})
+            if replica.coordinator is not watched:
+                version, watched = -1, replica.coordinator
+            try:
+                version, broken = await watched.aio.watch_health(
+                    version, WATCH_WAIT_S, timeout=WATCH_WAIT_S + self.config.health_timeout_s)
+            except ClusterTimeout:  # a busy coordinator: ask again
+                continue
+            except CoordinatorLost as exc:
+                if replica.coordinator is watched:
+                    self.lost(replica, exc)  # starts its recreation
+                await asyncio.sleep(WATCH_RETRY_S)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the watch must outlive any one failure
+                log.info("model %s replica %d: health watch failed (%s)", self.model, replica.index, first_line(exc))
+                await asyncio.sleep(WATCH_RETRY_S)
+                continue
+            if broken is None:
+                replica.error = ""
+                self._back(replica, "ready again")
+            else:
+                self.lost(replica, ModelUnavailable(broken))
 
     async def describe(self, replica: Replica) -> tuple[list[dict[str, Any]], int]:
         """(ranks, coordinator pid) of a ready replica, for status; ([], 0) when it does not answer."""
@@ -201,6 +253,9 @@ class ReplicaPool:
 
     async def close(self, release: bool = True) -> None:
         """Stop recreating; `release` also unloads the replicas (resident ones otherwise stay loaded)."""
+        for watcher in self._watchers:
+            watcher.cancel()
+        self._watchers, self._on_change = [], None
         for replica in self.replicas:
             if replica.recreating is not None:
                 replica.recreating.cancel()

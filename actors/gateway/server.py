@@ -189,6 +189,7 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
         self._health_task: asyncio.Task | None = None
+        self._publishing: set[asyncio.Task] = set()  # health publications under way (kept referenced)
         self.servicer = InferenceServicer(self.registry, self.metrics, config.default_deadline_s)
         self.oip = OpenInferenceServicer(self.registry, self.metrics, config.default_deadline_s)
 
@@ -222,6 +223,8 @@ class Gateway:
         if self.config.metrics_port:
             self._metrics_server = self.metrics.serve(self.config.host, self.config.metrics_port)
         await self._refresh_health()
+        for model in self.registry.models.values():  # changes pushed by the replicas, as they happen
+            model.pool.watch(self._health_changed)
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         log.info(json.dumps({"event": "serving", "address": f"{self.config.host}:{self.port}",
                              "models": sorted(self.registry.models), "tls": self.config.tls_cert is not None,
@@ -229,16 +232,30 @@ class Gateway:
         return self.port
 
     async def _refresh_health(self) -> None:
+        for model in self.registry.models.values():
+            await model.pool.check_health()
+            self.metrics.queue_depth.labels(model.name).set(model.queue_depth)
+        await self._publish_health()
+
+    def _health_changed(self) -> None:
+        """A pool saw a replica lost or back: publish at once (Health.Watch streams see it now)."""
+        task = asyncio.get_running_loop().create_task(self._publish_health())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish_health(self) -> None:
+        """Each model's readiness as its pool knows it now, and the server's (any model ready)."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         any_ready = False
         for name, model in self.registry.models.items():
-            ready = await model.pool.check_health()
+            ready = model.pool.ready
             any_ready |= ready
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(name, serving if ready else not_serving)
             self.metrics.ready.labels(name).set(1 if ready else 0)
-            self.metrics.queue_depth.labels(name).set(model.queue_depth)
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING if any_ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", serving if any_ready else not_serving)
 
     async def _health_loop(self) -> None:
+        """A backstop behind the pushed changes: asks every replica's ranks every health_interval_s."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             try:
