@@ -181,9 +181,9 @@ class ReplicaScheduler:
 
     def _carry_on(self, generations: list[Generation]) -> list[Generation]:
         """Send the generations this replica lost to a ready replica, each from where its stream is
-        (see `Generation.carried_on`); returns those that cannot go on."""
-        if not any(s.replica.ready for s in self.model.schedulers):
-            return generations
+        (see `Generation.carried_on`); with none ready, they wait here for this replica's rebuild
+        (bounded by their deadlines). Returns those that cannot go on."""
+        elsewhere = any(s.replica.ready for s in self.model.schedulers)
         left = []
         for generation in generations:
             request = generation.carried_on(self.model.max_length)
@@ -191,15 +191,18 @@ class ReplicaScheduler:
                 left.append(generation)
                 continue
             generation.request, generation.session, generation.emitted = request, None, []
+            self.model.carried_on += 1
+            if self.model.metrics is not None:
+                self.model.metrics.carried_on.labels(self.model.name).inc()
+            log.info("model %s replica %d: a generation goes on %s after %d streamed token(s)", self.model.name,
+                     self.replica.index, "on another replica" if elsewhere else "once it is rebuilt", request.resumed)
+            if not elsewhere:
+                self.submit(generation)  # admitted once the replica is back (the pool wakes this scheduler)
+                continue
             try:
                 self.model.route(generation)
             except ClusterError:  # no replica after all: `route` handed the generation the error
                 continue
-            self.model.carried_on += 1
-            if self.model.metrics is not None:
-                self.model.metrics.carried_on.labels(self.model.name).inc()
-            log.info("model %s replica %d: a generation goes on on another replica after %d streamed token(s)",
-                     self.model.name, self.replica.index, request.resumed)
         return left
 
     async def _sleep(self, timeout: float | None) -> None:
@@ -324,10 +327,11 @@ class ReplicaScheduler:
         self.admitted.clear()
         self._resync = True
         self._release_draft()
-        if not self.replica.ready:  # waiting requests go to another replica, or learn there is none
-            waiting, self.waiting = list(self.waiting), deque()
+        if not self.replica.ready and any(s.replica.ready for s in self.model.schedulers):
+            waiting, self.waiting = list(self.waiting), deque()  # they go to another replica
             for generation in waiting:
                 self.model.route(generation)
+        # with no replica ready they wait here for the rebuild, each up to its deadline
 
 
 def _ignore_failure(task: asyncio.Future) -> None:

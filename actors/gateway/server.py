@@ -238,7 +238,12 @@ class Gateway:
         await self._publish_health()
 
     def _health_changed(self) -> None:
-        """A pool saw a replica lost or back: publish at once (Health.Watch streams see it now)."""
+        """A pool saw a replica lost or back: publish at once (Health.Watch streams see it now), and
+        wake the Generate schedulers holding requests that wait for a replica."""
+        for model in self.registry.models.values():
+            for scheduler in model.schedulers:
+                if scheduler.waiting:
+                    scheduler.wake()
         task = asyncio.get_running_loop().create_task(self._publish_health())
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)

@@ -3,7 +3,8 @@
 The stream goes on on the other replica with no gap (the tokens of an undisturbed run, greedy and
 seeded sampling), the other replica serves throughout, the lost replica rebuilds (or is recreated)
 and the model then answers correctly again; no rank is left holding a core.
-A rank of an idle replica killed: health is pushed (NOT_SERVING, then SERVING) with no poll.
+A rank of an idle replica killed: health is pushed (NOT_SERVING, then SERVING) with no poll; with
+no other replica, a running stream waits for the rebuild and goes on there.
 """
 
 import os
@@ -122,5 +123,16 @@ def test_idle_rank_loss_is_pushed_to_health_watchers(served, folder):
             # diagnostics only (no timing asserts in pass/fail tests)
             print(f"\nidle rank kill: NOT_SERVING after {lost - killed:.3f} s, SERVING again after "
                   f"{back - killed:.1f} s; rebuild phases {phases}")
+
+            # the only replica loses a rank mid-stream: the stream waits for the rebuild and goes on there
+            undisturbed = client.generate(PROMPT, model="model", max_new_tokens=230).token_ids
+            victim = client.status().models[0].replicas[0].ranks[0].pid
+            stream = client.generate_stream(PROMPT, model="model", max_new_tokens=230)
+            ids = [next(stream).token.id]
+            os.kill(victim, signal.SIGKILL)
+            ids += [event.token.id for event in stream if event.HasField("token")]
+            assert ids == undisturbed
+            assert client.status().models[0].replicas[0].recoveries == 2
+            assert gateway.models["model"].carried_on == 1  # it was cut, and went on after the rebuild
     finally:
         gateway.close()
