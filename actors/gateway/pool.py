@@ -253,9 +253,11 @@ class ReplicaPool:
 
     async def close(self, release: bool = True) -> None:
         """Stop recreating; `release` also unloads the replicas (resident ones otherwise stay loaded)."""
-        for watcher in self._watchers:
+        watchers, self._watchers, self._on_change = self._watchers, [], None
+        for watcher in watchers:
             watcher.cancel()
-        self._watchers, self._on_change = [], None
+        if watchers:  # let them finish cancelling before the loop may close
+            await asyncio.wait(watchers, timeout=WATCH_RETRY_S)
         for replica in self.replicas:
             if replica.recreating is not None:
                 replica.recreating.cancel()
