@@ -416,25 +416,33 @@ class DecodeBatch:
             for row in drafted:
                 fed[row.slot] += proposals[row.slot, : row.round_k].tolist()
             logits = self._target_step(VERIFY, fed, plan.target.starts)
+        # greedy rows verify against the target's argmax, taken once for the whole batch
+        choices = logits.argmax(-1).tolist() if any(row.request.sampling.greedy for row in rows) else []
+        proposed_ids = proposals.tolist()
         for row in rows:
             k = row.round_k
             if not k:
                 row.advance([row.pick(logits[row.slot, 0])], target=1)
                 continue
-            # 3. Accept a prefix of the proposals with min(1, p/q); resample at the first rejection.
-            params, proposed = row.request.sampling, proposals[row.slot : row.slot + 1, :k]
-            p = probabilities(logits[row.slot : row.slot + 1, : k + 1], params)
-            if params.greedy or q is None:  # greedy verification looks at the target only
-                q_row = torch.nn.functional.one_hot(proposed, p.shape[-1]).float()
+            # 3. Accept a prefix of the proposals: greedy, those equal to the target's argmax, then its
+            # choice there (`verify_draft`'s greedy rule, on plain lists); sampled, with min(1, p/q)
+            # and a resample at the first rejection.
+            params = row.request.sampling
+            if params.greedy:
+                target, mine = choices[row.slot], proposed_ids[row.slot][:k]
+                a = next((i for i in range(k) if mine[i] != target[i]), k)
+                emitted = mine[:a] + [target[a]]
             else:
-                q_row = q[row.slot : row.slot + 1, :k]
-            out, accepted = verify_draft(proposed, q_row, p, row.generator, params.greedy)
-            a = int(accepted[0])
+                proposed = proposals[row.slot : row.slot + 1, :k]
+                p = probabilities(logits[row.slot : row.slot + 1, : k + 1], params)
+                q_row = q[row.slot : row.slot + 1, :k] if q is not None else torch.nn.functional.one_hot(proposed, p.shape[-1]).float()
+                out, accepted = verify_draft(proposed, q_row, p, row.generator, greedy=False)
+                a = int(accepted[0])
+                emitted = out[0, : a + 1].tolist()
             # 4. Update: the target keeps the fed token and the accepted proposals, the draft what it fed of them.
             row.stats.add(k, a)
             self._accepted(row, a, k)
-            row.advance(out[0, : a + 1].tolist(), target=1 + a,
-                        draft=draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max))
+            row.advance(emitted, target=1 + a, draft=draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max))
 
     def _target_step(self, kind: str, tokens: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
         """The target's logits [B, n, V] (float) for a decode or verify step."""
