@@ -125,6 +125,9 @@ class RayRankGroup(RankGroup):
     def decode_loop(self, plan: Any, timeout: float) -> Any:
         return self._serve("decode_loop", (plan,), timeout)
 
+    def decode_steps(self, plan: Any, timeout: float) -> Any:
+        return self._serve("decode_steps", (plan,), timeout)
+
     def draft_forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
         return self._serve("draft_forward", (bucket, inputs), timeout)
 

@@ -6,6 +6,7 @@ hosts it in a Ray actor for the cluster. Only inputs and rank 0's outputs pass t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -18,6 +19,7 @@ import torch
 from cluster.backoff import Backoff
 from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
+from cluster.generation.ngram import NGRAM_DRAFT
 from cluster.generation.rounds import RoundStreams
 from cluster.handle import AsyncOverThreads, CoordinatorInfo, GenerationRound
 from cluster.rank_group import RankGroup
@@ -270,6 +272,10 @@ class Coordinator:
     def decode_loop(self, plan: Any) -> Any:  # a cluster.generation.plan.DraftPlan
         return self._serving(lambda: self.ranks.decode_loop(plan, self.config.call_timeout_s))
 
+    def decode_steps(self, plan: Any) -> Any:  # a cluster.generation.plan.DecodeSteps
+        """Several decode steps in one call to the ranks: multi-step decoding of plain rows."""
+        return self._serving(lambda: self.ranks.decode_steps(plan, self.config.call_timeout_s))
+
     def draft_forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
         """forward_bucket on the fused draft every rank holds."""
         if not 0 <= bucket < len(self._draft_buckets):
@@ -295,7 +301,7 @@ class Coordinator:
             raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
         return DecoderEndpoint(self.forward_bucket, self.decode_loop, DecoderLayout.from_json(decoder["layout"]),
                                int(decoder["vocab_size"]), decoder.get("name", "model"), key=f"local-{id(self)}",
-                               speculate=self.speculate)
+                               speculate=self.speculate, decode_steps=self.decode_steps)
 
     def _decode_batch(self) -> Any:
         from cluster.generation.engine import DecodeBatch
@@ -311,6 +317,8 @@ class Coordinator:
         from cluster.generation.engine import DecoderEndpoint
         from cluster.generation.layout import DecoderLayout
 
+        if draft == NGRAM_DRAFT:
+            return self._ngram_endpoint()
         if isinstance(draft, str):
             return self._fused_endpoint(draft)
         key = getattr(draft, "group_name", "") or f"local-{id(draft)}"
@@ -324,6 +332,15 @@ class Coordinator:
             raise InputError("draft and target were traced with different tokenizers: they must share one")
         return DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
                                int(info["vocab_size"]), info.get("name", "draft"), key=key)
+
+    def _ngram_endpoint(self) -> Any:
+        """Proposals by n-gram lookup (cluster.generation.ngram): no draft model, the target's own calls."""
+        target = self._decode_batch().target
+        batch = self._batch
+        if batch.draft is not None and batch.draft.ngram:
+            return batch.draft
+        return dataclasses.replace(target, name=NGRAM_DRAFT, key=f"ngram-{id(self)}", speculate=None, decode_steps=None,
+                                   ngram=True)
 
     def _fused_endpoint(self, name: str) -> Any:
         """The draft fused into this model, asked for by its name."""

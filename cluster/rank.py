@@ -31,7 +31,7 @@ from cluster.trace.backends import Backend, get_backend
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DraftPlan, FusedRound
+    from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
 
 
 @dataclass
@@ -264,6 +264,38 @@ class RankWorker:
         (tokens [B, steps], probs [B, steps, V] or None); the other ranks None.
         """
         out = self._decode_loop(plan, draft=False)
+        return out if self.rank == 0 else None
+
+    def decode_steps(self, plan: DecodeSteps) -> Any:
+        """Several decode steps of the target in one call (multi-step decoding): the contract is in
+        `cluster.generation.plan.DecodeSteps`. Every rank samples the same tokens from the same
+        logits and generators; rank 0 returns the tokens [B, steps] (-1 past each row's last)."""
+        from cluster.generation.layout import step_inputs
+        from cluster.generation.sampling import position_generator, probabilities, sample
+
+        rows = len(plan.tokens)
+        feed, starts = list(plan.tokens), list(plan.starts)
+        made = [[] for _ in range(rows)]
+        for step in range(plan.steps):
+            bucket, inputs = step_inputs(plan.layout, "decode", [[t] for t in feed], starts)
+            logits = self._run(bucket, inputs)[0][:rows, 0]
+            live = [r for r in range(rows) if feed[r] >= 0]
+            greedy = logits.argmax(-1).tolist() if any(plan.sampling[r].greedy for r in live) else []
+            starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
+            for r in live:
+                params = plan.sampling[r]
+                if params.greedy:
+                    token = greedy[r]
+                else:
+                    generator = position_generator(plan.seeds[r], plan.lengths[r] + step)
+                    token = int(sample(probabilities(logits[r : r + 1].float(), params), generator)[0])
+                made[r].append(token)
+                done = len(made[r]) >= plan.budgets[r] or token == plan.eos_ids[r]
+                feed[r] = -1 if done else token
+            if all(t < 0 for t in feed):
+                break
+        width = max(map(len, made))
+        out = torch.tensor([m + [-1] * (width - len(m)) for m in made], dtype=torch.int64)
         return out if self.rank == 0 else None
 
     def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:

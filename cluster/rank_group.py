@@ -22,7 +22,7 @@ from cluster.rank import RankExport, RankWorker
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DraftPlan, FusedRound
+    from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
 
 
 def rank_exception(rank: int, exc: BaseException, remote_traceback: str) -> ClusterError:
@@ -92,6 +92,10 @@ class RankGroup(ABC):
     def decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
         """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
         return self._same("decode_loop", timeout, plan)[0]
+
+    def decode_steps(self, plan: DecodeSteps, timeout: float) -> Any:
+        """Several target decode steps in one call (see cluster.generation.plan.DecodeSteps); rank 0's answer."""
+        return self._same("decode_steps", timeout, plan)[0]
 
     def load_draft(self, graphs: list[bytes], weights: dict | None, aliases: dict[str, int], timeout: float) -> None:
         """The same whole (TP=1) draft onto every rank, beside its shard (fused speculation)."""

@@ -155,6 +155,7 @@ LAUNCHER = DEPLOY / "aws" / "cluster.yaml"
 KUBERAY = DEPLOY / "kuberay" / "raycluster.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 README = DEPLOY / "README.md"
+NEURON_CONSTRAINTS = DEPLOY / "neuron-constraints.txt"
 
 # NeuronCores per instance type (Inferentia2: 2 per chip; Trainium: 2 per chip).
 NEURON_CORES = {"inf2.xlarge": 2, "inf2.24xlarge": 12, "trn1.32xlarge": 32}

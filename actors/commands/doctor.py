@@ -203,9 +203,19 @@ def diagnose(timeout: float) -> dict[str, Any]:
               + ("" if env["devices"] else "; torch-neuronx is installed but no device is visible (driver loaded? in a container, pass /dev/neuron*)"))
     else:
         check("neuron devices", None, "no Neuron device or SDK here: checked the cpu backend instead (below)")
-    cpu = run_ranks("cpu", timeout)
+    from cluster.trace.backends import TESTED_EXPORT_TORCH, missing_export_support
+
     reference = eager_reference()
-    if "error" in cpu:
+    missing = missing_export_support()
+    if missing:  # e.g. the inf2/trn1 image: the Neuron SDK's torch 2.9 runs the xla path, not the cpu backend
+        import torch
+
+        why = (f"the cpu backend needs torch {TESTED_EXPORT_TORCH}'s torch.export API; torch {torch.__version__} "
+               f"lacks {', '.join(missing)}")
+        cpu: dict[str, Any] = {"unsupported": why}
+        check("cpu: collective across 2 rank processes", None, why)
+        check("cpu: TP=2 trace of a tiny model vs the whole model", None, why)
+    elif "error" in (cpu := run_ranks("cpu", timeout)):
         check("cpu: collective across 2 rank processes", False, cpu["error"])
         check("cpu: TP=2 trace of a tiny model vs the whole model", False, cpu["error"])
     else:
@@ -228,9 +238,14 @@ def diagnose(timeout: float) -> dict[str, Any]:
                 summed = result["collective"]
                 check("neuron: collective across 2 NeuronCores", _max_diff(summed, [3.0] * 4) <= 1e-3,
                       f"all_reduce compiled into the NEFF, cores 0 and 1: {summed}, expected [3.0] * 4")
-                diff = _max_diff(result["model"], cpu["model"]) if "error" not in cpu else float("inf")
+                if "unsupported" in cpu:  # no cpu backend to compare with: the whole model, eager, instead
+                    diff, against = _max_diff(result["model"], reference), " vs the whole model, eager"
+                else:
+                    diff = _max_diff(result["model"], cpu["model"]) if "error" not in cpu else float("inf")
+                    against = ""
                 check("neuron: TP=2 trace vs the cpu backend", diff <= NEURON_TOLERANCE,
-                      f"{env['neuron_path']} path, max |diff| {diff:.2e} (tolerance {NEURON_TOLERANCE:g}, bf16 matmults)")
+                      f"{env['neuron_path']} path{against}, max |diff| {diff:.2e} (tolerance {NEURON_TOLERANCE:g}, "
+                      "bf16 matmults)")
     return {**env, "hardware_checked": neuron and bool(env["devices"]), "checks": checks,
             "ok": all(c["status"] != "fail" for c in checks), "seconds": round(time.perf_counter() - started, 1)}
 

@@ -27,6 +27,7 @@ from actors.gateway.signatures import (
 )
 from actors.gateway.text import TextStream
 from cluster.errors import InputError, Overloaded
+from cluster.generation.ngram import NGRAM_DRAFT
 from cluster.generation.stats import GenerationStats
 from cluster.models.inputs import embed_inputs, joint_inputs, pair_inputs
 from cluster.serving import ServingSpec
@@ -265,11 +266,12 @@ class ServedModel:
 
     # -- Generate ---------------------------------------------------------------------------
     def draft_named(self, name: str, registry: Any) -> "ServedModel | str | None":
-        """The draft a Generate request names: this model's fused draft (its name, as a string: the
-        ranks hold it), else the served model of that name; None for no name."""
+        """The draft a Generate request names: this model's fused draft, or "[ngram]" for n-gram
+        lookup (its name, as a string: the ranks hold it, or no draft model is needed), else the
+        served model of that name; None for no name."""
         if not name:
             return None
-        return name if name == self.fused_draft else registry.get(name)
+        return name if name in (self.fused_draft, NGRAM_DRAFT) else registry.get(name)
 
     async def generate(self, prompt: str, sampling: Sampling, draft: "ServedModel | None",
                        timeout: float) -> AsyncIterator[tuple[int | None, Any]]:

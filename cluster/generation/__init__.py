@@ -8,6 +8,7 @@ from cluster.generation.api import GenerationOutput, GenerationStream, generate,
 from cluster.generation.defaults import DEFAULTS, GenerationDefaults
 from cluster.generation.engine import GenerationRequest, SessionSummary, StepResult
 from cluster.generation.layout import DecoderLayout
+from cluster.generation.ngram import NGRAM_DRAFT
 from cluster.generation.plan import DraftPlan, RoundPlan, RowState, plan_round
 from cluster.generation.sampling import SamplingParams
 from cluster.generation.speculative import SpeculationStats, verify_draft
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationStats",
     "GenerationStream",
+    "NGRAM_DRAFT",
     "RoundPlan",
     "RowState",
     "SamplingParams",

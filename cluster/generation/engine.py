@@ -46,9 +46,10 @@ from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, ROUND_OVERHEAD
                                          SpeculatingRow, acceptance_estimate, explore, rates)
 from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
-from cluster.generation.plan import (DECODE, VERIFY, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
+from cluster.generation.plan import (DECODE, VERIFY, DecodeSteps, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
                                      plan_round)
-from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
+from cluster.generation.ngram import NgramIndex
+from cluster.generation.sampling import SamplingParams, make_generator, position_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
 
 log = logging.getLogger("tpcluster.generation")
@@ -57,6 +58,8 @@ log = logging.getLogger("tpcluster.generation")
 @dataclass
 class DecoderEndpoint:
     """What the loop needs of one model: its layout and vocabulary, and two calls to its ranks.
+
+    With `decode_steps`, a round of plain rows runs several decode steps in one call to the ranks.
 
     A target that holds a fused draft also has `speculate` (one call: the draft's proposals and the
     verify forward); that draft's own endpoint is `fused` (its calls go to the target's ranks).
@@ -70,6 +73,8 @@ class DecoderEndpoint:
     key: str = ""  # identifies the replica (and so its KV cache) behind the calls
     speculate: Callable[[FusedRound], Any] | None = None
     fused: bool = False
+    decode_steps: Callable[[DecodeSteps], Any] | None = None  # several decode steps in one call (multi-step)
+    ngram: bool = False  # no draft model: proposals by n-gram lookup in each row's own tokens (cluster.generation.ngram)
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,6 @@ class SessionSummary:
         return [seq[n:] for seq, n in zip(self.sequences, self.prompt_lengths)]
 
 
-def position_generator(seed: int, position: int) -> torch.Generator:
-    """The generator of a sequence's round starting at `position`: a function of the two only."""
-    return make_generator((seed * 6364136223846793005 + (position + 1) * 1442695040888963407) % 2**63)
-
-
 def stop_matched(sequence: Sequence[int], start: int, stops: Sequence[Sequence[int]]) -> int:
     """The length of the first of `stops` that sequence[start:] ends with; 0 when none does."""
     for stop in stops:
@@ -153,6 +153,7 @@ class _Sequence:
     outbox: list[int] = field(default_factory=list)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     generator: torch.Generator | None = None  # this round's (`new_round`)
+    ngrams: NgramIndex | None = None  # proposals without a draft model (`NGRAM_DRAFT`)
 
     def new_round(self) -> None:
         """Draw this round's generator from the seed and the sequence's length."""
@@ -262,6 +263,13 @@ class DecodeBatch:
     # machine's load, and a stale estimate must not lock the batch into one option.
     RECHECK_ROUNDS = 20
     RECHECK_SHARE = 0.7
+    # Multi-step decoding (vLLM's num_scheduler_steps): a round whose rows all decode plainly, with
+    # no row to prefill, runs up to MAX_DECODE_STEPS steps in one call to the target's ranks, so the
+    # round trip and the round's bookkeeping are paid once for several tokens. It runs as many as
+    # fit in MULTI_STEP_S at the measured cost of a step, which bounds how long a request arriving
+    # meanwhile waits to join, and how far a stream's tokens bunch up.
+    MAX_DECODE_STEPS = 8
+    MULTI_STEP_S = 0.04
 
     def __init__(self, target: DecoderEndpoint) -> None:
         self.target = target
@@ -357,14 +365,21 @@ class DecodeBatch:
         if plan.step == VERIFY:
             self._speculative_round(plan)
         elif plan.step == DECODE:
-            self._decode_round(plan)
+            steps = self._multi_steps(plan)
+            if steps > 1:
+                self._multi_step_round(plan, steps)
+            else:
+                self._decode_round(plan)
         if plan.prefill:
             self._prefill_round(plan)
+        if self.draft is not None and self.draft.ngram:  # no draft cache to keep: it is as long as the target's
+            for row in self.slots.values():
+                row.draft_cached = row.cached
 
     def _prefill_round(self, plan: RoundPlan) -> None:
         bucket, inputs = prefill_inputs(self.target.layout, list(plan.prompts))
         logits = self.target.forward_bucket(bucket, inputs)[0][:, 0].float()
-        if plan.draft_prompts and self.draft is not None:  # None: lost earlier in this step
+        if plan.draft_prompts and self.draft is not None and not self.draft.ngram:  # None: lost earlier in this step
             try:
                 self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, list(plan.draft_prompts)))
             except DraftUnavailable as exc:
@@ -383,6 +398,44 @@ class DecodeBatch:
             if row.draft_lost:
                 row.stats.target_only_steps += 1
 
+    def _multi_steps(self, plan: RoundPlan) -> int:
+        """How many decode steps this round runs in one call: 1 while rows wait to be prefilled, else
+        what fits in MULTI_STEP_S at the measured cost of a step (one step first, to measure it).
+        Rows with a draft that this round does not speculate take part: the adaptive choice weighs
+        a decode step at what it costs as run."""
+        if self.target.decode_steps is None or plan.prefill:
+            return 1
+        step_s = self.costs.get(DECODE_CALL, self.target.layout.batch_bucket(plan.target.width))
+        if not step_s:
+            return 1
+        return max(1, min(self.MAX_DECODE_STEPS, int(self.MULTI_STEP_S / step_s)))
+
+    def _multi_step_round(self, plan: RoundPlan, steps: int) -> None:
+        """Up to `steps` decode steps of every running row in one call (`DecodeSteps`): each row makes
+        at most what it still may, stops at its eos, and takes what it made as it would over as many
+        one-step rounds (the ranks sample from the same per-position generators)."""
+        width = plan.target.width
+        budgets, eos, seeds, lengths = [0] * width, [-1] * width, [0] * width, [0] * width
+        sampling = [SamplingParams()] * width
+        rows = [self.slots[slot] for slot in plan.running]
+        for row in rows:
+            left = row.request.max_new_tokens - (len(row.sequence) - row.prompt_length)
+            budgets[row.slot] = max(1, min(steps, left))
+            eos[row.slot] = -1 if row.request.eos_token_id is None else row.request.eos_token_id
+            sampling[row.slot], seeds[row.slot], lengths[row.slot] = row.request.sampling, row.seed, len(row.sequence)
+        call = DecodeSteps(tuple(t[0] for t in plan.target.tokens), plan.target.starts, tuple(budgets),
+                           self.target.layout, tuple(sampling), tuple(seeds), tuple(lengths), tuple(eos))
+        started = time.perf_counter()
+        made = self.target.decode_steps(call).tolist()
+        elapsed = time.perf_counter() - started
+        self._called(elapsed)
+        self.costs.observe(DECODE_CALL, self.target.layout.batch_bucket(width), elapsed / max(1, len(made[0])))
+        for row in rows:
+            tokens = [t for t in made[row.slot] if t >= 0]
+            row.advance(tokens, target=len(tokens))
+            if row.draft_lost:
+                row.stats.target_only_steps += len(tokens)
+
     def _speculative_round(self, plan: RoundPlan) -> None:
         """One draft/verify round over every running row: gpt-fast's `speculative_decode`, batched.
 
@@ -390,6 +443,16 @@ class DecodeBatch:
         """
         rows = [self.slots[slot] for slot in plan.running]
         drafted = [row for row in rows if row.round_k]
+        if self.draft.ngram:
+            proposals = self._ngram_proposals(drafted)
+            if proposals is None:  # no row's tokens repeat: a plain decode round
+                self._decode_round(plan)
+                return
+            fed = [list(tokens) for tokens in plan.target.tokens]
+            for row in drafted:
+                fed[row.slot] += proposals[row.slot, : row.round_k].tolist()
+            self._verify(plan, rows, proposals, None, self._target_step(VERIFY, fed, plan.target.starts))
+            return
         # 1. Propose: the draft samples k_max tokens per speculating row, in one call to its ranks.
         sampling, seeds = [SamplingParams()] * plan.draft.width, [0] * plan.draft.width
         for row in drafted:
@@ -416,6 +479,11 @@ class DecodeBatch:
             for row in drafted:
                 fed[row.slot] += proposals[row.slot, : row.round_k].tolist()
             logits = self._target_step(VERIFY, fed, plan.target.starts)
+        self._verify(plan, rows, proposals, q, logits)
+
+    def _verify(self, plan: RoundPlan, rows: list[_Sequence], proposals: torch.Tensor, q: torch.Tensor | None,
+                logits: torch.Tensor) -> None:
+        """Accept each speculating row's longest verified run of proposals and its next token."""
         # greedy rows verify against the target's argmax, taken once for the whole batch
         choices = logits.argmax(-1).tolist() if any(row.request.sampling.greedy for row in rows) else []
         proposed_ids = proposals.tolist()
@@ -442,7 +510,27 @@ class DecodeBatch:
             # 4. Update: the target keeps the fed token and the accepted proposals, the draft what it fed of them.
             row.stats.add(k, a)
             self._accepted(row, a, k)
-            row.advance(emitted, target=1 + a, draft=draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max))
+            kept = 1 + a if self.draft.ngram else draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max)
+            row.advance(emitted, target=1 + a, draft=kept)
+
+    def _ngram_proposals(self, drafted: list[_Sequence]) -> torch.Tensor | None:
+        """Each speculating row's n-gram proposals, up to its round's k, by slot [B, k_max] (0-padded);
+        a row without a match proposes none this round (its round_k drops to 0). None: no row has any."""
+        started = time.perf_counter()
+        found = {}
+        for row in drafted:
+            row.ngrams = row.ngrams or NgramIndex()
+            found[row.slot] = row.ngrams.propose(row.sequence, row.round_k)
+            row.round_k = len(found[row.slot])
+        steps = max(map(len, found.values()), default=0)
+        self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(max(found, default=0) + 1),
+                           (time.perf_counter() - started) / max(1, steps))
+        if not steps:
+            return None
+        out = torch.zeros(max(found) + 1, steps, dtype=torch.int64)
+        for slot, tokens in found.items():
+            out[slot, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        return out
 
     def _target_step(self, kind: str, tokens: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
         """The target's logits [B, n, V] (float) for a decode or verify step."""

@@ -181,6 +181,41 @@ class FusedRound:
             raise ValueError(f"FusedRound: a row asks for more than the draft's {self.draft.steps} proposals")
 
 
+@dataclass(frozen=True)
+class DecodeSteps:
+    """Several target decode steps in one call to its ranks (`cluster.rank.RankWorker.decode_steps`):
+    the decode round of plain (non-speculating) rows, run `steps` times with each token fed back.
+
+    Row (slot) r feeds tokens[r] from position starts[r] (-1: the row is idle) and makes up to
+    budgets[r] tokens: the i-th under sampling[r] with `position_generator(seeds[r], lengths[r] + i)`,
+    the generator a one-token round of a sequence of that length draws from, so what a row makes
+    does not depend on how many steps a call runs. A row stops early at its eos_ids[r] (-1: none).
+    Each token but a row's last is fed back, so a row that made n tokens gains n cache entries (its
+    fed token and n - 1 of the made ones) and its last one is the next round's feed, as after n
+    one-step rounds. Rank 0 returns the tokens [B, steps], -1 past each row's last.
+    """
+
+    tokens: tuple[int, ...]
+    starts: tuple[int, ...]
+    budgets: tuple[int, ...]
+    layout: DecoderLayout
+    sampling: tuple[SamplingParams, ...]
+    seeds: tuple[int, ...]
+    lengths: tuple[int, ...]
+    eos_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        fields = (self.starts, self.budgets, self.sampling, self.seeds, self.lengths, self.eos_ids)
+        if not self.tokens or any(len(f) != len(self.tokens) for f in fields):
+            raise ValueError("DecodeSteps needs tokens, starts, budgets, sampling, seeds, lengths and eos_ids for every row")
+        if any(b < 0 for b in self.budgets) or not any(b > 0 for t, b in zip(self.tokens, self.budgets) if t >= 0):
+            raise ValueError("DecodeSteps needs a row with a token to feed and a budget of at least 1")
+
+    @property
+    def steps(self) -> int:
+        return max(self.budgets)
+
+
 def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     """How many tokens a row's draft cache gains in a round where the target accepted `accepted`
     of its proposals: its pending tokens, and the accepted proposals the draft fed back (only
@@ -188,4 +223,4 @@ def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     return sum(1 for t in pending if t >= 0) + min(accepted, steps - 1)
 
 
-__all__ = ["DECODE", "VERIFY", "DraftPlan", "Feed", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]
+__all__ = ["DECODE", "VERIFY", "DecodeSteps", "DraftPlan", "Feed", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]

@@ -80,6 +80,11 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of a sequence's round starting at `position`: a function of the two only."""
+    return make_generator((seed * 6364136223846793005 + (position + 1) * 1442695040888963407) % 2**63)
+
+
 def _check_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import json
 import struct
 from collections.abc import Callable
@@ -30,15 +31,53 @@ from cluster.errors import ArtifactError, BackendUnavailable
 _PROGRAM_KEY = "tpcluster.program"
 
 
+#: the torch the cpu backend (and the neuron backend's native path, which saves graphs as it does) is tested with
+TESTED_EXPORT_TORCH = "2.13"
+
+
+@functools.cache
+def missing_export_support() -> tuple[str, ...]:
+    """The torch.export APIs the cpu backend uses that this torch lacks; () with torch 2.13.
+
+    pyproject.toml admits torch 2.9 for the neuron backend's `xla` path (the Neuron SDK's torch-neuronx 2.9 brings
+    torch 2.9), which has none of these; that path uses none of them (TorchScript graphs from torch_neuronx.trace).
+    """
+    from torch._export.serde import serialize as serde
+    from torch.utils._pytree import TreeSpec
+
+    missing = []
+    if not hasattr(TreeSpec, "child"):
+        missing.append("torch.utils._pytree.TreeSpec.child")
+    if "serialize_state_dict" not in inspect.signature(serde.serialize).parameters:
+        missing.append("torch._export.serde.serialize.serialize(serialize_state_dict=...)")
+    if not hasattr(serde, "_resolve_schema_cls"):
+        missing.append("torch._export.serde.serialize._resolve_schema_cls")
+    return tuple(missing)
+
+
+def check_torch_export(what: str) -> None:
+    """Refuse, naming the torch needed, to run `what` (the cpu backend, the native Neuron path) on a torch without
+    the torch.export APIs it uses, instead of failing later inside a rank with an AttributeError or TypeError."""
+    missing = missing_export_support()
+    if missing:
+        raise BackendUnavailable(
+            f"{what} needs torch {TESTED_EXPORT_TORCH} (the torch.export API it is written and tested against); this "
+            f"is torch {torch.__version__}, which lacks {', '.join(missing)}. With the Neuron SDK's torch-neuronx 2.9 "
+            "(torch 2.9, inf2/trn1) use backend='neuron' or 'auto'; elsewhere install torch 2.13 (pyproject.toml)"
+        )
+
+
 def resolve_backend(name: str) -> str:
     """The backend `name` stands for on this machine ("auto": neuron where torch-neuronx is, else cpu)."""
     if name == "auto":
-        return "neuron" if importlib.util.find_spec("torch_neuronx") is not None else "cpu"
+        name = "neuron" if importlib.util.find_spec("torch_neuronx") is not None else "cpu"
     if name == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
         raise BackendUnavailable(
             "backend='neuron' needs torch-neuronx (inf2/trn1: torch-neuronx with torch-xla; trn2/trn3: native "
             "TorchNeuron); use backend='cpu' or 'auto' on other machines, and `tpcluster doctor` to check an install"
         )
+    if name == "cpu":
+        check_torch_export("backend 'cpu'")
     return name
 
 
@@ -48,6 +87,8 @@ def get_backend(name: str) -> Backend:
         from cluster.trace.neuron import NeuronBackend
 
         return NeuronBackend()
+    if name == "cpu":
+        check_torch_export("backend 'cpu'")
     try:
         return {"cpu": CpuBackend, "eager": EagerBackend}[name]()
     except KeyError as exc:

@@ -2,7 +2,10 @@
 
 Two paths, picked from what is installed (`neuron_path`):
 
-- `xla`: torch-neuronx over torch-xla (inf2, trn1; Neuron SDK 2.x with PyTorch/XLA). Each rank is
+- `xla`: torch-neuronx over torch-xla (inf2, trn1). Written for torch-neuronx 2.9.0.2.15.32035 with
+  neuronx-cc 2.26.6360.0, i.e. torch 2.9 / torch-xla 2.9: the last PyTorch/XLA build (Neuron 2.31; still the
+  "PyTorch NeuronX" version in Neuron 2.33's release notes). deploy/neuron-constraints.txt pins these and cites
+  the release notes; pyproject.toml's torch>=2.9 is for this path. It uses no torch.export API. Each rank is
   its own process (a Ray actor holding one NeuronCore) and `torch_neuronx.trace`s its own shard, as
   NxD's non-SPMD trace does (neuronx-distributed src/neuronx_distributed/trace/trace.py, `_trace`).
   The layers' reductions are `xm.all_reduce` / `xm.all_gather` over the TP replica group, as NxD's
@@ -10,7 +13,9 @@ Two paths, picked from what is installed (`neuron_path`):
   graph is bound to its core as NxD's `TensorParallelNeuronModel._load` does it: weights replaced,
   `torch.ops.neuron._load_collectives_neuron(model, nc, 1, rank, world)`, then
   `torch_neuronx.move_trace_to_device`.
-- `native`: native TorchNeuron (trn2, trn3; Neuron 2.33+ "TorchNeuron", beta). `torch_neuronx`
+- `native`: native TorchNeuron (trn2, trn3; Neuron 2.33+ "TorchNeuron", beta: torch-neuronx 2.13.3.0 for
+  torch 2.13, Python 3.12+; Neuron 2.33.0 TorchNeuron release notes). It saves graphs as the cpu backend does,
+  so it needs the torch.export API of torch 2.13 and refuses an older torch (`check_torch_export`). `torch_neuronx`
   registers a `neuron` device and a `neuron` torch.distributed backend (Neuron docs, "How to use
   torch.distributed on Neuron", torch/guides/torch-distributed). Each rank joins a `neuron` process
   group; the layers' reductions are functional collectives on it; the shard is exported with
@@ -36,7 +41,7 @@ import torch
 
 from cluster.errors import ArtifactError, BackendUnavailable
 from cluster.parallel_layers import parallel_state
-from cluster.trace.backends import Backend, CpuBackend
+from cluster.trace.backends import Backend, CpuBackend, check_torch_export
 
 #: the key under which rank 0 publishes the Neuron runtime's collective root, in the rank group's store
 ROOT_COMM_KEY = "tpcluster/neuron_rt_root_comm_id"
@@ -281,4 +286,7 @@ def NeuronBackend() -> _NeuronBase:  # a factory under the old class name
             "backend='neuron' needs torch-neuronx (inf2/trn1: torch-neuronx with torch-xla; trn2/trn3: native "
             "TorchNeuron); use backend='cpu' or 'auto' on other machines, and `tpcluster doctor` to check an install"
         )
-    return XlaNeuronBackend() if path == "xla" else NativeNeuronBackend()
+    if path == "xla":
+        return XlaNeuronBackend()
+    check_torch_export("the neuron backend's native (TorchNeuron) path")
+    return NativeNeuronBackend()

@@ -18,7 +18,7 @@ import yaml
 
 from tests.support import (
     BASH, DEPLOY, DOCKERFILE, EXPECTED_WORKER_TYPES, FORBIDDEN, GATEWAY_PORT, KUBERAY, LAUNCHER, METRICS_PORT,
-    NEURON_CORES, RAY_INTERNAL_PORTS, README, bash_syntax_ok, yaml_files,
+    NEURON_CONSTRAINTS, NEURON_CORES, RAY_INTERNAL_PORTS, README, REPO_ROOT, bash_syntax_ok, yaml_files,
 )
 
 
@@ -119,7 +119,7 @@ def test_dockerfile_structure():
     assert "https://pip.repos.neuron.amazonaws.com" in runs
     assert "torch-neuronx" in runs and "neuronx-cc" in runs
     assert '"ray[default]==2.60.*"' in runs
-    assert "pip install /opt/tpcluster" in runs
+    assert "pip install -c /opt/neuron-constraints.txt /opt/tpcluster" in runs
     # The package is installed after the Neuron/Ray layers.
     run_list = [args for name, args in instructions if name == "RUN"]
     idx = {
@@ -127,6 +127,85 @@ def test_dockerfile_structure():
         for key in ("torch-neuronx", "ray[default]", "/opt/tpcluster")
     }
     assert idx["torch-neuronx"] <= idx["ray[default]"] < idx["/opt/tpcluster"]
+
+
+# --------------------------------------------------------------------------------------------- Neuron SDK's torch
+
+
+def _constraints() -> dict[str, str]:
+    """deploy/neuron-constraints.txt as {name: specifier}."""
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(line.split("#")[0]) for line in NEURON_CONSTRAINTS.read_text().splitlines()
+            if line.split("#")[0].strip()]
+    return {r.name.lower(): str(r.specifier) for r in reqs}
+
+
+def _pyproject_torch():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    return torch.specifier
+
+
+def test_neuron_constraints_pin_the_sdks_pytorch_xla_release():
+    # torch-neuronx 2.9.0.2.15.32035 (PyTorch/XLA, inf2/trn1) with neuronx-cc 2.26.6360.0 (Neuron 2.31, the last
+    # release shipping it; "PyTorch NeuronX 2.9.0.2.15.32035" in Neuron 2.33's component release notes). Unpinned,
+    # `pip install torch-neuronx` may resolve to TorchNeuron (2.13.3.0 / 2.14.3.0: trn2/trn3 only) since 2.33.
+    pins = _constraints()
+    assert pins["torch-neuronx"] == "==2.9.0.2.15.32035"
+    assert pins["neuronx-cc"] == "==2.26.6360.0"
+    assert pins["torch"] == "==2.9.*" and pins["torch-xla"] == "==2.9.*"
+    text = NEURON_CONSTRAINTS.read_text()
+    assert "release-notes" in text and "readthedocs" in text  # the versions' sources are cited
+
+
+def test_pyproject_torch_admits_the_sdks_torch_and_this_machines_cpu_build():
+    spec = _pyproject_torch()
+    for version in ("2.9.0", "2.9.1"):  # the Neuron SDK's torch for the xla path (torch-neuronx 2.9.*)
+        assert spec.contains(version), (str(spec), version)
+    assert spec.contains("2.13.0") and spec.contains("2.13.0+cpu", prereleases=False)  # Quick start, TorchNeuron 2.13
+    # Nothing from 2.14 on: on the developers' machines the highest admitted release must be the CPU 2.13 build on
+    # disk, not a multi-GB CUDA wheel.
+    assert not spec.contains("2.14.0") and not spec.contains("2.14.1") and not spec.contains("2.15.0")
+    # The constraints' torch and pyproject's range meet: installing tpcluster keeps the SDK's torch.
+    constraint = _constraints()["torch"]
+    assert constraint.startswith("==2.9.") and spec.contains(constraint.removeprefix("==").replace("*", "0"))
+
+
+def _pip_installs(commands: list[str]) -> list[str]:
+    return [c for c in commands if re.search(r"\bpip install\b", c) and not re.search(r"pip install -U pip\b", c)]
+
+
+def test_dockerfile_never_lets_pip_replace_the_sdks_torch():
+    instructions = _dockerfile_instructions()
+    copy = next(i for i, (name, args) in enumerate(instructions)
+                if name == "COPY" and args.split()[:1] == ["deploy/neuron-constraints.txt"])
+    assert instructions[copy][1].split()[-1] == "/opt/neuron-constraints.txt"
+    runs = [(i, args) for i, (name, args) in enumerate(instructions) if name == "RUN"]
+    installs = [(i, part) for i, args in runs for part in args.split("&&") if part in _pip_installs([part])]
+    assert installs, "no pip install in the Dockerfile"
+    for i, part in installs:
+        assert i > copy, f"pip install before the constraints file is in the image: {part}"
+        assert "-c /opt/neuron-constraints.txt" in part, f"pip install without the SDK's constraints: {part}"
+        assert not re.search(r"\s(-U|--upgrade|--force-reinstall|--no-deps)\b", part), part
+    sdk = next(part for _, part in installs if "torch-neuronx" in part)
+    assert "--extra-index-url=https://pip.repos.neuron.amazonaws.com" in sdk and "neuronx-cc" in sdk
+    # and the build checks the result
+    last = " ".join(args for _, args in runs if "/opt/tpcluster" in args)
+    assert "v('torch').startswith('2.9.')" in last
+
+
+def test_launcher_never_lets_pip_replace_the_sdks_torch(launcher):
+    src = next(remote for remote, local in launcher["file_mounts"].items() if local == ".")
+    installs = _pip_installs(launcher["setup_commands"])
+    assert len(installs) >= 3
+    for command in installs:
+        assert f"-c {src}/deploy/neuron-constraints.txt" in command, command
+        assert not re.search(r"\s(-U|--upgrade|--force-reinstall|--no-deps)\b", command), command
 
 
 def test_dockerfile_copies_no_secrets_and_not_the_whole_context():
@@ -218,7 +297,7 @@ def test_launcher_setup_installs_neuron_ray_and_tpcluster(launcher):
     assert '"ray[default]==2.60.*"' in setup
     assert "python3.11" in setup
     src = [remote for remote, local in launcher["file_mounts"].items() if local == "."]
-    assert src and any(f"pip install {remote}" in setup for remote in src)
+    assert src and any(f"pip install -c {remote}/deploy/neuron-constraints.txt {remote}" in setup for remote in src)
 
 
 def _ray_start_commands(commands: list[str]) -> list[str]:

@@ -53,3 +53,23 @@ def test_doctor_with_the_sdk_but_no_device_says_so(monkeypatch):
     assert statuses["neuron devices"] == "fail" and statuses["neuron: collective across 2 NeuronCores"] == "skip"
     assert calls == ["cpu"]  # nothing is run on a device that is not there
     assert report["ok"] is False and report["hardware_checked"] is False
+
+
+def test_doctor_on_the_neuron_sdks_torch_skips_the_cpu_backend_and_says_why(monkeypatch):
+    # The inf2/trn1 image: torch-neuronx 2.9 brings torch 2.9, which lacks the torch.export API the cpu backend
+    # uses. The cpu checks are skipped (not failed), and the neuron trace is compared with the eager model instead.
+    monkeypatch.setattr("cluster.trace.backends.missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
+    monkeypatch.setattr("cluster.trace.neuron.neuron_path", lambda installed=None: "xla")
+    monkeypatch.setattr(doctor.glob, "glob", lambda pattern: ["/dev/neuron0"])
+    calls = []
+    monkeypatch.setattr(doctor, "run_ranks", lambda backend, timeout: calls.append(backend) or
+                        {"collective": [3.0] * 4, "model": doctor.eager_reference()})
+    report = doctor.diagnose(30.0)
+    assert calls == ["neuron"]
+    checks = {c["name"]: c for c in report["checks"]}
+    for name in ("cpu: collective across 2 rank processes", "cpu: TP=2 trace of a tiny model vs the whole model"):
+        assert checks[name]["status"] == "skip"
+        assert "torch 2.13" in checks[name]["detail"] and "TreeSpec.child" in checks[name]["detail"]
+    compared = checks["neuron: TP=2 trace vs the cpu backend"]
+    assert compared["status"] == "pass" and "vs the whole model, eager" in compared["detail"]
+    assert report["ok"] is True and report["hardware_checked"] is True

@@ -64,7 +64,8 @@ def test_sampling_is_seeded_and_streaming_yields_steps(pair):
     assert all(len(s) == 12 for s in spec.sequences)
     stream = stream_generate(target, PROMPTS[:1], max_new_tokens=5)
     steps = [step[0] for step in stream]
-    assert len(steps) == 5 and sum(steps, []) == stream.output.sequences[0]
+    # multi-step decoding hands over several tokens per round: every step has some, none is lost
+    assert 1 < len(steps) <= 5 and all(steps) and sum(steps, []) == stream.output.sequences[0]
 
 
 def test_eos_and_stop_sequences(pair):
@@ -105,7 +106,8 @@ def test_stop_sequences_within_and_across_steps_match_what_the_driver_did(pair, 
         stream = stream_generate(target, PROMPTS[1:2], stop_sequences=[[999], stop], **kwargs)
         got = [s[0] for s in stream]
         yielded, output = _driver_stops([s[0] for s in steps], [[999], stop])
-        assert (got, stream.output.sequences[0]) == (yielded, output)
+        # the tokens handed out, not how rounds bunch them (multi-step rounds follow the measured step cost)
+        assert (sum(got, []), stream.output.sequences[0]) == (sum(yielded, []), output)
         assert full[: len(output) + length] == output + stop  # cut at the stop's first occurrence
         assert stream.output.finish_reasons == ["stop"]
 
@@ -355,3 +357,83 @@ def test_a_resumed_sequence_continues_the_same_random_stream(pair):
             assert run(resumed, with_draft)[0] == whole, (k, cut)
     with pytest.raises(InputError, match="resumed=20"):
         run(GenerationRequest((tuple(PROMPTS[0]) + tuple(whole),), 20, resumed=20))
+
+
+def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
+    """Plain rows decode several steps per call to the ranks (DecodeSteps); greedy and seeded sampled
+    output, eos and max_new_tokens are what one-step rounds give."""
+    from cluster.generation.engine import DecodeBatch
+    from cluster.rank import RankWorker
+
+    hf, target, _, _ = pair
+    calls = []
+    real = RankWorker.decode_steps
+
+    def counted(self, plan):
+        if self.rank == 0:
+            calls.append(plan.steps)
+        return real(self, plan)
+
+    monkeypatch.setattr(RankWorker, "decode_steps", counted)
+    sampled = dict(max_new_tokens=20, temperature=0.9, top_k=30, seed=11)
+    multi = generate(target, PROMPTS[:3], **sampled)
+    greedy = generate(target, PROMPTS[:3], max_new_tokens=20)
+    eos = greedy.sequences[0][len(PROMPTS[0]) + 6]  # a token greedy makes 7th for row 0: it ends row 0 there
+    early = generate(target, PROMPTS[:3], max_new_tokens=20, eos_token_id=eos)
+    assert calls and max(calls) > 1  # rounds did run several steps in one call
+    assert greedy.sequences == [hf_greedy(hf, p, 20) for p in PROMPTS[:3]]
+    monkeypatch.setattr(DecodeBatch, "MAX_DECODE_STEPS", 1)
+    calls.clear()
+    assert generate(target, PROMPTS[:3], **sampled).sequences == multi.sequences
+    assert generate(target, PROMPTS[:3], max_new_tokens=20, eos_token_id=eos).sequences == early.sequences
+    assert not calls
+    assert early.finish_reasons[0] == "eos" and early.sequences[0][-1] == eos
+    assert all(len(s) == 20 for s in multi.sequences)
+
+
+def test_decode_steps_plan_rejects_what_it_cannot_run():
+    from cluster.generation.plan import DecodeSteps
+    from cluster.generation.sampling import SamplingParams
+
+    ok = dict(tokens=(4, -1), starts=(3, 0), budgets=(2, 0), layout=LAYOUT, sampling=(SamplingParams(),) * 2,
+              seeds=(1, 0), lengths=(4, 0), eos_ids=(-1, -1))
+    assert DecodeSteps(**ok).steps == 2
+    with pytest.raises(ValueError, match="every row"):
+        DecodeSteps(**{**ok, "seeds": (1,)})
+    with pytest.raises(ValueError, match="budget"):
+        DecodeSteps(**{**ok, "budgets": (0, 3)})
+
+
+def test_ngram_proposer_without_a_draft_model(pair):
+    """draft_model="[ngram]": proposals from each row's own repeated n-grams, verified by the target:
+    greedy output is target-only greedy, and repetitive prompts get proposals accepted."""
+    from cluster.generation import NGRAM_DRAFT
+
+    _, target, _, _ = pair
+    prompts = [[5, 6, 7, 8, 9] * 3, [1, 2, 3, 1, 2, 3, 1, 2], PROMPTS[2]]
+    plain = generate(target, prompts, max_new_tokens=24)
+    for k in (0, 3):  # adaptive, pinned
+        spec = generate(target, prompts, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=k)
+        assert spec.sequences == plain.sequences
+    pinned = generate(target, prompts, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=4)
+    assert pinned.stats.draft_tokens_proposed > 0
+    sampled = generate(target, prompts, max_new_tokens=16, draft_model=NGRAM_DRAFT, speculation_length=2,
+                       temperature=0.8, seed=5)
+    assert all(len(s) == 16 for s in sampled.sequences)
+
+
+def test_ngram_lookup_index_agrees_with_the_plain_search():
+    import random
+
+    from cluster.generation.ngram import NgramIndex, propose
+
+    assert propose([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
+    assert propose([1, 2, 3, 4], 2) == []
+    assert propose([7, 1, 2, 8, 1, 2, 5, 1, 2], 1) == [5]  # the latest earlier occurrence
+    rng = random.Random(0)
+    for _ in range(200):
+        index, tokens = NgramIndex(), []
+        for _ in range(rng.randrange(1, 50)):
+            tokens.append(rng.randrange(5))
+            k = rng.randrange(0, 5)
+            assert index.propose(tokens, k) == propose(tokens, k)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
+import types
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,8 @@ def run_rank(path: str, rank: int, port: int, out_dir: str) -> None:
     from tests.unit import neuron_standins as standins
 
     standins.install(path)
+    if path == "xla":
+        hide_what_torch_2_9_lacks()
     phase = {"now": "setup"}
     cpu_collectives: list[tuple[str, str]] = []
     real_gather = collectives.process_gather
@@ -147,6 +150,25 @@ def run_rank(path: str, rank: int, port: int, out_dir: str) -> None:
         "default_group_backend": dist.get_backend(),
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, default=str))
+
+
+def hide_what_torch_2_9_lacks() -> None:
+    """Make this process's torch fail on the torch.export APIs that the cpu backend uses and torch 2.9 lacks.
+
+    The xla path runs on the Neuron SDK's torch (torch-neuronx 2.9: torch 2.9, deploy/neuron-constraints.txt),
+    while this suite runs on torch 2.13; with these gone, the xla contract shows that path never reaches them.
+    """
+    from torch._export.serde import serialize as serde
+    from torch.utils._pytree import TreeSpec
+
+    def gone(name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"{name} used on the xla path: torch 2.9 has none")
+        return fail
+
+    TreeSpec.child = gone("TreeSpec.child")
+    serde._resolve_schema_cls = gone("torch._export.serde.serialize._resolve_schema_cls")
+    serde.serialize = gone("torch._export.serde.serialize.serialize(serialize_state_dict=...)")
 
 
 def collectives_of_rank() -> Any:
@@ -297,6 +319,33 @@ def test_runtime_environment_per_path():
     native = runtime_environment(0, 2, "h:1", "native")
     assert "PJRT_DEVICE" not in native and native["NEURON_RT_ROOT_COMM_ID"] == "h:1"
     assert "NEURON_RT_ROOT_COMM_ID" not in runtime_environment(0, 1, "", "xla")
+
+
+def test_without_torch_2_13s_export_api_cpu_and_native_refuse_and_xla_goes_on(monkeypatch):
+    """On torch 2.9 (the Neuron SDK's torch for inf2/trn1) the cpu backend and the native path say which torch they
+    need, before any rank runs; the xla path is built (its contract above runs with those APIs taken away)."""
+    from cluster.errors import BackendUnavailable
+    from cluster.trace import backends, neuron
+
+    monkeypatch.setattr(backends, "missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    for call in (lambda: backends.resolve_backend("cpu"), lambda: backends.get_backend("cpu")):
+        with pytest.raises(BackendUnavailable, match=r"backend 'cpu' needs torch 2\.13.*torch 2\.9\.1.*TreeSpec\.child"):
+            call()
+    sdk = types.SimpleNamespace(find_spec=lambda name: object() if name == "torch_neuronx" else None)
+    monkeypatch.setattr(backends, "importlib", types.SimpleNamespace(util=sdk))
+    assert backends.resolve_backend("auto") == "neuron"  # auto never picks the cpu backend where torch-neuronx is
+    monkeypatch.setattr(neuron, "neuron_path", lambda installed=None: "native")
+    with pytest.raises(BackendUnavailable, match=r"native \(TorchNeuron\) path needs torch 2\.13"):
+        neuron.NeuronBackend()
+    monkeypatch.setattr(neuron, "neuron_path", lambda installed=None: "xla")
+    assert isinstance(neuron.NeuronBackend(), neuron.XlaNeuronBackend)
+
+
+def test_this_torch_has_the_export_api_the_cpu_backend_needs():
+    from cluster.trace.backends import missing_export_support
+
+    assert missing_export_support() == ()
 
 
 def test_neuron_backend_without_the_sdk_says_what_to_do():
