@@ -86,6 +86,20 @@ def test_a_fused_draft_speculates_on_the_targets_own_ranks(decoders):
         assert _tokens(client.generate_stream(PROMPT, model="fused", **sampled))[0] == separate
 
 
+def test_ngram_lookup_speculates_without_a_draft_model(decoders):
+    """draft_model="[ngram]": proposals from the stream's own repeated n-grams, verified by the target."""
+    served, _ = decoders
+    prompt = "for x in a: for x in a: print"
+    with Client(served.target) as client:
+        plain = _tokens(client.generate_stream(prompt, model="target", max_new_tokens=30))[0]
+        for k in (3, 0):  # pinned, adaptive
+            ids, _, stats = _tokens(client.generate_stream(prompt, model="target", max_new_tokens=30, draft_model="[ngram]",
+                                                           speculation_length=k))
+            assert ids == plain and stats.generated_tokens == 30
+            if k:
+                assert stats.draft_tokens_proposed > 0
+
+
 def test_bad_generate_requests(decoders):
     served, _ = decoders
     with Client(served.target, retries=0) as client:
