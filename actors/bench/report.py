@@ -25,7 +25,9 @@ def summary(results: dict[str, Any]) -> str:
                      + ", ".join(f"k{k} x{d[f'speculative_k{k}_over_target_only']:.2f}" for k in (2, 4, 6))
                      + f", adaptive x{d['speculative_adaptive_over_target_only']:.2f}; fused draft "
                      + ", ".join(f"{label.removeprefix('fused_')} x{d[f'{label}_over_target_only']:.2f}" for label in fused)
-                     + f"; best vs HF assisted x{max(d[f'{label}_over_hf_assisted'] for label in fused):.2f}")
+                     + f"; best vs HF assisted x{max(d[f'{label}_over_hf_assisted'] for label in fused):.2f}"
+                     + (f"; n-gram k4 x{d['ngram_k4_over_target_only']:.2f}, adaptive x{d['ngram_adaptive_over_target_only']:.2f}"
+                        f" (vs HF prompt lookup x{d['ngram_k4_over_hf_prompt_lookup']:.2f})" if "ngram_k4" in d else ""))
     if "step" in results:
         s = results["step"]
         parts.append("decode/HF generate " + ", ".join(
@@ -40,7 +42,9 @@ def summary(results: dict[str, Any]) -> str:
         parts.append("Generate continuous batching gain at 1/8/32 clients "
                      + "/".join(f"x{g[f'generate_{c}_clients_batching_gain']:.2f}" for c in (1, 8, 32))
                      + "; speculating (fused, adaptive) over not "
-                     + "/".join(f"x{g[f'generate_{c}_clients_speculation_gain']:.2f}" for c in (1, 8, 32)))
+                     + "/".join(f"x{g[f'generate_{c}_clients_speculation_gain']:.2f}" for c in (1, 8, 32))
+                     + ("; n-gram over not " + "/".join(f"x{g[f'generate_{c}_clients_ngram_gain']:.2f}" for c in (1, 8, 32))
+                        if "generate_1_clients_ngram_gain" in g else ""))
     if "batch" in results:
         parts.append(f"batch job x{results['batch']['batch_job_over_loop']:.2f} records/s of an in-process loop")
     if "soak" in results:

@@ -102,11 +102,12 @@ def bench_trace_once(results: dict[str, Any], repeats: int) -> None:
 def bench_decoder(results: dict[str, Any], repeats: int) -> None:
     """Tokens/s on the shipped pair: ours target-only and speculative, with the draft as a separate
     model (k = 2, 4, 6) and fused into the target (k = 2, 4, 6, and adaptive: speculation_length 0),
-    transformers' generate and assisted generation in-process, greedy, batch 1, 64 new tokens."""
+    and with n-gram lookup instead of a draft (k = 4, adaptive); transformers' generate, assisted
+    generation and prompt lookup (`prompt_lookup_num_tokens=4`) in-process; greedy, batch 1, 64 new tokens."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from cluster.generation import generate
+    from cluster.generation import NGRAM_DRAFT, generate
     from cluster.models.defaults import ensure_decoders
     from cluster.models.pair import draft_path, pair_path, target_path
     from cluster.trace import parallel_model_load
@@ -130,6 +131,7 @@ def bench_decoder(results: dict[str, Any], repeats: int) -> None:
     hf_run()  # warm-up
     out["hf_generate_tok_s"] = hf_run()
     out["hf_assisted_tok_s"] = hf_run(assistant_model=hf_draft)
+    out["hf_prompt_lookup_tok_s"] = hf_run(prompt_lookup_num_tokens=4)
     with parallel_model_load(folders["pair-target"]) as target, parallel_model_load(folders["pair-draft"]) as draft:
         def ours(**kwargs: Any) -> tuple[float, dict]:
             start, stats, sequences = time.perf_counter(), None, []
@@ -145,12 +147,15 @@ def bench_decoder(results: dict[str, Any], repeats: int) -> None:
         runs = [(f"speculative_k{k}", dict(draft_model=draft, speculation_length=k)) for k in (2, 4, 6)]
         runs += [(f"fused_k{k}", dict(draft_model="pair-draft", speculation_length=k)) for k in (2, 4, 6)]
         runs += [("fused_adaptive", dict(draft_model="pair-draft")), ("speculative_adaptive", dict(draft_model=draft))]
+        runs += [("ngram_k4", dict(draft_model=NGRAM_DRAFT, speculation_length=4)), ("ngram_adaptive", dict(draft_model=NGRAM_DRAFT))]
         for label, kwargs in runs:
             rate, stats = ours(**kwargs)
             out[f"{label}_tok_s"] = rate
             out[label] = stats
             out[f"{label}_over_target_only"] = rate / out["target_only_tok_s"]
             out[f"{label}_over_hf_assisted"] = rate / out["hf_assisted_tok_s"]
+            if label.startswith("ngram"):
+                out[f"{label}_over_hf_prompt_lookup"] = rate / out["hf_prompt_lookup_tok_s"]
         out["target_only_over_hf_generate"] = out["target_only_tok_s"] / out["hf_generate_tok_s"]
         out["sample_text"] = tokenizer.decode(generate(target, [ids[0]], max_new_tokens=40).sequences[0])
     results["decoder"] = out

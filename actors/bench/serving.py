@@ -58,7 +58,8 @@ def bench_gateway(results: dict[str, Any], repeats: int) -> None:
 def bench_generate(results: dict[str, Any], repeats: int) -> None:
     """Generate throughput (tokens/s) through the gateway at 1/8/32 concurrent clients, continuous
     batching on (every KV-cache slot) and off (one sequence per replica); and with batching on,
-    every request speculating with the draft fused into the target (adaptive k: speculation_length 0)."""
+    every request speculating with the draft fused into the target (adaptive k: speculation_length 0),
+    and with n-gram lookup (`[ngram]`, adaptive k) instead of a draft."""
     from actors.gateway.app import BackgroundGateway, ServeConfig
     from actors.gateway.batching import BatchingConfig
     from actors.gateway.server import GatewayConfig
@@ -75,7 +76,7 @@ def bench_generate(results: dict[str, Any], repeats: int) -> None:
         try:
             if name == "batching_on":
                 out["slots"] = served.models["pair-target"].schedulers[0].capacity
-            variants = [(name, "")] + ([("speculating", "pair-draft")] if name == "batching_on" else [])
+            variants = [(name, "")] + ([("speculating", "pair-draft"), ("ngram", "[ngram]")] if name == "batching_on" else [])
             for clients in (1, 8, 32):
                 for variant, draft in variants:
                     def generate(c: Any, i: int, draft: str = draft) -> int:
@@ -91,6 +92,8 @@ def bench_generate(results: dict[str, Any], repeats: int) -> None:
     for clients in (1, 8, 32):
         out[f"generate_{clients}_clients_speculation_gain"] = (out[f"generate_speculating_{clients}_clients_tok_s"]
                                                                / out[f"generate_batching_on_{clients}_clients_tok_s"])
+        out[f"generate_{clients}_clients_ngram_gain"] = (out[f"generate_ngram_{clients}_clients_tok_s"]
+                                                         / out[f"generate_batching_on_{clients}_clients_tok_s"])
     results["generate"] = out
 
 
