@@ -337,6 +337,7 @@ class RankWorker:
         params, rows = plan.sampling, len(plan.starts)
         starts = list(plan.starts)
         generators = [make_generator(seed) for seed in plan.seeds]
+        all_greedy = all(p.greedy for p in params)
         width = len(plan.pending[0])  # rows are right-aligned: all feed their last pending token at width - 1
         active = [any(t >= 0 for t in row) for row in plan.pending]  # idle rows keep writing to the scratch slot
         tokens, probs = [], []
@@ -346,13 +347,16 @@ class RankWorker:
             logits = self._run(bucket, inputs, draft)[0][:rows, 0].float()
             starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
             if step >= width - 1:
-                p = torch.cat([probabilities(logits[r : r + 1], params[r]) for r in range(rows)])
-                picked = torch.stack([
-                    p[r].argmax() if params[r].greedy else sample(p[r : r + 1], generators[r])[0] for r in range(rows)
-                ])
+                if all_greedy and not plan.want_probs:  # the argmax of the logits is the argmax of the probabilities
+                    picked = logits.argmax(-1)
+                else:
+                    p = torch.cat([probabilities(logits[r : r + 1], params[r]) for r in range(rows)])
+                    picked = torch.stack([
+                        p[r].argmax() if params[r].greedy else sample(p[r : r + 1], generators[r])[0] for r in range(rows)
+                    ])
+                    if plan.want_probs:
+                        probs.append(p)
                 tokens.append(picked)
-                if plan.want_probs:
-                    probs.append(p)
                 feed = [t if on else -1 for t, on in zip(picked.tolist(), active)]
             else:
                 feed = [row[step + 1] for row in plan.pending]
