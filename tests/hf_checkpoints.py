@@ -60,6 +60,39 @@ def save_decoder(folder: Path, architecture: str, seed: int = 0, **overrides) ->
     return model
 
 
+T5_SHAPE = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                pad_token_id=3, eos_token_id=1, decoder_start_token_id=3)
+
+
+def save_t5(folder: Path, gated: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A seeded random T5ForConditionalGeneration with the pair's tokenizer, saved to `folder`; returns it.
+    relu T5 ties its embeddings (and scales the output), gated-gelu T5 v1.1 does not. transformers
+    initialises T5 with small weights whose greedy output repeats one token: they are redrawn larger."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from cluster.models.pair import pair_path
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=DECODER_VOCAB, feed_forward_proj="gated-gelu" if gated else "relu",
+                      tie_word_embeddings=not gated, **T5_SHAPE)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    _tokenizer_files(pair_path(), folder, ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
+    return model
+
+
+def hf_seq2seq_greedy(model: torch.nn.Module, prompt: list[int], new: int, eos: bool = False) -> list[int]:
+    """transformers' greedy tokens of an encoder-decoder for the encoder input `prompt` (the decoder's
+    start token left out); exactly `new` unless `eos`, where it stops at (and keeps) the eos."""
+    ids = torch.tensor([list(prompt)])
+    limits = dict(max_new_tokens=new) if eos else dict(max_new_tokens=new, min_new_tokens=new)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **limits)
+    return out[0, 1:].tolist()
+
+
 def _minilm_tokenizer(folder: Path) -> None:
     from cluster.models.bert import minilm_path
 

@@ -186,7 +186,9 @@ class ReplicaScheduler:
         elsewhere = any(s.replica.ready for s in self.model.schedulers)
         left = []
         for generation in generations:
-            request = generation.carried_on(self.model.max_length)
+            # an encoder-decoder's streamed tokens are not a prompt to re-prefill: only an unstarted one goes on
+            started = self.model.encoder_decoder and generation.emitted
+            request = None if started else generation.carried_on(self.model.max_length)
             if request is None:
                 left.append(generation)
                 continue

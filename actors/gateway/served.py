@@ -59,6 +59,8 @@ class ServedModel:
         layout = pool.info.decoder.get("layout", {})
         # a draft compiled into this model (cluster.trace.fused): Generate names it, no replica is borrowed
         self.fused_draft: str = (pool.info.extra.get("fused_draft") or {}).get("name", "")
+        # a T5 (cluster.models.t5): its prompt is the encoder's input, so a stream cannot go on from a re-prefill
+        self.encoder_decoder = bool(pool.info.decoder.get("encoder_decoder"))
         self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
         if spec.task == "generate" and not self.max_length:
             self.max_length = max(layout.get("prompt_buckets", [0]))

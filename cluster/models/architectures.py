@@ -27,8 +27,10 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "RobertaModel": ("embed",),
     "BertForSequenceClassification": ("classify", "embed"),
     "RobertaForSequenceClassification": ("classify", "embed"),
+    "T5ForConditionalGeneration": ("generate",),
 }
 DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SEQ2SEQ = ("T5ForConditionalGeneration",)
 POOLING_MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
@@ -45,6 +47,10 @@ class CheckpointInfo:
     @property
     def is_decoder(self) -> bool:
         return self.architecture in DECODERS
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.architecture in SEQ2SEQ
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -94,7 +100,10 @@ def inspect_checkpoint(folder: str | os.PathLike, task: str | None = None) -> Ch
 def check_sharding(info: CheckpointInfo, tp_degree: int) -> None:
     """ShardingError, with the numbers, where a split dimension does not divide by `tp_degree`."""
     config = info.config
-    sizes = [("attention heads", config["num_attention_heads"]), ("intermediate_size", config["intermediate_size"])]
+    if info.is_seq2seq:
+        sizes = [("heads", config["num_heads"]), ("d_ff", config["d_ff"]), ("vocab_size", config["vocab_size"])]
+    else:
+        sizes = [("attention heads", config["num_attention_heads"]), ("intermediate_size", config["intermediate_size"])]
     if info.is_decoder:
         sizes += [("KV heads", config.get("num_key_value_heads") or config["num_attention_heads"]),
                   ("vocab_size", config["vocab_size"])]
@@ -106,6 +115,11 @@ def check_sharding(info: CheckpointInfo, tp_degree: int) -> None:
 
 def check_settings(info: CheckpointInfo, max_cache: int = 0) -> None:
     """UnsupportedModel for settings the compiled model would not honour."""
+    if info.is_seq2seq:
+        from cluster.models.t5 import T5Shape
+
+        T5Shape.from_config(info.config)  # refuses unsupported feed-forwards
+        return
     if info.is_decoder:
         from cluster.models.llama import LlamaShape
 
@@ -149,6 +163,10 @@ def check_tokenizer(info: CheckpointInfo) -> int:
 def skeleton(info: CheckpointInfo) -> tuple[torch.nn.Module, str, tuple[str, ...]]:
     """The TP=1 model the weights load into, on the meta device (no memory): (module, strip, drop)."""
     with torch.device("meta"):
+        if info.is_seq2seq:
+            from cluster.models.t5 import T5ForConditionalGeneration, T5Shape
+
+            return T5ForConditionalGeneration(T5Shape.from_config(info.config), 1, 2, 2), "", ()
         if info.is_decoder:
             from cluster.models.llama import LlamaForCausalLM, LlamaShape
 
@@ -172,6 +190,10 @@ def check_weights(info: CheckpointInfo) -> int:
         from cluster.models.llama import LlamaShape, tie_lm_head
 
         found = tie_lm_head(found, LlamaShape.from_config(info.config))
+    if info.is_seq2seq:
+        from cluster.models.t5 import T5Shape, t5_names
+
+        found = t5_names(found, T5Shape.from_config(info.config))
     found = rename(found, strip, drop)
     buffers = {name for name, _ in model.named_buffers()}
     expected = {k: v for k, v in expected_shapes(model).items() if k not in buffers}

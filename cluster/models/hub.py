@@ -84,7 +84,8 @@ def decoder_layout(info: CheckpointInfo, options: CompileOptions) -> Any:
     batch = options.batch_buckets or DECODER_DEFAULTS["batch_buckets"]
     if options.max_sequences:
         batch = tuple(b for b in batch if b < options.max_sequences) + (options.max_sequences,)
-    return DecoderLayout(tuple(batch), tuple(prompt), tuple(cache), options.verify_tokens)
+    # a T5 has no verify graphs: it is served target-only
+    return DecoderLayout(tuple(batch), tuple(prompt), tuple(cache), 0 if info.is_seq2seq else options.verify_tokens)
 
 
 def encoder_buckets(info: CheckpointInfo, options: CompileOptions) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -111,6 +112,14 @@ def trace_checkpoint(src: str | os.PathLike, tp_degree: int = 2, options: Compil
     info = info or inspect_checkpoint(src, options.task)
     dtype = None if options.dtype == "float32" else options.dtype
     extra = {"architecture": info.architecture, "compile_version": COMPILE_VERSION}
+    if info.is_seq2seq:
+        from cluster.models.t5 import trace_t5
+
+        layout = decoder_layout(info, options)
+        extra["parameters"] = check_checkpoint(info, tp_degree, layout.max_cache)
+        model = trace_t5(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype,
+                         backend=backend)
+        return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout.prompt_buckets), extra=extra)
     if info.is_decoder:
         from cluster.models.llama import trace_llama
 
@@ -211,7 +220,7 @@ def compile(src: str | os.PathLike, out: str | os.PathLike, tp_degree: int = 2,
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    buckets = (decoder_layout(info, options).to_json() if info.is_decoder else {"batch_buckets": spec.batch_buckets, "seq_buckets": spec.seq_buckets})
+    buckets = (decoder_layout(info, options).to_json() if info.is_decoder or info.is_seq2seq else {"batch_buckets": spec.batch_buckets, "seq_buckets": spec.seq_buckets})
     return CompileSummary(folder=out, source=src, architecture=info.architecture, task=info.task, tp_degree=tp_degree,
                           dtype=options.dtype, parameters=spec.extra["parameters"], graphs=graphs, buckets=buckets,
                           labels=spec.labels,

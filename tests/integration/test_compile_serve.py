@@ -11,7 +11,8 @@ import torch
 
 from clients.client import Client
 from cluster.models import hub
-from tests.hf_checkpoints import hf_encoder_output, save_classifier, save_decoder, save_sentence_transformer
+from tests.hf_checkpoints import (hf_encoder_output, hf_seq2seq_greedy, save_classifier, save_decoder,
+                                  save_sentence_transformer, save_t5)
 from tests.integration.harness import GatewayThread
 from tests.support import hf_greedy
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 DECODER_OPTIONS = hub.CompileOptions(batch_buckets=(1,), prompt_buckets=(16,), cache_buckets=(64,), verify_tokens=0)
 ENCODER_OPTIONS = hub.CompileOptions(batch_buckets=(1, 4), seq_buckets=(16,))
+T5_OPTIONS = hub.CompileOptions(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64,))
 PROMPT = "The for statement is used to iterate"
 TEXTS = ["The for statement is used to iterate", "tensor parallel ranks", "a third one"]
 
@@ -38,11 +40,17 @@ def served(ray_cluster, tmp_path_factory):
     assert cli.main(["compile", str(root / "roberta"), "--out", str(root / "roberta-tp2"), "--tp", "2",
                      "--batch-buckets", "1,4", "--seq-buckets", "16", "-q"]) == 0
     folders["roberta"] = root / "roberta-tp2"
+    t5 = save_t5(root / "t5")  # relu, tied embeddings: at TP=1 through the command
+    t5_v1_1 = save_t5(root / "t5-v1_1", gated=True, seed=1)  # gated-gelu, untied: at TP=2 through the library
+    assert cli.main(["compile", str(root / "t5"), "--out", str(root / "t5-tp1"), "--tp", "1", "--batch-buckets", "1,4",
+                     "--prompt-buckets", "16", "--cache-buckets", "64", "-q"]) == 0
+    folders["t5"] = root / "t5-tp1"
+    folders["t5-v1_1"] = hub.ensure_compiled(root / "t5-v1_1", 2, T5_OPTIONS, root=root / "cache", progress=False)
     models = {"st": str(root / "st")}  # what `tpcluster serve --model st=CHECKPOINT --tp 1` does before serving
     compile_checkpoints(models, argparse.Namespace(address=None, neuron_cores=None, tp=1))
     folders["st"] = models["st"]
     gateway = GatewayThread(folders)
-    yield gateway, root, folders, {"llama": llama, "roberta": roberta}
+    yield gateway, root, folders, {"llama": llama, "roberta": roberta, "t5": t5, "t5-v1_1": t5_v1_1}
     gateway.close()
     if saved_cache is None:
         os.environ.pop("TPCLUSTER_CACHE", None)
@@ -58,6 +66,27 @@ def test_a_compiled_llama_streams_transformers_greedy_tokens(served):
     with Client(gateway.target) as client:
         result = client.generate(PROMPT, model="llama", max_new_tokens=30)
     assert result.token_ids == hf_greedy(hf["llama"], prompt_ids, 30)
+
+
+@pytest.mark.parametrize("name", ["t5", "t5-v1_1"])
+def test_a_compiled_t5_generates_transformers_greedy_tokens(served, name):
+    """The guide's T5 sample: the prompt is the encoder's input; Generate streams the decoder's tokens,
+    equal to transformers' (stopping at eos as it does), alone and batched with other streams."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    gateway, root, _, hf = served
+    tokenizer = AutoTokenizer.from_pretrained(root / name)
+    prompts = [PROMPT, "tensor parallel ranks", "a third one"]
+    expected = [hf_seq2seq_greedy(hf[name], tokenizer(p)["input_ids"], 30, eos=True) for p in prompts]
+    with Client(gateway.target) as client:
+        assert client.generate(prompts[0], model=name, max_new_tokens=30).token_ids == expected[0]
+        with ThreadPoolExecutor(3) as pool:  # three streams share the replica's batch
+            batched = list(pool.map(lambda p: client.generate(p, model=name, max_new_tokens=30).token_ids, prompts))
+        assert batched == expected
+        seeded = [client.generate(PROMPT, model=name, max_new_tokens=12, temperature=0.8, seed=3).token_ids for _ in range(2)]
+        assert seeded[0] == seeded[1] and 0 < len(seeded[0]) <= 12
 
 
 def test_a_compiled_roberta_classifier_gives_transformers_logits_and_labels(served):

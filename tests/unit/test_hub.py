@@ -11,7 +11,8 @@ from cluster.errors import ArtifactError, CheckpointError, ShardingError, Unsupp
 from cluster.generation import generate
 from cluster.models.architectures import SUPPORTED, check_checkpoint, inspect_checkpoint
 from cluster.models.hub import CompileOptions, checkpoint_digest, compile, is_checkpoint, trace_checkpoint
-from tests.hf_checkpoints import DECODERS, hf_encoder_output, save_bert, save_classifier, save_decoder, save_sentence_transformer
+from tests.hf_checkpoints import (DECODERS, hf_encoder_output, hf_seq2seq_greedy, save_bert, save_classifier, save_decoder,
+                                  save_sentence_transformer, save_t5)
 from tests.support import hf_greedy, minilm_tokens
 
 DECODER_OPTIONS = CompileOptions(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(32, 64), verify_tokens=0)
@@ -28,6 +29,7 @@ def checkpoints(tmp_path_factory):
     for arch, labels in (("BertForSequenceClassification", ("a", "b", "c")), ("RobertaForSequenceClassification", ("neg", "pos"))):
         hf[arch] = save_classifier(root / arch, arch, labels)
     save_sentence_transformer(root / "sentence-transformer", pooling="cls")
+    hf["t5"], hf["t5-v1_1"] = save_t5(root / "t5"), save_t5(root / "t5-v1_1", gated=True, seed=1)
     return root, hf
 
 
@@ -40,6 +42,37 @@ def test_decoders_generate_transformers_greedy_tokens(checkpoints, arch, tp):
         out = generate(model, PROMPTS, max_new_tokens=40)  # 12 + 40 tokens: crosses cache bucket 32 -> 64
     assert out.sequences == [hf_greedy(hf[arch], p, 40) for p in PROMPTS]
     assert spec.task == "generate" and spec.extra["architecture"] == arch
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])  # relu + tied embeddings; gated-gelu, untied
+def test_t5_generates_transformers_greedy_tokens(checkpoints, variant, tp):
+    """The encoder reads the prompt, the decoder generates: a batch of three prompts of different
+    lengths, 40 tokens each (decoder caches cross bucket 32 -> 64), equal to transformers'."""
+    root, hf = checkpoints
+    model, spec = trace_checkpoint(root / variant, tp, DECODER_OPTIONS, progress=False, backend="eager")
+    with model:
+        out = generate(model, PROMPTS, max_new_tokens=40)
+        layout = model.coordinator.info().decoder["layout"]
+    assert out.sequences == [hf_seq2seq_greedy(hf[variant], p, 40) for p in PROMPTS]
+    assert spec.task == "generate" and spec.extra["architecture"] == "T5ForConditionalGeneration"
+    assert layout["verify_tokens"] == 0  # served target-only
+
+
+def test_t5_checks_name_what_does_not_fit(checkpoints, tmp_path):
+    root, _ = checkpoints
+    info = inspect_checkpoint(root / "t5")
+    assert info.task == "generate" and check_checkpoint(info, 2) > 0
+    with pytest.raises(ShardingError, match="4 heads"):
+        check_checkpoint(info, 3)
+    shutil.copytree(root / "t5", tmp_path / "t5")
+    config = json.loads((tmp_path / "t5" / "config.json").read_text())
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-tanh"}))
+    with pytest.raises(UnsupportedModel, match="gated-tanh"):
+        check_checkpoint(inspect_checkpoint(tmp_path / "t5"), 2)
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({**config, "d_ff": 256}))
+    with pytest.raises(CheckpointError, match="DenseReluDense"):
+        check_checkpoint(inspect_checkpoint(tmp_path / "t5"), 2)
 
 
 def _rows(model, ids, mask, types):
