@@ -18,10 +18,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster per test session, bound to 127.0.0.1, advertising 8 logical NeuronCores."""
+    """One local Ray cluster per test session, bound to 127.0.0.1, advertising 12 logical NeuronCores."""
     import cluster
 
-    cluster.init(neuron_cores=8)
+    cluster.init(neuron_cores=12)
     yield
     cluster.shutdown()
 

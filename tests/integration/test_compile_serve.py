@@ -45,12 +45,18 @@ def served(ray_cluster, tmp_path_factory):
     assert cli.main(["compile", str(root / "t5"), "--out", str(root / "t5-tp1"), "--tp", "1", "--batch-buckets", "1,4",
                      "--prompt-buckets", "16", "--cache-buckets", "64", "-q"]) == 0
     folders["t5"] = root / "t5-tp1"
+    decoders = {"llama": llama}
+    for arch, name, tp in (("MistralForCausalLM", "mistral", 1), ("Qwen2ForCausalLM", "qwen2", 2)):
+        decoders[name] = save_decoder(root / name, arch)
+        folders[name] = hub.ensure_compiled(root / name, tp, DECODER_OPTIONS, root=root / "cache", progress=False)
+    bert_cls = save_classifier(root / "bert-cls", "BertForSequenceClassification", ("a", "b", "c"))
+    folders["bert-cls"] = hub.ensure_compiled(root / "bert-cls", 1, ENCODER_OPTIONS, root=root / "cache", progress=False)
     folders["t5-v1_1"] = hub.ensure_compiled(root / "t5-v1_1", 2, T5_OPTIONS, root=root / "cache", progress=False)
     models = {"st": str(root / "st")}  # what `tpcluster serve --model st=CHECKPOINT --tp 1` does before serving
     compile_checkpoints(models, argparse.Namespace(address=None, neuron_cores=None, tp=1))
     folders["st"] = models["st"]
     gateway = GatewayThread(folders)
-    yield gateway, root, folders, {"llama": llama, "roberta": roberta, "t5": t5, "t5-v1_1": t5_v1_1}
+    yield gateway, root, folders, {**decoders, "roberta": roberta, "bert-cls": bert_cls, "t5": t5, "t5-v1_1": t5_v1_1}
     gateway.close()
     if saved_cache is None:
         os.environ.pop("TPCLUSTER_CACHE", None)
@@ -58,14 +64,15 @@ def served(ray_cluster, tmp_path_factory):
         os.environ["TPCLUSTER_CACHE"] = saved_cache
 
 
-def test_a_compiled_llama_streams_transformers_greedy_tokens(served):
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])  # TP=2, 1, 2
+def test_a_compiled_decoder_streams_transformers_greedy_tokens(served, name):
     from transformers import AutoTokenizer
 
     gateway, root, _, hf = served
-    prompt_ids = AutoTokenizer.from_pretrained(root / "llama")(PROMPT)["input_ids"]
+    prompt_ids = AutoTokenizer.from_pretrained(root / name)(PROMPT)["input_ids"]
     with Client(gateway.target) as client:
-        result = client.generate(PROMPT, model="llama", max_new_tokens=30)
-    assert result.token_ids == hf_greedy(hf["llama"], prompt_ids, 30)
+        result = client.generate(PROMPT, model=name, max_new_tokens=30)
+    assert result.token_ids == hf_greedy(hf[name], prompt_ids, 30)
 
 
 @pytest.mark.parametrize("name", ["t5", "t5-v1_1"])
@@ -89,19 +96,21 @@ def test_a_compiled_t5_generates_transformers_greedy_tokens(served, name):
         assert seeded[0] == seeded[1] and 0 < len(seeded[0]) <= 12
 
 
-def test_a_compiled_roberta_classifier_gives_transformers_logits_and_labels(served):
+@pytest.mark.parametrize("name, labels", [("roberta", ("negative", "positive")), ("bert-cls", ("a", "b", "c"))])  # TP=2, 1
+def test_a_compiled_classifier_gives_transformers_logits_and_labels(served, name, labels):
     from transformers import AutoTokenizer
 
     gateway, root, _, hf = served
-    tokenizer = AutoTokenizer.from_pretrained(root / "roberta")
+    tokenizer = AutoTokenizer.from_pretrained(root / name)
     inputs = [("The for statement", "is used to iterate"), "tensor parallel ranks"]
     with Client(gateway.target) as client:
-        results = client.classify(inputs, model="roberta")
+        results = client.classify(inputs, model=name)
     for item, result in zip(inputs, results):
         enc = tokenizer(*item, return_tensors="pt") if isinstance(item, tuple) else tokenizer(item, return_tensors="pt")
-        expected = hf_encoder_output(hf["roberta"], enc["input_ids"], enc["attention_mask"], None)[0]
+        types = enc.get("token_type_ids") if name == "bert-cls" else None
+        expected = hf_encoder_output(hf[name], enc["input_ids"], enc["attention_mask"], types)[0]
         np.testing.assert_allclose(np.array(result.logits), expected.numpy(), atol=1e-4)
-        assert result.label == ("negative", "positive")[int(expected.argmax())]
+        assert result.label == labels[int(expected.argmax())]
 
 
 def test_a_sentence_transformers_folder_embeds_as_sentence_transformers_does(served):
