@@ -16,7 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
-DEFAULTS_VERSION = 6  # 6: collectives traced as tpcluster::all_gather (shared memory on one node)
+DEFAULTS_VERSION = 7  # 7: the distilled 3-layer pair draft; 6: collectives traced as tpcluster::all_gather
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 
