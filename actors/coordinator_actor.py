@@ -24,6 +24,11 @@ from cluster.handle import AsyncCalls, CoordinatorInfo, GenerationRound
 from cluster.trace.config import TraceSpec
 
 _GRACE_S = 5.0  # beyond a call's own timeout (enforced on the ranks), for the reply to travel
+# glibc gives threads their own malloc arenas (up to 8 per core) and keeps what is freed in them: each
+# rebuild reloads the shards (tens of MB of serialised arguments) and left that much resident in one
+# more arena (issue 15, the shipped pair at TP=2: +32 MB per rebuild for 7 rebuilds; with 2 arenas
+# +32 MB once, then flat). The coordinator's threads mostly wait on the ranks: 2 arenas are plenty.
+COORDINATOR_PROCESS_ENV = {**SERVING_PROCESS_ENV, "MALLOC_ARENA_MAX": "2"}
 
 
 # Threaded: a round stream (generate_rounds) runs beside the calls that feed it (generate_admit) and
@@ -319,7 +324,7 @@ def launch_coordinator(tp_degree: int, config: CoordinatorConfig, name: str | No
     the process that created it (a gateway, a batch job), which find it again with `actors.replicas.find_resident`."""
     ensure_ray()
     group_name = f"tpcluster-{uuid.uuid4().hex[:12]}"
-    options: dict[str, Any] = {"runtime_env": {"env_vars": dict(SERVING_PROCESS_ENV)}}
+    options: dict[str, Any] = {"runtime_env": {"env_vars": dict(COORDINATOR_PROCESS_ENV)}}
     if name:
         options.update(name=name, namespace=NAMESPACE, lifetime="detached")
     actor = CoordinatorActor.options(**options).remote(tp_degree, config, group_name, label, node_ip)

@@ -30,7 +30,13 @@ class StepGraph:
 
         with InputNode() as request:
             dag = MultiOutputNode([actor.serve.bind(request) for actor in actors])
-        self._graph = dag.experimental_compile(_submit_timeout=submit_timeout_s)
+        # One execution in flight, so one shared-memory buffer per channel (Ray's default is 10 per
+        # channel, 1 MB each, and more once a large result has resized them). Ray 2.60 never frees a
+        # compiled graph's channel buffers, not even at teardown (ray-project/ray#43836): every rebuild
+        # of a replica leaked all of them, in the object store and in this process's resident set
+        # (issue 15; a tiny TP=2 decoder: 30 buffers, ~30 MB of store and ~12 MB of RSS a rebuild,
+        # now 3 buffers and ~1 MB). `run` waits for each execution before the next, so one is enough.
+        self._graph = dag.experimental_compile(_submit_timeout=submit_timeout_s, _max_inflight_executions=1)
         # Executed once now, so every channel has its reader and writer registered: Ray 2.60 kills the
         # owning process (a failed CHECK in MutableObjectProvider::RegisterReaderChannel) when a graph
         # that never ran is torn down after one of its actors died (seen: an idle replica losing a rank).
