@@ -112,21 +112,14 @@ def trace_checkpoint(src: str | os.PathLike, tp_degree: int = 2, options: Compil
     info = info or inspect_checkpoint(src, options.task)
     dtype = None if options.dtype == "float32" else options.dtype
     extra = {"architecture": info.architecture, "compile_version": COMPILE_VERSION}
-    if info.is_seq2seq:
+    if info.is_decoder or info.is_seq2seq:
+        from cluster.models.llama import trace_llama
         from cluster.models.t5 import trace_t5
 
         layout = decoder_layout(info, options)
         extra["parameters"] = check_checkpoint(info, tp_degree, layout.max_cache)
-        model = trace_t5(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype,
-                         backend=backend)
-        return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout.prompt_buckets), extra=extra)
-    if info.is_decoder:
-        from cluster.models.llama import trace_llama
-
-        layout = decoder_layout(info, options)
-        extra["parameters"] = check_checkpoint(info, tp_degree, layout.max_cache)
-        model = trace_llama(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype,
-                            backend=backend)
+        trace = trace_t5 if info.is_seq2seq else trace_llama
+        model = trace(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype, backend=backend)
         return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout.prompt_buckets), extra=extra)
     from cluster.buckets import batch_sequence_bucket_kernel
     from cluster.models.encoders import encoder_from_checkpoint
