@@ -15,9 +15,12 @@ from two measurements:
 
 With acceptance a, a row asked for k proposals emits (1 - a^(k+1)) / (1 - a) tokens in expectation
 (the accepted run plus the target's own token); a round's cost is the verify forward plus the
-draft's k steps, or one decode forward when k = 0. A row whose draft cache lags (it decoded
-plainly for a while) first feeds the draft its missing tokens: that catch-up is paid once for the
-rounds that follow, so it counts 1/`CATCH_UP_ROUNDS` of its cost. `choose_k` returns the k with
+draft's k steps, or one decode forward per token when k = 0 (a plain round runs several decode
+steps in one call, multi-step decoding, so it pays the round's overhead once for all of them). A
+row whose draft cache lags (it decoded plainly for a while, or its draft was never prefilled)
+first catches up: it feeds the draft its missing tokens one step each, or, when that costs more, a
+draft prefill over its whole sequence; the catch-up is paid once for the rounds that follow, so it
+counts 1/`CATCH_UP_ROUNDS` of its cost. `choose_k` returns the k with
 the most expected tokens per second (`rates` gives them all). Rows that pin k keep it; an
 unmeasured kind of call is measured first (`explore`), and the engine re-measures the option it
 has not taken for a while when that option's rate is close. Pure functions and plain values: no
@@ -34,6 +37,7 @@ from typing import Sequence
 DECODE_CALL = "decode"
 VERIFY_CALL = "verify"
 DRAFT_STEP = "draft_step"
+DRAFT_PREFILL = "draft_prefill"  # a draft prefill over rows' whole sequences: a lagging draft's catch-up
 ROUND_OVERHEAD = "round_overhead"  # a round's time outside its model calls (planning, sampling, handing tokens over)
 CATCH_UP_ROUNDS = 8  # rounds a lagging draft's catch-up is spread over
 
@@ -91,30 +95,42 @@ def round_plan_k(rows: Sequence[SpeculatingRow], k: int) -> list[int]:
     return [row.pinned or min(k, row.cap) for row in rows]
 
 
+def catch_up_s(pending: int, draft_step_s: float, draft_prefill_s: float | None = None) -> float:
+    """What bringing a draft cache `pending` tokens behind up to date costs before a round can
+    propose: its missing tokens but the last (which the round feeds) one step each, or one draft
+    prefill over the whole sequence when that is known and cheaper."""
+    stepped = max(0, pending - 1) * draft_step_s
+    return stepped if draft_prefill_s is None else min(stepped, draft_prefill_s)
+
+
 def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
-          draft_step_s: float, overhead_s: float = 0.0) -> list[float]:
+          draft_step_s: float, overhead_s: float = 0.0, decode_steps: int = 1,
+          draft_prefill_s: float | None = None) -> list[float]:
     """Expected tokens per second of the whole batch when the adaptive rows are offered k = 0, 1, ...
     up to the largest cap. `plain_rows` are running rows without a draft (one token either way);
-    `overhead_s` is what every round costs besides its model calls."""
+    `overhead_s` is what every round costs besides its model calls; a plain round runs
+    `decode_steps` decode steps (multi-step decoding) for that overhead. `draft_prefill_s` is a
+    draft prefill's cost (a lagging row's catch-up when cheaper than stepping; `catch_up_s`)."""
     out = []
     for k in range(0, max((row.cap for row in rows), default=0) + 1):
         ks = round_plan_k(rows, k)
         tokens = plain_rows + sum(expected_tokens(row.acceptance, rk) for row, rk in zip(rows, ks))
         longest = max(ks, default=0)
         if longest:
-            lag = max(row.pending for row, rk in zip(rows, ks) if rk) - 1
-            cost = verify_s + (longest + lag / CATCH_UP_ROUNDS) * draft_step_s
+            catch_up = max(catch_up_s(row.pending, draft_step_s, draft_prefill_s) for row, rk in zip(rows, ks) if rk)
+            cost = verify_s + longest * draft_step_s + catch_up / CATCH_UP_ROUNDS + overhead_s
         else:
-            cost = decode_s
-        out.append(tokens / max(cost + overhead_s, 1e-9))
+            cost = decode_s + overhead_s / max(1, decode_steps)
+        out.append(tokens / max(cost, 1e-9))
     return out
 
 
 def choose_k(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
-             draft_step_s: float, overhead_s: float = 0.0) -> int:
+             draft_step_s: float, overhead_s: float = 0.0, decode_steps: int = 1,
+             draft_prefill_s: float | None = None) -> int:
     """The k offered to the adaptive rows this round (0: plain decoding for them) that maximises
     expected tokens per second over the whole batch (see `rates`). Ties go to the smaller k."""
-    by_k = rates(rows, plain_rows, decode_s, verify_s, draft_step_s, overhead_s)
+    by_k = rates(rows, plain_rows, decode_s, verify_s, draft_step_s, overhead_s, decode_steps, draft_prefill_s)
     best = max(by_k)
     return next(k for k, rate in enumerate(by_k) if rate >= best * (1.0 - 1e-9))
 
@@ -129,5 +145,5 @@ def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float 
     return None
 
 
-__all__ = ["CATCH_UP_ROUNDS", "ROUND_OVERHEAD", "CallCosts", "SpeculatingRow", "acceptance_estimate", "choose_k", "expected_tokens",
-           "explore", "rates", "round_plan_k"]
+__all__ = ["CATCH_UP_ROUNDS", "DRAFT_PREFILL", "ROUND_OVERHEAD", "CallCosts", "SpeculatingRow", "acceptance_estimate", "catch_up_s",
+           "choose_k", "expected_tokens", "explore", "rates", "round_plan_k"]

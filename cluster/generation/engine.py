@@ -22,6 +22,10 @@ A request that leaves speculation_length at 0 lets each round choose its k
 (`cluster.generation.adaptive.choose_k`): the batch times every model call it makes and counts each
 sequence's accepted proposals, and a round speculates only as deep as pays at the current batch
 size (k = 0: those rows decode plainly, their draft cache catching up when they speculate again).
+An adaptive row's draft is not prefilled at admission: the first round that has it speculate
+prefills the draft over its sequence so far (`_catch_up_drafts`, which also serves a draft that
+lags by more than stepping through costs), so a busy batch that never speculates never pays for
+its draft. Speculation that lost at a batch size is not measured at a larger one (`_lost_below`).
 A request that pins k keeps it. Greedy output is the target's whatever k each round takes;
 sampled output is an exact sample of the target either way, but only a pinned k makes a seeded
 request's tokens independent of the rounds' choices.
@@ -42,8 +46,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
-from cluster.generation.adaptive import (DECODE_CALL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
-                                         SpeculatingRow, acceptance_estimate, explore, rates)
+from cluster.generation.adaptive import (DECODE_CALL, DRAFT_PREFILL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
+                                         SpeculatingRow, acceptance_estimate, catch_up_s, explore, rates)
 from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import (DECODE, VERIFY, DecodeSteps, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
@@ -160,7 +164,9 @@ class _Sequence:
         self.generator = position_generator(self.seed, len(self.sequence))
 
     def state(self) -> RowState:
-        k = self.round_k if self.started else self.k  # a new row's draft is prefilled whatever the round picks
+        # a new row that pins k has its draft prefilled with the target; an adaptive one when a round
+        # first has it speculate (`DecodeBatch._catch_up_drafts`): a busy batch may never ask it to
+        k = self.round_k if self.started else (0 if self.adaptive else self.k)
         # a resumed row is prefilled up to its last token, which the next round feeds, as it would have
         tokens = self.sequence[:-1] if self.request.resumed and not self.started else self.sequence
         return RowState(self.slot, tuple(tokens), k, self.started, bool(self.finish), self.cached, self.draft_cached)
@@ -281,6 +287,7 @@ class DecodeBatch:
         self.acceptance = 0.6  # the prior of a new sequence's acceptance; follows the pair's measured rate
         self._adaptive_rounds = 0
         self._last_taken: dict[tuple[bool, int], int] = {}  # (speculated?, batch bucket) -> adaptive round
+        self._paid: dict[int, bool] = {}  # batch bucket -> whether its last choice from measured costs speculated
         self._last_step: tuple[float, float] | None = None  # (when the last step began, seconds in its model calls)
         self._calls_s = 0.0  # seconds in model calls during this step
 
@@ -361,11 +368,12 @@ class DecodeBatch:
         for row in self.slots.values():
             row.new_round()
         self._choose_round_k()
+        self._catch_up_drafts()
         plan = plan_round([s.state() for s in self.slots.values()])
         if plan.step == VERIFY:
             self._speculative_round(plan)
         elif plan.step == DECODE:
-            steps = self._multi_steps(plan)
+            steps = self._multi_steps(plan.target.width, bool(plan.prefill))
             if steps > 1:
                 self._multi_step_round(plan, steps)
             else:
@@ -388,7 +396,8 @@ class DecodeBatch:
             row = self.slots[slot]
             fed = len(plan.prompts[slot])
             # a resumed row emits nothing here: its next round starts where the lost replica's would have
-            row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=fed, draft=fed if row.k else 0)
+            drafted = row.k and not row.adaptive
+            row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=fed, draft=fed if drafted else 0)
 
     def _decode_round(self, plan: RoundPlan) -> None:
         logits = self._target_step(DECODE, plan.target.tokens, plan.target.starts)[:, 0]
@@ -398,14 +407,14 @@ class DecodeBatch:
             if row.draft_lost:
                 row.stats.target_only_steps += 1
 
-    def _multi_steps(self, plan: RoundPlan) -> int:
-        """How many decode steps this round runs in one call: 1 while rows wait to be prefilled, else
-        what fits in MULTI_STEP_S at the measured cost of a step (one step first, to measure it).
-        Rows with a draft that this round does not speculate take part: the adaptive choice weighs
-        a decode step at what it costs as run."""
-        if self.target.decode_steps is None or plan.prefill:
+    def _multi_steps(self, width: int, prefilling: bool) -> int:
+        """How many decode steps a plain round over `width` cache rows runs in one call: 1 while rows
+        wait to be prefilled, else what fits in MULTI_STEP_S at the measured cost of a step (one
+        step first, to measure it). Rows with a draft that the round does not speculate take part:
+        the adaptive choice weighs a decode step at what it costs as run."""
+        if self.target.decode_steps is None or prefilling:
             return 1
-        step_s = self.costs.get(DECODE_CALL, self.target.layout.batch_bucket(plan.target.width))
+        step_s = self.costs.get(DECODE_CALL, self.target.layout.batch_bucket(width))
         if not step_s:
             return 1
         return max(1, min(self.MAX_DECODE_STEPS, int(self.MULTI_STEP_S / step_s)))
@@ -575,27 +584,37 @@ class DecodeBatch:
     # -- adaptive speculation -----------------------------------------------------------------
     def _choose_round_k(self) -> None:
         """Set each running row's proposals for the next round: a pinned k as asked, an adaptive one
-        from `choose_k` over the measured costs at this batch size (or what is still unmeasured)."""
+        from `choose_k` over the measured costs at this batch size (or what is still unmeasured).
+        An adaptive row whose draft was never prefilled and whose sequence no longer fits the
+        draft's largest prompt bucket decodes plainly (catching it up token by token would cost
+        more than speculation could win)."""
         running = [s for s in self.slots.values() if s.started and not s.finish]
-        drafted = [s for s in running if s.k] if self.draft is not None else []
         for row in running:
             row.round_k = 0
+        if self.draft is None:
+            return
+        drafted = [s for s in running if s.k and (s.draft_cached or self.draft.ngram or self._draft_prefillable(s))]
         for row in drafted:
             row.round_k = 0 if row.adaptive else row.k
         adaptive = [s for s in drafted if s.adaptive]
         if not adaptive:
             return
-        target_batch = self.target.layout.batch_bucket(max(s.slot for s in running) + 1)
+        width = max(s.slot for s in running) + 1
+        target_batch = self.target.layout.batch_bucket(width)
         draft_batch = self.draft.layout.batch_bucket(max(s.slot for s in drafted) + 1)
         decode_s, verify_s = self.costs.get(DECODE_CALL, target_batch), self.costs.get(VERIFY_CALL, target_batch)
         step_s = self.costs.get(DRAFT_STEP, draft_batch)
         cap = max(s.k for s in adaptive)
         k = explore(decode_s, verify_s, step_s, cap)
+        if k and self._lost_below(target_batch):
+            k = 0  # not worth measuring: speculation lost at a smaller batch, and it only loses more as batches grow
         if k is None:
             rows = [SpeculatingRow(acceptance_estimate(s.stats.accepted, s.trials, self.acceptance),
                                    0 if s.adaptive else s.k, s.k, len(s.sequence) - s.draft_cached) for s in drafted]
+            prefilling = any(not s.started and not s.finish for s in self.slots.values())
             by_k = rates(rows, len(running) - len(drafted), decode_s, verify_s, step_s,
-                         self.costs.get(ROUND_OVERHEAD, 0) or 0.0)
+                         self.costs.get(ROUND_OVERHEAD, 0) or 0.0, self._multi_steps(width, prefilling),
+                         self._draft_prefill_s(draft_batch))
             k = max(range(len(by_k)), key=lambda j: (by_k[j], -j))
             other = max(range(1, len(by_k)), key=lambda j: (by_k[j], -j)) if k == 0 else 0
             self._adaptive_rounds += 1
@@ -605,9 +624,63 @@ class DecodeBatch:
                 for kind, batch in ([(VERIFY_CALL, target_batch), (DRAFT_STEP, draft_batch)] if k
                                     else [(DECODE_CALL, target_batch)]):
                     self.costs.forget(kind, batch)
+            else:
+                self._paid[target_batch] = k > 0
         self._last_taken[(k > 0, target_batch)] = self._adaptive_rounds
         for row in adaptive:
             row.round_k = min(k, row.k)
+
+    def _lost_below(self, target_batch: int) -> bool:
+        """Whether the last choice made from measured costs at the nearest smaller batch bucket was to
+        decode plainly. A verify forward costs more decode forwards the more rows it carries, so
+        speculation that loses at a batch size loses at every larger one (vLLM turns it off above a
+        batch size); measuring it there would cost a draft prefill and a verify round of the whole
+        batch for nothing."""
+        smaller = [b for b in self._paid if b < target_batch]
+        return bool(smaller) and not self._paid[max(smaller)]
+
+    def _draft_prefillable(self, row: _Sequence) -> bool:
+        """Whether a draft prefill can take the row's sequence (all of it but the last token)."""
+        return len(row.sequence) - 1 <= max(self.draft.layout.prompt_buckets)
+
+    def _draft_prefill_s(self, draft_batch: int) -> float | None:
+        """A draft prefill's cost at this batch bucket: measured, else the target's verify forward
+        as a first guess (a forward over a few dozen tokens of the smaller model); None: neither known."""
+        measured = self.costs.get(DRAFT_PREFILL, draft_batch)
+        return measured if measured is not None else self.costs.get(VERIFY_CALL, self.target.layout.batch_bucket(draft_batch))
+
+    def _catch_up_drafts(self) -> None:
+        """Prefill the draft, in one call, for the rows this round has speculate whose draft cache is
+        empty (an adaptive row's draft is not prefilled at admission) or lags by more than stepping
+        through costs: each gets all of its sequence but the last token, which the round feeds."""
+        if self.draft is None or self.draft.ngram:
+            return
+        speculating = [row for row in self.slots.values() if row.round_k and not row.finish]
+        if not speculating:
+            return
+        batch = self.draft.layout.batch_bucket(max(row.slot for row in speculating) + 1)
+        step_s, prefill_s = self.costs.get(DRAFT_STEP, batch) or 0.0, self._draft_prefill_s(batch)
+        rows = [row for row in speculating if self._draft_prefillable(row) and (
+            not row.draft_cached
+            or (prefill_s is not None and catch_up_s(len(row.sequence) - row.draft_cached, step_s) > prefill_s))]
+        if not rows:
+            return
+        prompts: list[tuple[int, ...] | None] = [None] * (max(row.slot for row in rows) + 1)
+        for row in rows:
+            prompts[row.slot] = tuple(row.sequence[:-1])
+        started = time.perf_counter()
+        try:
+            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, prompts))
+        except DraftUnavailable as exc:
+            self._lose_draft(exc)
+            for row in self.slots.values():
+                row.round_k = 0
+            return
+        elapsed = time.perf_counter() - started
+        self._called(elapsed)
+        self.costs.observe(DRAFT_PREFILL, self.draft.layout.batch_bucket(len(prompts)), elapsed)
+        for row in rows:
+            row.draft_cached = len(row.sequence) - 1
 
     def _accepted(self, row: _Sequence, accepted: int, k: int) -> None:
         """Count a verified round into the row's and the pair's acceptance: `accepted` of k proposals,

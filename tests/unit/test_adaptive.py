@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, choose_k,
+from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, catch_up_s, choose_k,
                                          expected_tokens, explore, rates, round_plan_k)
 from cluster.generation.engine import DecodeBatch, DecoderEndpoint, GenerationRequest
 from cluster.generation.layout import DecoderLayout
@@ -185,3 +185,45 @@ def test_a_rounds_fixed_overhead_favours_fewer_longer_rounds():
     assert choose_k(rows, 0, **costs) == 0
     assert choose_k(rows, 0, **costs, overhead_s=8e-3) > 0  # every round pays it: tokens per round count more
     assert rates(rows, 0, **costs, overhead_s=8e-3)[0] == pytest.approx(1 / 16.7e-3)
+
+
+def test_multi_step_rounds_and_a_draft_prefill_enter_the_costs():
+    rows = [SpeculatingRow(acceptance=0.7, pinned=0, cap=4, pending=1)]
+    costs = dict(decode_s=7.6e-3, verify_s=10.6e-3, draft_step_s=4e-3, overhead_s=3e-3)
+    # plain rounds run five decode steps per call here: the round's overhead is paid once for five tokens
+    assert rates(rows, 0, **costs, decode_steps=5)[0] == pytest.approx(1 / (7.6e-3 + 3e-3 / 5))
+    assert choose_k(rows, 0, **costs) == 2 and choose_k(rows, 0, **costs, decode_steps=5) == 0
+    # a draft 60 tokens behind (never prefilled) catches up by one prefill when stepping costs more
+    assert catch_up_s(60, 4e-3) == pytest.approx(59 * 4e-3) and catch_up_s(60, 4e-3, 12e-3) == 12e-3
+    assert catch_up_s(2, 4e-3, 12e-3) == 4e-3
+    behind = [SpeculatingRow(acceptance=0.7, pinned=0, cap=4, pending=60)]
+    assert rates(behind, 0, **costs, draft_prefill_s=12e-3)[2] == pytest.approx(
+        expected_tokens(0.7, 2) / (10.6e-3 + 2 * 4e-3 + 12e-3 / CATCH_UP_ROUNDS + 3e-3))
+
+
+def test_a_batch_size_is_not_measured_when_speculation_lost_at_a_smaller_one():
+    batch, draft = _batch()
+    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
+    first = next(iter(batch.slots.values()))
+    first.started, first.cached = True, 2
+    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 50e-3)):
+        batch.costs.observe(kind, 1, seconds)
+    batch._choose_round_k()
+    assert first.round_k == 0  # alone, a slow draft does not pay
+    for prompt in ((4, 5), (6, 7, 8)):
+        batch.open(GenerationRequest((prompt,), 8), draft)
+    for row in batch.slots.values():
+        row.started, row.cached = True, len(row.sequence) - 1
+    batch._choose_round_k()  # batch bucket 4: nothing measured, but speculation lost at 1
+    assert [row.round_k for row in batch.slots.values()] == [0, 0, 0]
+    batch.costs.set("draft_step", 1, 0.1e-3)  # the draft got cheap: alone, it speculates again...
+    batch.close(2)
+    batch.close(3)
+    batch._choose_round_k()
+    assert first.round_k > 0
+    for session in (4, 5):  # ...and a bigger batch measures speculation before deciding
+        batch.open(GenerationRequest(((9, 9),), 8), draft)
+    for row in batch.slots.values():
+        row.started, row.cached = True, len(row.sequence) - 1
+    batch._choose_round_k()
+    assert [row.round_k for row in batch.slots.values()] == [2, 2, 2]

@@ -331,6 +331,40 @@ def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, l
         assert stats.target_only_steps == 2 * 13
 
 
+def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, monkeypatch):
+    """Adaptive rows skip the draft's prefill at admission: a batch whose rounds never speculate
+    never calls the draft; rounds that start speculating after plain ones first prefill the draft
+    for all their rows in one call (their caches were empty), then propose; greedy output is the
+    target's throughout."""
+    from cluster.generation import engine
+    from cluster.generation.engine import GenerationRequest
+
+    _, target, draft, _ = pair
+    coordinator = target.coordinator
+    expected = generate(target, PROMPTS[:2], max_new_tokens=16).sequences
+    choices = iter([])
+    monkeypatch.setattr(engine, "explore", lambda *a, **k: next(choices, 2))  # what each adaptive round picks
+    monkeypatch.setattr(engine.DecodeBatch, "_lost_below", lambda self, batch: False)  # whatever earlier tests measured
+
+    def run(picks):
+        nonlocal choices
+        choices = iter(picks)
+        counting = _LosingDraft(draft.coordinator)
+        session = coordinator.generate_open(GenerationRequest(tuple(map(tuple, PROMPTS[:2])), 16), counting)
+        for _ in range(40):
+            if coordinator.generate_step(session).done:
+                break
+        return coordinator.generate_close(session), counting.calls
+
+    summary, calls = run([0] * 40)
+    assert summary.generated == expected and summary.speculation.proposed == 0
+    assert calls == {"decode_loop": 0, "forward_bucket": 0}
+    monkeypatch.setattr(engine.DecodeBatch, "MAX_DECODE_STEPS", 1)  # so the rows still fit the draft's prompt bucket (16)
+    summary, calls = run([0, 0, 0])  # three plain rounds, then k = 2 from the fourth on
+    assert summary.generated == expected and summary.speculation.proposed > 0
+    assert calls["forward_bucket"] == 1 and calls["decode_loop"] >= 1
+
+
 def test_a_resumed_sequence_continues_the_same_random_stream(pair):
     """A sequence carried on elsewhere (its prompt plus what it had generated, `resumed`) generates what it
     would have: each round's generator comes from the sequence's seed and length."""
