@@ -369,9 +369,10 @@ class DecodeBatch:
             row.new_round()
         self._choose_round_k()
         self._catch_up_drafts()
+        proposals = self._ngram_proposals()  # before the plan: a round where no row's tokens repeat is a plain one
         plan = plan_round([s.state() for s in self.slots.values()])
         if plan.step == VERIFY:
-            self._speculative_round(plan)
+            self._speculative_round(plan, proposals)
         elif plan.step == DECODE:
             steps = self._multi_steps(plan.target.width, bool(plan.prefill))
             if steps > 1:
@@ -445,18 +446,16 @@ class DecodeBatch:
             if row.draft_lost:
                 row.stats.target_only_steps += len(tokens)
 
-    def _speculative_round(self, plan: RoundPlan) -> None:
+    def _speculative_round(self, plan: RoundPlan, ngram_proposals: torch.Tensor | None = None) -> None:
         """One draft/verify round over every running row: gpt-fast's `speculative_decode`, batched.
 
-        Rows that do not speculate ride along in the verify forward with their one token.
+        Rows that do not speculate ride along in the verify forward with their one token. With
+        n-gram lookup instead of a draft model, `ngram_proposals` are the rows' proposals.
         """
         rows = [self.slots[slot] for slot in plan.running]
         drafted = [row for row in rows if row.round_k]
         if self.draft.ngram:
-            proposals = self._ngram_proposals(drafted)
-            if proposals is None:  # no row's tokens repeat: a plain decode round
-                self._decode_round(plan)
-                return
+            proposals = ngram_proposals
             fed = [list(tokens) for tokens in plan.target.tokens]
             for row in drafted:
                 fed[row.slot] += proposals[row.slot, : row.round_k].tolist()
@@ -522,9 +521,15 @@ class DecodeBatch:
             kept = 1 + a if self.draft.ngram else draft_tokens_kept(plan.draft.tokens[row.slot], a, plan.k_max)
             row.advance(emitted, target=1 + a, draft=kept)
 
-    def _ngram_proposals(self, drafted: list[_Sequence]) -> torch.Tensor | None:
-        """Each speculating row's n-gram proposals, up to its round's k, by slot [B, k_max] (0-padded);
-        a row without a match proposes none this round (its round_k drops to 0). None: no row has any."""
+    def _ngram_proposals(self) -> torch.Tensor | None:
+        """With n-gram lookup as the draft, each speculating row's proposals, up to its round's k, by
+        slot [B, k_max] (0-padded); a row without a match proposes none this round (its round_k drops
+        to 0, so a round where none has any is a plain one: multi-step). None: no row has any."""
+        if self.draft is None or not self.draft.ngram:
+            return None
+        drafted = [row for row in self.slots.values() if row.round_k and not row.finish]
+        if not drafted:
+            return None
         started = time.perf_counter()
         found = {}
         for row in drafted:

@@ -456,6 +456,26 @@ def test_ngram_proposer_without_a_draft_model(pair):
     assert all(len(s) == 16 for s in sampled.sequences)
 
 
+def test_ngram_rounds_without_a_match_decode_several_steps_in_one_call(pair, monkeypatch):
+    from cluster.generation import NGRAM_DRAFT
+    from cluster.rank import RankWorker
+
+    _, target, _, _ = pair
+    steps, real = [], RankWorker.decode_steps
+
+    def counted(self, plan):
+        if self.rank == 0:
+            steps.append(plan.steps)
+        return real(self, plan)
+
+    monkeypatch.setattr(RankWorker, "decode_steps", counted)
+    prompt = [[40, 41, 42, 43, 44, 45, 46, 47]]  # nothing repeats until the model repeats itself
+    plain = generate(target, prompt, max_new_tokens=24)
+    steps.clear()
+    spec = generate(target, prompt, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=3)
+    assert spec.sequences == plain.sequences and steps and max(steps) > 1  # no match: multi-step, not one step
+
+
 def test_ngram_lookup_index_agrees_with_the_plain_search():
     import random
 
