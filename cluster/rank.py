@@ -53,9 +53,10 @@ def collect_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class _DraftShard:
     """A fused draft on this rank: the whole (TP=1) draft model, its graphs bound to its weights."""
 
-    calls: list[Any]
+    calls: list[Any]  # None until the bucket is first run (see RankWorker._bound)
     weights: dict[str, torch.Tensor] | None
     aliases: dict[str, int]
+    blobs: list[bytes]
 
 
 class RankWorker:
@@ -197,7 +198,7 @@ class RankWorker:
         """Largest difference between the graph and the eager module on the example (all ranks run it)."""
         with torch.no_grad():
             expected = _flat(self._model(*example))
-            got = _flat(self._calls[bucket](*example))
+            got = _flat(self._bound(bucket)(*example))
         if len(expected) != len(got):
             return float("inf")
         return max((float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(expected, got)), default=0.0)
@@ -205,9 +206,24 @@ class RankWorker:
     def finish_trace(self) -> None:
         self._model = None  # the graphs (and separated weights) are all a rank keeps
 
+    def _bound(self, bucket: int, draft: bool = False) -> Any:
+        """Bucket `bucket`'s graph bound to the weights; a graph loaded from a folder is deserialized
+        here, on its first run (see `load`)."""
+        if draft:
+            call = self._draft.calls[bucket]
+            if call is None:
+                graph = self._backend.load(self._draft.blobs[bucket], f"rank {self.rank} fused draft bucket {bucket} graph")
+                call = self._draft.calls[bucket] = self._backend.bind(graph, self._draft.weights, self._draft.aliases)
+            return call
+        call = self._calls[bucket]
+        if call is None:
+            self._set_graph(bucket, self._backend.load(self._blobs[bucket], f"rank {self.rank} bucket {bucket} graph"))
+            call = self._calls[bucket]
+        return call
+
     def _set_graph(self, bucket: int, graph: Any) -> None:
         self._graphs[bucket] = graph
-        self._calls[bucket] = self._backend.bind(graph, self._weights)
+        self._calls[bucket] = self._backend.bind(graph, self._weights, self._aliases)
 
     # -- serving ----------------------------------------------------------------------------
     def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...], draft: bool = False) -> Any:
@@ -227,8 +243,8 @@ class RankWorker:
         try:
             with torch.no_grad():
                 if draft:
-                    return self._run_graph(self._draft.calls[bucket], self._draft.weights, self._draft.aliases, inputs)
-                return self._run_graph(self._calls[bucket], self._weights, self._aliases, inputs)
+                    return self._run_graph(self._bound(bucket, True), self._draft.weights, self._draft.aliases, inputs)
+                return self._run_graph(self._bound(bucket), self._weights, self._aliases, inputs)
         finally:
             self._run_s += time.perf_counter() - started
             self._runs += 1
@@ -241,6 +257,8 @@ class RankWorker:
             return outputs
         for name, index in aliases.items():
             state, new = weights[name], outputs[index]
+            if _leading_rows_of(new, state):
+                continue  # written in place by the graph (cluster.trace.backends._serving_module)
             if new.shape == state.shape:
                 state.copy_(new)
             elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
@@ -368,7 +386,12 @@ class RankWorker:
 
     def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int,
              aliases: dict[str, int] | None = None) -> float:
-        """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took."""
+        """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took.
+
+        With a backend that `loads_lazily` (cpu), a graph is deserialized on its bucket's first run
+        instead: ~0.3 s of CPU per graph, ~5-8 s for the shipped target's 18 when a rank is rebuilt,
+        most of them buckets a replica may never run (the files were checked against the manifest
+        when they were read)."""
         started = time.perf_counter()
         if threads > 0:
             torch.set_num_threads(threads)
@@ -379,8 +402,9 @@ class RankWorker:
         self._weights = weights
         self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)
         self._blobs = list(graphs)
-        for bucket, blob in enumerate(graphs):
-            self._set_graph(bucket, self._backend.load(blob, f"rank {self.rank} bucket {bucket} graph"))
+        if not self._backend.loads_lazily:
+            for bucket in range(len(graphs)):
+                self._bound(bucket)
         return time.perf_counter() - started
 
     def load_draft(self, graphs: list[bytes], weights: dict[str, torch.Tensor] | None,
@@ -390,9 +414,10 @@ class RankWorker:
         if self._backend is None:
             raise ClusterError("load the target's shard before its fused draft")
         own = {k: v.clone() for k, v in weights.items()} if weights is not None else None
-        calls = [self._backend.bind(self._backend.load(blob, f"rank {self.rank} fused draft bucket {bucket} graph"), own)
-                 for bucket, blob in enumerate(graphs)]
-        self._draft = _DraftShard(calls, own, dict(aliases or {}))
+        self._draft = _DraftShard([None] * len(graphs), own, dict(aliases or {}), list(graphs))
+        if not self._backend.loads_lazily:
+            for bucket in range(len(graphs)):
+                self._bound(bucket, draft=True)
 
     def weight_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         if self._weights is None:
@@ -405,7 +430,8 @@ class RankWorker:
             for key, value in new.items():
                 self._weights[key].copy_(value)
             for bucket, graph in enumerate(self._graphs):  # backends that copy weights at bind time
-                self._calls[bucket] = self._backend.bind(graph, self._weights)
+                if graph is not None:  # (one not loaded yet binds the new values when it is)
+                    self._calls[bucket] = self._backend.bind(graph, self._weights, self._aliases)
 
     def ping(self) -> int:
         return self.rank
@@ -417,6 +443,12 @@ class RankWorker:
         if reset:
             self._run_s, self._runs = 0.0, 0
         return out
+
+
+def _leading_rows_of(new: torch.Tensor, state: torch.Tensor) -> bool:
+    """`new` is the state's own leading rows (a view of them), not a tensor to copy in."""
+    return (new.data_ptr() == state.data_ptr() and new.dtype == state.dtype and new.shape[1:] == state.shape[1:]
+            and new.shape[0] <= state.shape[0] and new.stride() == state.stride())
 
 
 def _flat(outputs: Any) -> list[torch.Tensor]:

@@ -13,11 +13,14 @@ the serialized program (JSON) in the header metadata. Nothing in them is unpickl
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import inspect
 import json
 import struct
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +32,7 @@ from torch.utils._pytree import tree_unflatten
 from cluster.errors import ArtifactError, BackendUnavailable
 
 _PROGRAM_KEY = "tpcluster.program"
+_DESERIALIZING = threading.Lock()
 
 
 #: the torch the cpu backend (and the neuron backend's native path, which saves graphs as it does) is tested with
@@ -107,6 +111,8 @@ class Backend:
     name = "base"
     #: a graph traced on one rank may run on every rank with that rank's weights
     shares_graphs = False
+    #: a rank loading a saved model may deserialize each graph on its bucket's first run (RankWorker.load)
+    loads_lazily = False
 
     def trace(self, model: nn.Module, example: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor] | None,
               compiler_workdir: str | None = None, compiler_args: Any = None) -> Any:
@@ -118,7 +124,10 @@ class Backend:
     def load(self, blob: bytes, source: str) -> Any:
         raise NotImplementedError
 
-    def bind(self, graph: Any, weights: dict[str, torch.Tensor] | None) -> Callable[..., Any]:
+    def bind(self, graph: Any, weights: dict[str, torch.Tensor] | None,
+             state: dict[str, int] | None = None) -> Callable[..., Any]:
+        """`graph` as a callable over `weights`. `state` (io_aliases: weight name -> output index) says which
+        outputs are new values of which weights; a backend may write those in place (the rank then copies nothing)."""
         raise NotImplementedError
 
     def prepare_rank(self, rank: int, world_size: int, node: str) -> None:
@@ -139,6 +148,7 @@ class _WeightsAsInputs(nn.Module):
 class CpuBackend(Backend):
     name = "cpu"
     shares_graphs = True
+    loads_lazily = True
 
     def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
         with torch.no_grad():
@@ -177,11 +187,12 @@ class CpuBackend(Backend):
         state.update({k.removeprefix("param/"): nn.Parameter(v, requires_grad=False) for k, v in tensors.items() if k.startswith("param/")})
         constants = {k.removeprefix("const/"): v for k, v in tensors.items() if k.startswith("const/")}
         try:
-            return deserialize_program(program, state, constants)
+            with _DESERIALIZING:  # torch's deserializer is not safe in two threads of one process
+                return deserialize_program(program, state, constants)
         except Exception as exc:
             raise ArtifactError(f"{source}: graph does not deserialize with torch {torch.__version__}: {exc}") from exc
 
-    def bind(self, graph, weights):
+    def bind(self, graph, weights, state=None):
         # The coordinator checks every input against its bucket's signature before a rank sees it;
         # torch.export's own per-call guard and constraint checks cost ~1 ms a step on these machines.
         if weights is not None:
@@ -190,7 +201,8 @@ class CpuBackend(Backend):
             if missing:
                 raise ArtifactError(f"the graph needs weights the rank does not hold: {missing[:8]}")
             if _flat_user_program(graph, len(order)):
-                return _FlatCall(graph, [weights[name] for name in order])
+                positions = {order.index(name): index for name, index in (state or {}).items() if name in order}
+                return _FlatCall(graph, [weights[name] for name in order], positions)
         module = graph.module(check_guards=False)
         module.validate_inputs = False
         if weights is None:
@@ -216,16 +228,86 @@ class _FlatCall:
 
     What `ExportedProgram.module()` would run, without building it: unlifting copies the graph and
     regenerates its code (~0.1 s of CPU per bucket graph here, ~20% of a rank's load), and has
-    nothing to unlift when the weights are inputs (see `_flat_user_program`).
+    nothing to unlift when the weights are inputs (see `_flat_user_program`). The module run is
+    `_serving_module`'s, made on the first call (so loading a rank's graphs pays nothing for it).
     """
 
-    def __init__(self, graph: torch.export.ExportedProgram, weights: list[torch.Tensor]) -> None:
-        self._module = graph.graph_module
+    def __init__(self, graph: torch.export.ExportedProgram, weights: list[torch.Tensor],
+                 state: dict[int, int] | None = None) -> None:
+        self._graph = graph
+        self._state = dict(state or {})  # input position of a state weight -> its output index
+        self._module: Callable[..., Any] | None = None
         self._weights = weights
         self._out_spec = graph.call_spec.out_spec
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self._module is None:
+            self._module = _serving_module(self._graph, self._state)
         return tree_unflatten(list(self._module(*self._weights, *inputs)), self._out_spec)
+
+
+_SERVING_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # program -> {state key: module}
+
+
+def _serving_module(graph: torch.export.ExportedProgram, state: dict[int, int]) -> torch.fx.GraphModule:
+    """The program's graph module, rewritten to run cheaper with the same outputs (made once per program
+    and state, on a copy: the program itself stays as traced, and is saved as traced).
+
+    - A state output that is the state input's leading rows with new entries scattered in
+      (`scatter(state[:B], ...)`, the KV-cache write of cluster.models.llama) scatters into the
+      state in place: its output is then the state's own rows and the rank copies nothing back.
+      A functional program copies each cache's rows twice a step (into the scatter's result, then
+      back into the state): 24 copies of 256 KB a decode step of the shipped target, ~0.5 ms of 6.
+    - torch.export's dtype assertions (`_assert_tensor_metadata`, one per `.to()`) and `.to()` calls
+      to the dtype a tensor already has go: the inputs are checked against the bucket's signature
+      before a rank runs the graph, and every dtype inside follows from those (~0.3 ms a step).
+    """
+    key = tuple(sorted(state.items()))
+    cached = _SERVING_MODULES.setdefault(graph, {})
+    if key in cached:
+        return cached[key]
+    source = graph.graph_module
+    new = copy.deepcopy(source.graph)
+    placeholders = [node for node in new.nodes if node.op == "placeholder"]
+    outputs = next(node for node in new.nodes if node.op == "output").args[0]
+    for position, index in state.items():
+        _scatter_in_place(placeholders[position], outputs[index] if index < len(outputs) else None)
+    for node in list(new.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _aten._assert_tensor_metadata.default and not node.users:
+            new.erase_node(node)
+        elif (node.target is _aten.to.dtype and len(node.args) == 2 and not node.kwargs
+              and _dtype_of(node.args[0]) == node.args[1]):
+            node.replace_all_uses_with(node.args[0])  # `.to()` to its own dtype returns the tensor itself
+            new.erase_node(node)
+    module = torch.fx.GraphModule(source, new)
+    cached[key] = module
+    return module
+
+
+_aten = torch.ops.aten
+
+
+def _scatter_in_place(state: torch.fx.Node, output: Any) -> bool:
+    """Turn `output = scatter(state[:B] or state, ...)` into the in-place scatter, where the state input
+    is read by nothing else (so no node can see it before or after the write)."""
+    if not isinstance(output, torch.fx.Node) or output.target is not _aten.scatter.src:
+        return False
+    base = output.args[0]
+    if base is not state:
+        if not (isinstance(base, torch.fx.Node) and base.target is _aten.slice.Tensor and base.args[0] is state
+                and tuple(base.args[1:3]) == (0, 0) and len(base.users) == 1):
+            return False
+    if len(state.users) != 1:
+        return False
+    output.target = _aten.scatter_.src
+    return True
+
+
+def _dtype_of(node: Any) -> torch.dtype | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 class EagerBackend(Backend):
@@ -239,7 +321,7 @@ class EagerBackend(Backend):
     def dump(self, graph) -> bytes:
         raise ArtifactError("backend 'eager' keeps no graph to save; trace with backend='cpu' to save the model")
 
-    def bind(self, graph, weights):
+    def bind(self, graph, weights, state=None):
         return graph  # the module holds the very tensors of `weights`: in-place replacement reaches it
 
 

@@ -192,7 +192,7 @@ class XlaNeuronBackend(_NeuronBase):
         except Exception as exc:
             raise ArtifactError(f"{source}: cannot load Neuron graph: {exc}") from exc
 
-    def bind(self, graph, weights):
+    def bind(self, graph, weights, state=None):
         call = self._bound.get(id(graph))
         if call is None:
             call = self._bound[id(graph)] = _XlaCall(graph, weights, self.rank, self.world_size)
@@ -233,6 +233,7 @@ class NativeNeuronBackend(_NeuronBase, CpuBackend):
     """trn2/trn3: the shard exported with torch.export (functional collectives on the `neuron` group),
     saved as the cpu backend saves it, compiled on the rank with torch.compile(backend="neuron")."""
 
+    loads_lazily = False  # compiled for the device when bound: at load, as on the other Neuron path
     path = "native"
     device = "neuron"
 
@@ -242,7 +243,7 @@ class NativeNeuronBackend(_NeuronBase, CpuBackend):
         # A group of its own beside the gloo control group; creating it runs TorchNeuron's runtime setup.
         return NativeCollectives(dist.new_group(list(range(self.world_size)), backend="neuron"))
 
-    def bind(self, graph, weights):
+    def bind(self, graph, weights, state=None):
         call = self._bound.get(id(graph))
         if call is None:
             module = graph.module(check_guards=False)
