@@ -31,10 +31,14 @@ _INLINE_BYTES = 1 << 16  # arguments up to this size travel inside the call; lar
 
 class RayRankGroup(RankGroup):
     def __init__(self, world_size: int, placement_timeout_s: float, name: str | None = None,
-                 node_ip: str | None = None, on_lost: Callable[["RayRankGroup", RankFailure], None] | None = None) -> None:
+                 node_ip: str | None = None, on_lost: Callable[["RayRankGroup", RankFailure], None] | None = None,
+                 rank_calls: str = "auto") -> None:
         """`on_lost(group, failure)` is called, from a thread of its own, as soon as a rank's process
-        dies (not at the next call to it); never after `close`."""
+        dies (not at the next call to it); never after `close`. `rank_calls`: how per-step calls
+        travel (`CoordinatorConfig.rank_calls`, `uses_graph`)."""
         self.world_size = world_size
+        self._rank_calls = rank_calls
+        self._graph_calls: bool | None = None  # decided when the ranks first serve (`_compile`)
         self._closed = False
         largest, total = neuron_core_capacity()
         if largest < world_size:
@@ -137,13 +141,25 @@ class RayRankGroup(RankGroup):
     def speculate(self, plan: Any, timeout: float) -> Any:
         return self._serve("speculate", (plan,), timeout)
 
+    def describe(self, timeout: float) -> list[dict[str, Any]]:
+        infos = super().describe(timeout)
+        if self._graph_calls is not None:  # once decided: how the per-step calls reach the ranks
+            for info in infos:
+                info["rank_calls"] = "graph" if self._graph_calls else "actor"
+        return infos
+
     def _compile(self, timeout: float) -> None:
-        if self._steps is None:
-            self._pids = [info["pid"] for info in self.describe(timeout)]
+        if self._graph_calls is None:
+            infos = self.describe(timeout)
+            self._pids = [info["pid"] for info in infos]
+            self._graph_calls = uses_graph(self._rank_calls, infos[0].get("backend", ""))
+        if self._graph_calls and self._steps is None:
             self._steps = StepGraph(self._actors, timeout)
 
     def _serve(self, method: str, args: tuple, timeout: float) -> Any:
         self._compile(timeout)
+        if not self._graph_calls:
+            return self._fan_out(method, [args] * self.world_size, timeout)[0]
         try:
             return self._steps.run(method, args, timeout)[0]
         except RayTaskError as exc:  # raised inside a rank; the graph goes on serving
@@ -186,6 +202,20 @@ class RayRankGroup(RankGroup):
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
+
+
+def uses_graph(rank_calls: str, backend: str) -> bool:
+    """Whether a replica's per-step calls go through a compiled graph (`StepGraph`) rather than as
+    ordinary actor calls. "auto": not on the host backends (cpu, eager), where the model computes on
+    the node's own cores: a compiled graph's readers wait by spinning (Ray 2.60 polls its shared-memory
+    channels with sched_yield), so the coordinator burns a core for the whole of every rank call and
+    each idle rank burns one between calls (measured here: 51 ms of CPU for a 50 ms call, 2.0 s of CPU
+    per rank over 2 idle seconds), and on a 2-core node that is the ranks' compute: TP=2 decode of
+    the shipped target 75-100 tok/s through the graph against 118-129 tok/s with actor calls, TP=1
+    about the same. On a device backend the host cores only wait, and the graph's hop is the shorter."""
+    if rank_calls == "auto":
+        return backend not in ("cpu", "eager")
+    return rank_calls == "graph"
 
 
 def _inline(value: Any) -> bool:

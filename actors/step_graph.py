@@ -10,6 +10,11 @@ graph is compiled.
 
 The graph is compiled once the replica holds its shards and torn down with its rank group: a
 replica that loses a rank gets a new rank group, and with it a new graph.
+
+Its readers wait by spinning: Ray 2.60 polls a channel with sched_yield, so the coordinator burns a
+core for the whole of each call and every rank burns one while it waits for the next. On the cpu
+backend, where those cores are the model's, a replica's per-step calls are ordinary actor calls
+instead (`CoordinatorConfig.rank_calls`, `actors.rank_group.uses_graph`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ from cluster.trace.backends import get_backend
 from cluster.trace.config import TraceSpec
 
 
+RANK_CALLS = ("auto", "graph", "actor")
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """Every bound on a replica's waits, in one place (the gateway and batch jobs read them too)."""
@@ -39,6 +42,9 @@ class CoordinatorConfig:
     placement_timeout_s: float = 30.0  # NeuronCores for the ranks: else CapacityError, never a pending actor
     close_timeout_s: float = 10.0  # a coordinator's orderly close, before it is killed
     threads_per_rank: int = 0  # 0: this node's CPUs divided among the ranks
+    # How the per-step calls reach the ranks (actors.rank_group): "graph" (a Ray Compiled Graph),
+    # "actor" (ordinary actor calls), "auto" (actor calls on the cpu backend, the graph otherwise).
+    rank_calls: str = "auto"
     verify_tolerance: float = 1e-4
     rebuild_backoff: Backoff = Backoff()  # between attempts to rebuild a lost replica
 
@@ -47,6 +53,8 @@ class CoordinatorConfig:
                      "placement_timeout_s", "close_timeout_s", "verify_tolerance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CoordinatorConfig.{name} must be positive")
+        if self.rank_calls not in RANK_CALLS:
+            raise ValueError(f"CoordinatorConfig.rank_calls must be one of {RANK_CALLS}, got {self.rank_calls!r}")
 
 
 @dataclass

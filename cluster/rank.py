@@ -90,6 +90,7 @@ class RankWorker:
             "neuron_cores": os.environ.get("NEURON_RT_VISIBLE_CORES", ""),
             "threads": torch.get_num_threads(),
             "collectives": self.collective_transport(),
+            "backend": self._backend.name if self._backend is not None else "",
             "memory_bytes": _resident_bytes(),
         }
 

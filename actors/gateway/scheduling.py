@@ -91,6 +91,7 @@ class ReplicaScheduler:
         self._stream_id = f"gateway-{uuid.uuid4().hex}"
         self._rounds: AsyncIterator[GenerationRound] | None = None
         self._tags = itertools.count()
+        self.rounds = 0  # rounds the coordinator delivered (one batch step each, of one or more decode steps)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -277,6 +278,7 @@ class ReplicaScheduler:
                 lender.wake()
 
     def _deliver(self, result: GenerationRound) -> None:
+        self.rounds += 1
         for tag, outcome in zip(result.tags, result.opened):
             generation = self.admitted.pop(tag, None)
             if generation is None:  # admitted by a stream that failed since: nobody waits for it

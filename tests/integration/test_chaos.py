@@ -136,3 +136,32 @@ def test_idle_rank_loss_is_pushed_to_health_watchers(served, folder):
             assert gateway.models["model"].carried_on == 1  # it was cut, and went on after the rebuild
     finally:
         gateway.close()
+
+
+@pytest.mark.parametrize("rank_calls", ["graph", "actor"])
+def test_both_kinds_of_rank_call_serve_and_survive_a_rank_kill(folder, rank_calls):
+    """Per-step calls through a compiled graph (the device backends' default) or as actor calls (the
+    cpu backend's): the same tokens; after a rank is killed the replica rebuilds (new rank processes)
+    and serves the same tokens through the same kind of call."""
+    from cluster.coordinator import CoordinatorConfig
+    from cluster.errors import ClusterError
+    from cluster.generation import generate
+    from cluster.trace import parallel_model_load
+
+    prompt = [5, 9, 17, 3, 8]
+    with parallel_model_load(folder, CoordinatorConfig(rank_calls=rank_calls)) as model:
+        expected = generate(model, [prompt], max_new_tokens=12).sequences
+        ranks = model.coordinator.describe_ranks()
+        assert {info["rank_calls"] for info in ranks} == {rank_calls}
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                got = generate(model, [prompt], max_new_tokens=12).sequences
+                break
+            except ClusterError as exc:  # the replica is rebuilding
+                assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
+                time.sleep(0.5)
+        assert got == expected
+        after = model.coordinator.describe_ranks()
+        assert {info["rank_calls"] for info in after} == {rank_calls} and after[1]["pid"] != ranks[1]["pid"]

@@ -68,6 +68,26 @@ def test_generate_streams_what_transformers_generates(decoders):
         assert _tokens(raw)[0] == expected
 
 
+def test_the_library_api_on_the_gateways_replica_and_the_rounds_it_counts(decoders):
+    """What `tpcluster bench --only step` compares: a Generate stream, and the library API on the same
+    replica; the scheduler counts the coordinator's rounds (one or more tokens each for one stream)."""
+    from transformers import AutoTokenizer
+
+    from cluster.generation import generate
+    from cluster.trace.model import ParallelModel
+
+    served, _ = decoders
+    scheduler = served.models["target"].schedulers[0]
+    before = scheduler.rounds
+    with Client(served.target) as client:
+        ids, _, stats = _tokens(client.generate_stream(PROMPT, model="target", max_new_tokens=20))
+    rounds = scheduler.rounds - before
+    assert stats.generated_tokens == 20 and 1 <= rounds <= 20
+    prompt_ids = AutoTokenizer.from_pretrained(pair_path())(PROMPT)["input_ids"]
+    library = generate(ParallelModel(scheduler.replica.coordinator), [prompt_ids], max_new_tokens=20)
+    assert library.sequences[0] == ids and scheduler.rounds - before == rounds  # the gateway's stream saw none of it
+
+
 def test_a_fused_draft_speculates_on_the_targets_own_ranks(decoders):
     """"fused" holds the draft on its ranks: naming it speculates with no draft replica borrowed; the
     tokens are the target's (greedy), and seeded sampling gives what the separate draft gives."""
