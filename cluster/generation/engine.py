@@ -374,7 +374,10 @@ class DecodeBatch:
         if plan.step == VERIFY:
             self._speculative_round(plan, proposals)
         elif plan.step == DECODE:
-            steps = self._multi_steps(plan.target.width, bool(plan.prefill))
+            # a row that pins its n-gram k looks for a match at every position: one step a round
+            pinned_ngram = self.draft is not None and self.draft.ngram and any(
+                row.k and not row.adaptive and not row.finish for row in self.slots.values())
+            steps = 1 if pinned_ngram else self._multi_steps(plan.target.width, bool(plan.prefill))
             if steps > 1:
                 self._multi_step_round(plan, steps)
             else:
@@ -524,7 +527,8 @@ class DecodeBatch:
     def _ngram_proposals(self) -> torch.Tensor | None:
         """With n-gram lookup as the draft, each speculating row's proposals, up to its round's k, by
         slot [B, k_max] (0-padded); a row without a match proposes none this round (its round_k drops
-        to 0, so a round where none has any is a plain one: multi-step). None: no row has any."""
+        to 0, so a round where none has any is a plain one: multi-step when every such row lets rounds
+        pick k). None: no row has any."""
         if self.draft is None or not self.draft.ngram:
             return None
         drafted = [row for row in self.slots.values() if row.round_k and not row.finish]

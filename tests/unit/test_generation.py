@@ -472,8 +472,11 @@ def test_ngram_rounds_without_a_match_decode_several_steps_in_one_call(pair, mon
     prompt = [[40, 41, 42, 43, 44, 45, 46, 47]]  # nothing repeats until the model repeats itself
     plain = generate(target, prompt, max_new_tokens=24)
     steps.clear()
-    spec = generate(target, prompt, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=3)
+    spec = generate(target, prompt, max_new_tokens=24, draft_model=NGRAM_DRAFT)  # adaptive k
     assert spec.sequences == plain.sequences and steps and max(steps) > 1  # no match: multi-step, not one step
+    steps.clear()
+    pinned = generate(target, prompt, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=3)
+    assert pinned.sequences == plain.sequences and not steps  # a pinned k looks for a match at every position
 
 
 def test_ngram_lookup_index_agrees_with_the_plain_search():
