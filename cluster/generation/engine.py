@@ -374,10 +374,7 @@ class DecodeBatch:
         if plan.step == VERIFY:
             self._speculative_round(plan, proposals)
         elif plan.step == DECODE:
-            # a row that pins its n-gram k looks for a match at every position: one step a round
-            pinned_ngram = self.draft is not None and self.draft.ngram and any(
-                row.k and not row.adaptive and not row.finish for row in self.slots.values())
-            steps = 1 if pinned_ngram else self._multi_steps(plan.target.width, bool(plan.prefill))
+            steps = self._multi_steps(plan.target.width, bool(plan.prefill))
             if steps > 1:
                 self._multi_step_round(plan, steps)
             else:
@@ -411,12 +408,17 @@ class DecodeBatch:
             if row.draft_lost:
                 row.stats.target_only_steps += 1
 
+    def _pinned_ngram(self) -> bool:
+        """A row pins its n-gram k: it looks for a match at every position, so plain rounds run one step."""
+        return self.draft is not None and self.draft.ngram and any(
+            row.k and not row.adaptive and not row.finish for row in self.slots.values())
+
     def _multi_steps(self, width: int, prefilling: bool) -> int:
         """How many decode steps a plain round over `width` cache rows runs in one call: 1 while rows
         wait to be prefilled, else what fits in MULTI_STEP_S at the measured cost of a step (one
         step first, to measure it). Rows with a draft that the round does not speculate take part:
         the adaptive choice weighs a decode step at what it costs as run."""
-        if self.target.decode_steps is None or prefilling:
+        if self.target.decode_steps is None or prefilling or self._pinned_ngram():
             return 1
         step_s = self.costs.get(DECODE_CALL, self.target.layout.batch_bucket(width))
         if not step_s:
@@ -682,8 +684,6 @@ class DecodeBatch:
             self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, prompts))
         except DraftUnavailable as exc:
             self._lose_draft(exc)
-            for row in self.slots.values():
-                row.round_k = 0
             return
         elapsed = time.perf_counter() - started
         self._called(elapsed)
@@ -703,7 +703,7 @@ class DecodeBatch:
         forgets the draft (a later request may bring one again, for itself)."""
         rows = [row for row in self.slots.values() if row.k]
         for row in rows:
-            row.k, row.draft_lost = 0, True
+            row.k, row.round_k, row.draft_lost = 0, 0, True
         self.draft = None
         log.warning("%s: %s; %d sequence(s) go on without speculation", self.target.name, str(exc).splitlines()[0],
                     len(rows))
