@@ -26,9 +26,26 @@ def to_wire(value: Any) -> Any:
     return tree_map(lambda x: x.detach().numpy() if isinstance(x, torch.Tensor) and x.dtype != torch.bfloat16 else x, value)
 
 
+class Pickled:
+    """An argument serialised once by its sender for every rank it goes to (actors.rank_group). Not a
+    bytes subclass: Ray's msgpack path would send that as plain bytes."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self) -> tuple:
+        return Pickled, (self.blob,)
+
+
 def from_wire(value: Any) -> Any:
-    """The inverse of to_wire: arrays back into (writable, owned) tensors."""
-    return tree_map(lambda x: torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x, value)
+    """The inverse of to_wire: arrays back into (writable, owned) tensors, `Pickled` arguments unpickled."""
+    def back(x: Any) -> Any:
+        if isinstance(x, Pickled):
+            return ray.cloudpickle.loads(x.blob)
+        return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
+    return tree_map(back, value)
 
 
 # Rank calls run one at a time (the default group); `watch` has a thread of its own, and the

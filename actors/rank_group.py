@@ -14,7 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import numpy as np
 from torch.utils._pytree import tree_leaves
 
-from actors.rank_actor import RankActor, from_wire, to_wire
+from actors.rank_actor import Pickled, RankActor, from_wire, to_wire
 from actors.runtime import SERVING_PROCESS_ENV, neuron_core_capacity
 from actors.step_graph import StepGraph
 from cluster.errors import CapacityError, RankFailure
@@ -26,7 +26,11 @@ _SMALL = (int, float, str, bool, type(None))
 # (OMP_WAIT_POLICY=PASSIVE) cost a TP=1 decode step of the shipped target 9.0 ms instead of 5.9 ms
 # (2 threads, 2-core node; libgomp's default spin, 300k, gave 5.2 ms but spins ~1 ms per wait).
 RANK_OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
-_INLINE_BYTES = 1 << 16  # arguments up to this size travel inside the call; larger ones through the object store
+# An argument every rank gets is serialised once: up to this size it travels inside each call (as
+# `Pickled` bytes), larger ones through the object store. A ray.put of even a small plan cost ~1.7 ms
+# of the coordinator's time per fan-out here (2 actors: 3.1 ms a call with it, 1.4 ms inline), which
+# was half of a TP=2 decode call's hop.
+_INLINE_BYTES = 1 << 16
 
 
 class RayRankGroup(RankGroup):
@@ -91,7 +95,7 @@ class RayRankGroup(RankGroup):
         ranks = list(range(len(args))) if ranks is None else list(ranks)
         if len(args) > 1 and all(a is args[0] for a in args):
             # the same arguments for every rank: serialise each large one once
-            shared = tuple(x if _inline(x) else ray.put(x) for x in to_wire(args[0]))
+            shared = tuple(_shared(x) for x in to_wire(args[0]))
             args = [shared] * len(args)
         else:
             args = [to_wire(a) for a in args]
@@ -218,11 +222,16 @@ def uses_graph(rank_calls: str, backend: str) -> bool:
     return rank_calls == "graph"
 
 
-def _inline(value: Any) -> bool:
+def _shared(value: Any) -> Any:
+    """One argument that every rank gets, serialised once: as it is when small and plain, as `Pickled`
+    bytes when small, else a reference into the object store."""
     if isinstance(value, _SMALL):
-        return True
+        return value
     leaves = tree_leaves(value)
-    return bool(leaves) and all(isinstance(x, np.ndarray) for x in leaves) and sum(x.nbytes for x in leaves) <= _INLINE_BYTES
+    if leaves and all(isinstance(x, np.ndarray) for x in leaves) and sum(x.nbytes for x in leaves) <= _INLINE_BYTES:
+        return value  # Ray sends small arrays inside the call without pickling them
+    blob = ray.cloudpickle.dumps(value)
+    return Pickled(blob) if len(blob) <= _INLINE_BYTES else ray.put(value)
 
 
 def remove_orphaned_group(name: str) -> bool:
