@@ -49,12 +49,12 @@ class CoordinatorActor:
         with self._creating:
             if self._coordinator is None:  # ranks are created here, not in __init__, so errors reach the caller
                 wait = self._config.placement_timeout_s
-                calls = self._config.rank_calls
+                calls, spares = self._config.rank_calls, self._config.spare_ranks
                 first = RayRankGroup(self._tp_degree, wait, name=self._group_name, node_ip=self._node_ip,
-                                     on_lost=self._rank_lost, rank_calls=calls)
+                                     on_lost=self._rank_lost, rank_calls=calls, spares=spares)
                 # a rebuild goes wherever the cores are: the first node may be the one that was lost
                 factory = lambda: RayRankGroup(self._tp_degree, wait, name=self._group_name,  # noqa: E731
-                                               on_lost=self._rank_lost, rank_calls=calls)
+                                               on_lost=self._rank_lost, rank_calls=calls, spares=spares)
                 self._coordinator = Coordinator(first, self._config, rank_group_factory=factory)
             return self._coordinator
 
@@ -210,6 +210,9 @@ class RemoteCoordinator:
 
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._call("describe_ranks", timeout=self.config.health_timeout_s)
+
+    def describe_spares(self) -> list[dict[str, Any]]:
+        return self._call("describe_spares", timeout=self.config.health_timeout_s)
 
     def health(self) -> list[int]:
         return self._call("health", timeout=self.config.health_timeout_s)

@@ -31,27 +31,31 @@ RANK_OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 # of the coordinator's time per fan-out here (2 actors: 3.1 ms a call with it, 1.4 ms inline), which
 # was half of a TP=2 decode call's hop.
 _INLINE_BYTES = 1 << 16
+SPARE_ANSWER_S = 0.2  # a spare not answering a ping within this is still starting: a lost rank does not wait for it
 
 
 class RayRankGroup(RankGroup):
     def __init__(self, world_size: int, placement_timeout_s: float, name: str | None = None,
                  node_ip: str | None = None, on_lost: Callable[["RayRankGroup", RankFailure], None] | None = None,
-                 rank_calls: str = "auto") -> None:
+                 rank_calls: str = "auto", spares: int = 0) -> None:
         """`on_lost(group, failure)` is called, from a thread of its own, as soon as a rank's process
         dies (not at the next call to it); never after `close`. `rank_calls`: how per-step calls
-        travel (`CoordinatorConfig.rank_calls`, `uses_graph`)."""
+        travel (`CoordinatorConfig.rank_calls`, `uses_graph`). `spares`: hot spare rank processes,
+        one more bundle (NeuronCore) each in the group's placement group (`replace_lost`)."""
         self.world_size = world_size
         self._rank_calls = rank_calls
         self._graph_calls: bool | None = None  # decided when the ranks first serve (`_compile`)
         self._closed = False
         largest, total = neuron_core_capacity()
-        if largest < world_size:
+        cores = world_size + spares
+        if largest < cores:
+            spare = f" and {spares} spare rank(s)" if spares else ""
             raise CapacityError(
-                f"tp_degree {world_size} needs {world_size} NeuronCores on one node, but the largest node has "
-                f"{largest} ({total} in the cluster): lower tp_degree or add a larger node"
+                f"tp_degree {world_size}{spare} needs {cores} NeuronCores on one node, but the largest node has "
+                f"{largest} ({total} in the cluster): lower tp_degree{' or spare_ranks' if spares else ''} or add a larger node"
             )
         # named, so whoever holds the model can remove it should this group's coordinator die
-        bundles: list[dict[str, float]] = [{"neuron_cores": 1} for _ in range(world_size)]
+        bundles: list[dict[str, float]] = [{"neuron_cores": 1} for _ in range(cores)]
         if node_ip:  # Ray's per-node resource pins the packed group to that node
             bundles[0][f"node:{node_ip}"] = 0.001
         self._pg = placement_group(bundles, strategy="STRICT_PACK", name=name or "")
@@ -63,19 +67,30 @@ class RayRankGroup(RankGroup):
                 f"{where} had {world_size} free NeuronCores within {placement_timeout_s:.0f} s "
                 "(other models hold them): close a model (ParallelModel.close()) or add capacity"
             )
-        self._actors = [
-            RankActor.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
-                resources={"neuron_cores": 1},
-                runtime_env={"env_vars": {**RANK_OPENMP_ENV, **SERVING_PROCESS_ENV}},
-            ).remote(rank, world_size)
-            for rank in range(world_size)
-        ]
+        self._actors = [self._start_rank(rank) for rank in range(world_size)]
+        self._bundle = list(range(world_size))  # rank -> its bundle index (a spare that took over keeps its own)
+        self._spares = [(bundle, self._start_rank(-1, bundle)) for bundle in range(world_size, cores)]
         self._steps: StepGraph | None = None  # compiled once the ranks hold their shards
         self._pids: list[int] = []
-        if on_lost is not None:
-            watches = [actor.watch.remote() for actor in self._actors]
-            threading.Thread(target=self._watch, args=(watches, on_lost), name="rank-watch", daemon=True).start()
+        self._on_lost = on_lost
+        self._watches = [actor.watch.remote() for actor in self._actors] if on_lost is not None else []
+        self._start_watch()
+
+    def _start_rank(self, rank: int, bundle: int | None = None) -> Any:
+        """A new process for `rank` (-1: a spare, warmed up), in a bundle of the group's placement group."""
+        actor = RankActor.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank if bundle is None else bundle),
+            resources={"neuron_cores": 1},
+            runtime_env={"env_vars": {**RANK_OPENMP_ENV, **SERVING_PROCESS_ENV}},
+        ).remote(rank, self.world_size)
+        if rank < 0:
+            actor.call.remote("warm_up")
+        return actor
+
+    def _start_watch(self) -> None:
+        if self._on_lost is not None:
+            threading.Thread(target=self._watch, args=(list(self._watches), self._on_lost), name="rank-watch",
+                             daemon=True).start()
 
     def _watch(self, watches: list, on_lost: Callable[["RayRankGroup", RankFailure], None]) -> None:
         """Wait for the first rank's `watch` call to end: it ends only when the rank's process dies."""
@@ -83,9 +98,63 @@ class RayRankGroup(RankGroup):
             ready, _ = ray.wait(watches, num_returns=1, timeout=None)
         except Exception:  # noqa: BLE001 - Ray itself is going away: nothing to report to
             return
-        if not self._closed and ready:
+        if not self._closed and ready and watches == self._watches:  # not a rank replaced since
             rank = watches.index(ready[0])
             on_lost(self, RankFailure(rank, f"rank {rank}'s process died"))
+
+    def replace_lost(self, timeout: float) -> list[int]:
+        """A process for each rank whose process died, while the others keep theirs, with their
+        shards: a hot spare's when one is ready, else a new one in the bundle (NeuronCore) the rank
+        held. Returns the ranks replaced; [] (and changes nothing) when no rank died, when no process
+        of the group answers, or when a rank does not answer within `timeout` (stuck): then the whole
+        group must be replaced. The
+        group must be formed again (`form_group`) and the new ranks loaded (`load(..., ranks=)`)
+        before it serves. A spare taken is replaced by a new one, started now and not waited for."""
+        pings = [actor.call.remote("ping") for actor in self._actors]
+        spare_pings = [actor.call.remote("ping") for _, actor in self._spares]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
+        if len(ready) < len(pings):
+            return []
+        lost = []
+        for rank, ref in enumerate(pings):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError:
+                lost.append(rank)
+            except Exception:  # noqa: BLE001 - alive but failing: not a case for keeping the others
+                return []
+        # a spare still starting (or warming up) stays a spare: the rank gets a new process instead
+        answered, _ = ray.wait(spare_pings, num_returns=len(spare_pings), timeout=SPARE_ANSWER_S) if spare_pings else ([], [])
+        spares, dead_spares = [], []
+        for spare, ref in zip(self._spares, spare_pings):
+            if ref in answered:
+                try:
+                    ray.get(ref, timeout=0)
+                    spares.append(spare)
+                except Exception:  # noqa: BLE001 - a spare that died or fails is replaced
+                    dead_spares.append(spare)
+        if not lost or len(lost) == self.world_size and not spares:  # no process of the group answers
+            return []
+        self._drop_steps()
+        starting = [spare for spare in self._spares if spare not in spares and spare not in dead_spares]
+        freed = [bundle for bundle, _ in dead_spares]
+        for rank in lost:
+            ray.kill(self._actors[rank], no_restart=True)
+            if spares:
+                freed.append(self._bundle[rank])
+                self._bundle[rank], self._actors[rank] = spares.pop(0)
+                ray.get(self._actors[rank].call.remote("assume_rank", rank), timeout=timeout)
+            else:
+                self._actors[rank] = self._start_rank(rank, self._bundle[rank])
+            if self._on_lost is not None:
+                self._watches[rank] = self._actors[rank].watch.remote()
+        # the bundles freed (by ranks whose place a spare took, and by spares lost) hold the new spares
+        kept = spares + starting
+        self._spares = kept + [(bundle, self._start_rank(-1, bundle)) for bundle in freed[: len(self._spares) - len(kept)]]
+        self._watches = list(self._watches)  # a new list: the old watch thread's report is stale
+        self._graph_calls, self._pids = None, []  # decided again (`_compile`), with the new pids
+        self._start_watch()
+        return lost
 
     def form_group(self, timeout: float, threads: int) -> None:
         host, port = self._get([self._actors[0].rendezvous.remote()], [0], "rendezvous", timeout)[0]
@@ -123,8 +192,8 @@ class RayRankGroup(RankGroup):
 
     # -- per-step calls through the compiled graph ------------------------------------------
     def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int,
-             aliases: dict[str, int], timeout: float) -> None:
-        super().load(backend, graphs, weights, threads, aliases, timeout)
+             aliases: dict[str, int], timeout: float, ranks: Sequence[int] | None = None) -> None:
+        super().load(backend, graphs, weights, threads, aliases, timeout, ranks)
         self._compile(timeout)
 
     def forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
@@ -151,6 +220,19 @@ class RayRankGroup(RankGroup):
             for info in infos:
                 info["rank_calls"] = "graph" if self._graph_calls else "actor"
         return infos
+
+    def describe_spares(self, timeout: float) -> list[dict[str, Any]]:
+        """`describe` of each spare that answers within `timeout` (one still starting is left out)."""
+        refs = [actor.call.remote("describe") for _, actor in self._spares]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        out = []
+        for ref in refs:
+            if ref in ready:
+                try:
+                    out.append(ray.get(ref, timeout=0))
+                except Exception:  # noqa: BLE001 - a dead spare is replaced at the next loss
+                    pass
+        return out
 
     def _compile(self, timeout: float) -> None:
         if self._graph_calls is None:
@@ -200,9 +282,9 @@ class RayRankGroup(RankGroup):
     def close(self) -> None:
         self._closed = True
         self._drop_steps()
-        for actor in self._actors:
+        for actor in self._actors + [actor for _, actor in self._spares]:
             ray.kill(actor, no_restart=True)
-        self._actors = []
+        self._actors, self._spares = [], []
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -24,7 +24,7 @@ from cluster.generation.rounds import RoundStreams
 from cluster.handle import AsyncOverThreads, CoordinatorInfo, GenerationRound
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
-from cluster.trace.backends import get_backend
+from cluster.trace.backends import get_backend, keeps_survivors
 from cluster.trace.config import TraceSpec
 
 
@@ -45,6 +45,10 @@ class CoordinatorConfig:
     # How the per-step calls reach the ranks (actors.rank_group): "graph" (a Ray Compiled Graph),
     # "actor" (ordinary actor calls), "auto" (actor calls on the cpu backend, the graph otherwise).
     rank_calls: str = "auto"
+    # Hot spare rank processes per replica, started beside its ranks, each holding a NeuronCore of its
+    # own: a rank lost takes a spare's process, already started, instead of starting one (the spare is
+    # then replaced in the background). Used where the backend keeps the surviving ranks (cpu, eager).
+    spare_ranks: int = 0
     verify_tolerance: float = 1e-4
     rebuild_backoff: Backoff = Backoff()  # between attempts to rebuild a lost replica
 
@@ -53,6 +57,8 @@ class CoordinatorConfig:
                      "placement_timeout_s", "close_timeout_s", "verify_tolerance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"CoordinatorConfig.{name} must be positive")
+        if self.spare_ranks < 0:
+            raise ValueError(f"CoordinatorConfig.spare_ranks must be 0 or more, got {self.spare_ranks}")
         if self.rank_calls not in RANK_CALLS:
             raise ValueError(f"CoordinatorConfig.rank_calls must be one of {RANK_CALLS}, got {self.rank_calls!r}")
 
@@ -104,6 +110,7 @@ class Coordinator:
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
         self._draft_buckets: list[Signature] = []  # a fused draft's bucket signatures
         self.rebuilds = 0
+        self.ranks_kept = 0  # rank processes that lived on through a rebuild, with their shards
         self.streams = RoundStreams(self.generate_batch, lambda: self._batch is not None and self._batch.has_work())
         self.aio = AsyncOverThreads(self)
 
@@ -217,7 +224,11 @@ class Coordinator:
             return self._health_version, self._broken
 
     def _rebuild(self) -> None:
+        """Bring the replica back: a new process for each rank that died, beside the ranks that live
+        and keep their shards (`_replace_lost`), else a whole new group; then the group formed again
+        and the new ranks loaded. Retried with backoff (whole groups only) until it serves."""
         delays = self.config.rebuild_backoff.delays()
+        whole = False  # after a failed attempt, the whole group is replaced
         while True:
             phases, mark = {}, time.perf_counter()
 
@@ -227,21 +238,29 @@ class Coordinator:
                 phases[name] = round(now - mark, 3)
                 mark = now
 
+            lost: list[int] = []
             try:
-                self.ranks.close()
-                phase("close")
-                self.ranks = self._factory()
-                phase("placement")
+                lost = [] if whole else self._replace_lost()
+                if lost:
+                    phase("replace")
+                else:
+                    self.ranks.close()
+                    phase("close")
+                    self.ranks = self._factory()
+                    phase("placement")
                 self.ranks.form_group(self.config.rendezvous_timeout_s, self._threads())
                 phase("rendezvous")
                 graphs, weights, draft = self._payload
+                only = lost or None
                 self.ranks.load(self.state.backend, graphs, weights, self._threads(), self.state.io_aliases,
-                                self.config.trace_timeout_s)
+                                self.config.trace_timeout_s, ranks=only)
                 phase("load")
                 if draft is not None:
-                    self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s)
+                    self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s,
+                                          ranks=only)
                     phase("draft")
                 self.rebuilds += 1
+                self.ranks_kept += self.ranks.world_size - len(lost) if lost else 0
                 self._rebuild_phases = phases
                 with self._failing:  # a loss from now on starts a new rebuild
                     self._rebuilding = None
@@ -249,10 +268,21 @@ class Coordinator:
                 return
             except Exception as exc:  # keep trying: capacity may come back
                 self._set_broken(f"rebuild failed: {str(exc).splitlines()[0]}")
-                time.sleep(next(delays))
+                if not lost:  # else the whole group, at once
+                    time.sleep(next(delays))
+                whole = True
+
+    def _replace_lost(self) -> list[int]:
+        """New processes for the ranks that died, where the group and backend allow keeping the
+        others (`RayRankGroup.replace_lost`, `Backend.keeps_survivors`): the ranks replaced, or []."""
+        replace = getattr(self.ranks, "replace_lost", None)
+        if replace is None or not keeps_survivors(self.state.backend):
+            return []
+        return replace(self.config.health_timeout_s)
 
     def rebuild_phases(self) -> dict[str, float]:
-        """Seconds in each step of the last completed rebuild (close, placement, rendezvous, load, draft)."""
+        """Seconds in each step of the last completed rebuild: close, placement (a whole new group) or
+        replace (new processes for the ranks lost only), then rendezvous, load, draft."""
         return dict(self._rebuild_phases)
 
     def _set_kernel(self, kernel: bytes | None) -> None:
@@ -475,6 +505,11 @@ class Coordinator:
 
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._serving(lambda: self.ranks.describe(self.config.call_timeout_s))
+
+    def describe_spares(self) -> list[dict[str, Any]]:
+        """The hot spare rank processes (`CoordinatorConfig.spare_ranks`) that answer now: pid, node, cores."""
+        spares = getattr(self.ranks, "describe_spares", None)
+        return spares(self.config.health_timeout_s) if spares is not None else []
 
     def health(self) -> list[int]:
         """Every rank answers, or ModelUnavailable (a rank lost now starts the rebuild)."""

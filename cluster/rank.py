@@ -434,6 +434,17 @@ class RankWorker:
                 if graph is not None:  # (one not loaded yet binds the new values when it is)
                     self._calls[bucket] = self._backend.bind(graph, self._weights, self._aliases)
 
+    def warm_up(self) -> None:
+        """A hot spare (rank -1) pays now what a new rank pays on its first load: the backends' imports."""
+        get_backend("cpu")
+
+    def assume_rank(self, rank: int) -> None:
+        """A hot spare takes the place of `rank`, whose process died (actors.rank_group.replace_lost);
+        the group is then formed again and the shard loaded."""
+        if self.rank >= 0:
+            raise ClusterError(f"rank {self.rank} is not a spare; it cannot become rank {rank}")
+        self.rank = rank
+
     def ping(self) -> int:
         return self.rank
 

@@ -86,8 +86,10 @@ class RankGroup(ABC):
         return self._same("export", timeout)
 
     def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int,
-             aliases: dict[str, int], timeout: float) -> None:
-        self._fan_out("load", [(backend, g, w, threads, aliases) for g, w in zip(graphs, weights)], timeout)
+             aliases: dict[str, int], timeout: float, ranks: Sequence[int] | None = None) -> None:
+        """Each rank's graphs and weights (graphs[r], weights[r]) onto rank r: every rank, or `ranks`."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        self._fan_out("load", [(backend, graphs[r], weights[r], threads, aliases) for r in ranks], timeout, ranks)
 
     def decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
         """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
@@ -97,9 +99,11 @@ class RankGroup(ABC):
         """Several target decode steps in one call (see cluster.generation.plan.DecodeSteps); rank 0's answer."""
         return self._same("decode_steps", timeout, plan)[0]
 
-    def load_draft(self, graphs: list[bytes], weights: dict | None, aliases: dict[str, int], timeout: float) -> None:
-        """The same whole (TP=1) draft onto every rank, beside its shard (fused speculation)."""
-        self._same("load_draft", timeout, graphs, weights, aliases)
+    def load_draft(self, graphs: list[bytes], weights: dict | None, aliases: dict[str, int], timeout: float,
+                   ranks: Sequence[int] | None = None) -> None:
+        """The same whole (TP=1) draft onto every rank (or `ranks`), beside its shard (fused speculation)."""
+        ranks = list(range(self.world_size)) if ranks is None else list(ranks)
+        self._fan_out("load_draft", [(graphs, weights, aliases)] * len(ranks), timeout, ranks)
 
     def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...], timeout: float) -> Any:
         return self._same("draft_forward", timeout, bucket, inputs)[0]

@@ -32,7 +32,8 @@ from actors.bench.inputs import SENTENCES
 from actors.bench.measure import percentiles_ms
 
 REPLICAS = 2
-NEURON_CORES = 3 * REPLICAS * 2  # three models, TP=2 each: the local cluster must advertise this many
+SPARE_RANKS = 1  # a hot spare rank process per replica (CoordinatorConfig.spare_ranks)
+NEURON_CORES = 3 * REPLICAS * (2 + SPARE_RANKS)  # three models, TP=2 each: the local cluster must advertise this many
 NEW_TOKENS = 48
 PROMPTS = ("The for statement is used to", "A class definition defines", "Return a new list containing",
            "The import statement", "An expression statement is", "The while loop")
@@ -51,7 +52,8 @@ def bench_failover(results: dict[str, Any], repeats: int, minutes: float = 10.0,
         raise RuntimeError("the failover section needs the shipped decoder pair (cluster/models/pair), "
                            "which this checkout lacks")
     folders = {**ensure_defaults(), "pair-target": decoders["pair-target"]}
-    served = BackgroundGateway(ServeConfig(models=folders, replicas=REPLICAS, gateway=GatewayConfig(port=0)))
+    served = BackgroundGateway(ServeConfig(models=folders, replicas=REPLICAS, spare_ranks=SPARE_RANKS,
+                                           gateway=GatewayConfig(port=0)))
     try:
         tasks = {"embed": "minilm-embed", "classify": "minilm-paraphrase", "generate": "pair-target"}
         results["failover"] = run_failover(served.target, tasks, minutes * 60, clients, kill_every_s, seed)
@@ -91,7 +93,7 @@ def run_failover(target: str, models: dict[str, str], seconds: float, clients: i
         memory_end = _memory(end_status)
     recoveries = _recoveries(end_status)
     return {
-        "setup": f"{', '.join(models.values())}, {REPLICAS} replicas each, TP=2; {clients} closed-loop clients "
+        "setup": f"{', '.join(models.values())}, {REPLICAS} replicas each, TP=2, {SPARE_RANKS} spare rank each; {clients} closed-loop clients "
                  f"(default Client), Embed/Classify/Generate weights {'/'.join(str(w) for _, w in MIX)}, greedy "
                  f"streams of {NEW_TOKENS} tokens; a rank killed (SIGKILL) every {kill_every_s:.0f} s",
         "seconds": round(elapsed, 1), "clients": clients, **load.counts(hung),

@@ -13,6 +13,7 @@ from actors.gateway.batching import BatchingConfig
 from actors.gateway.server import Gateway, GatewayConfig
 from actors.gateway.pool import ReplicaPool
 from actors.gateway.served import ServedModel
+from cluster.coordinator import CoordinatorConfig
 from cluster.serving import ServingSpec
 
 log = logging.getLogger("tpcluster.gateway")
@@ -22,6 +23,7 @@ log = logging.getLogger("tpcluster.gateway")
 class ServeConfig:
     models: dict[str, Path] = field(default_factory=dict)  # empty: the embedded defaults
     replicas: int = 1
+    spare_ranks: int = 0  # hot spare rank processes per replica (CoordinatorConfig.spare_ranks)
     address: str | None = None
     neuron_cores: int | None = None
     batching: BatchingConfig = BatchingConfig()
@@ -39,6 +41,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if self.spare_ranks < 0:
+            raise ValueError("spare_ranks must be 0 or more")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port {self.http_port} is out of range; use 1-65535, or 0 for any free port")
 
@@ -59,7 +63,8 @@ def load_models(config: ServeConfig) -> dict[str, ServedModel]:
         folders = ensure_all_defaults()
     models: dict[str, ServedModel] = {}
     for name, folder in folders.items():
-        pool = ReplicaPool.load(name, Path(folder), config.replicas, config.keeps_resident)
+        pool = ReplicaPool.load(name, Path(folder), config.replicas, config.keeps_resident,
+                                CoordinatorConfig(spare_ranks=config.spare_ranks))
         models[name] = ServedModel(name, ServingSpec.read(folder), pool, config.batching)
     return models
 

@@ -64,13 +64,14 @@ class ReplicaPool:
         self._watchers: list[asyncio.Task] = []
 
     @classmethod
-    def load(cls, model: str, folder: Path, count: int, resident: bool) -> "ReplicaPool":
+    def load(cls, model: str, folder: Path, count: int, resident: bool,
+             config: CoordinatorConfig | None = None) -> "ReplicaPool":
         """`count` replicas of the saved model in `folder`: resident ones adopted where they hold this
-        very folder, the others launched on nodes that hold no replica of the model yet."""
+        very folder, the others launched (with `config`) on nodes that hold no replica of the model yet."""
         placement = Placement()
         replicas = []
         for index in range(count):
-            coordinator, adopted = adopt_or_launch(model, folder, index, placement, resident)
+            coordinator, adopted = adopt_or_launch(model, folder, index, placement, resident, config)
             if adopted:
                 log.info("model %s replica %d: adopted the resident replica", model, index)
             replicas.append(Replica(index, coordinator, adopted=adopted))

@@ -99,6 +99,12 @@ def get_backend(name: str) -> Backend:
         raise BackendUnavailable(f"unknown backend {name!r}; use 'cpu', 'neuron' or 'auto'") from exc
 
 
+def keeps_survivors(name: str) -> bool:
+    """`Backend.keeps_survivors` of the backend `name`, without making one (the cpu backend's checks
+    import torch.export's serializer: ~1 s, 2-3 s on a busy node, in a coordinator that needs none of it)."""
+    return {"cpu": CpuBackend, "eager": EagerBackend}.get(name, Backend).keeps_survivors
+
+
 def __getattr__(name: str) -> Any:
     if name == "NeuronBackend":  # moved to cluster.trace.neuron; imported lazily (it imports this module)
         from cluster.trace.neuron import NeuronBackend
@@ -113,6 +119,9 @@ class Backend:
     shares_graphs = False
     #: a rank loading a saved model may deserialize each graph on its bucket's first run (RankWorker.load)
     loads_lazily = False
+    #: when a rank's process dies, the others may keep their processes and shards and form a new group
+    #: with its replacement (RankWorker.init_collectives again); else the replica is rebuilt whole
+    keeps_survivors = False
 
     def trace(self, model: nn.Module, example: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor] | None,
               compiler_workdir: str | None = None, compiler_args: Any = None) -> Any:
@@ -149,6 +158,7 @@ class CpuBackend(Backend):
     name = "cpu"
     shares_graphs = True
     loads_lazily = True
+    keeps_survivors = True
 
     def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
         with torch.no_grad():
@@ -314,6 +324,7 @@ class EagerBackend(Backend):
     """No tracing: the rank runs its module as is (in-process ranks, tests)."""
 
     name = "eager"
+    keeps_survivors = True
 
     def trace(self, model, example, weights, compiler_workdir=None, compiler_args=None):
         return model

@@ -4,7 +4,8 @@ The stream goes on on the other replica with no gap (the tokens of an undisturbe
 seeded sampling), the other replica serves throughout, the lost replica rebuilds (or is recreated)
 and the model then answers correctly again; no rank is left holding a core.
 A rank of an idle replica killed: health is pushed (NOT_SERVING, then SERVING) with no poll; with
-no other replica, a running stream waits for the rebuild and goes on there.
+no other replica, a running stream waits for the rebuild and goes on there. The ranks that live
+keep their processes through a rebuild, and a hot spare takes a lost rank's place.
 """
 
 import os
@@ -118,7 +119,8 @@ def test_idle_rank_loss_is_pushed_to_health_watchers(served, folder):
             assert client.generate(PROMPT, model="model", max_new_tokens=12).token_ids == expected
             status = client.status().models[0].replicas[0]
             assert status.ready and status.recoveries == 1
-            assert {r.pid for r in status.ranks}.isdisjoint(r.pid for r in replica.ranks)  # new rank processes
+            # a new process for the rank lost; the other rank kept its process (and shard)
+            assert status.ranks[1].pid != replica.ranks[1].pid and status.ranks[0].pid == replica.ranks[0].pid
             phases = gateway.models["model"].pool.replicas[0].coordinator.rebuild_phases()
             # diagnostics only (no timing asserts in pass/fail tests)
             print(f"\nidle rank kill: NOT_SERVING after {lost - killed:.3f} s, SERVING again after "
@@ -165,3 +167,46 @@ def test_both_kinds_of_rank_call_serve_and_survive_a_rank_kill(folder, rank_call
         assert got == expected
         after = model.coordinator.describe_ranks()
         assert {info["rank_calls"] for info in after} == {rank_calls} and after[1]["pid"] != ranks[1]["pid"]
+
+
+def test_a_hot_spare_takes_the_place_of_a_lost_rank(folder):
+    """spare_ranks=1: a rank killed mid-use is replaced by the spare's process (already started), the
+    other rank keeps its own, a new spare starts on the lost rank's NeuronCore; the same tokens before
+    and after. The spare holds a NeuronCore of its own beside the ranks'."""
+    from cluster.coordinator import CoordinatorConfig
+    from cluster.errors import ClusterError
+    from cluster.generation import generate
+    from cluster.trace import parallel_model_load
+
+    prompt = [5, 9, 17, 3, 8]
+    with parallel_model_load(folder, CoordinatorConfig(spare_ranks=1)) as model:
+        coordinator = model.coordinator
+        expected = generate(model, [prompt], max_new_tokens=12).sequences
+        ranks = coordinator.describe_ranks()
+        deadline = time.monotonic() + 60
+        while not (spares := coordinator.describe_spares()):  # the spare answers once started
+            assert time.monotonic() < deadline, "the spare did not start within 60 s"
+            time.sleep(0.2)
+        assert [s["rank"] for s in spares] == [-1] and spares[0]["pid"] not in {r["pid"] for r in ranks}
+        cores = [r["neuron_cores"] for r in ranks + spares]  # as Ray assigned them (NEURON_RT_VISIBLE_CORES)
+        assert all(cores) and len(set(cores)) == 3, cores
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                got = generate(model, [prompt], max_new_tokens=12).sequences
+                break
+            except ClusterError as exc:  # the replica is rebuilding
+                assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
+                time.sleep(0.2)
+        assert got == expected
+        after = coordinator.describe_ranks()
+        assert [r["pid"] for r in after] == [ranks[0]["pid"], spares[0]["pid"]]  # kept; the spare took rank 1
+        assert [r["rank"] for r in after] == [0, 1]
+        deadline = time.monotonic() + 60
+        while not (new_spares := coordinator.describe_spares()):
+            assert time.monotonic() < deadline, "no new spare within 60 s"
+            time.sleep(0.2)
+        assert new_spares[0]["pid"] not in {ranks[0]["pid"], ranks[1]["pid"], spares[0]["pid"]}
+        assert new_spares[0]["neuron_cores"] == ranks[1]["neuron_cores"]  # the lost rank's core
+        print(f"\nrebuild with a spare: phases {coordinator.rebuild_phases()}")  # diagnostics only
