@@ -64,7 +64,7 @@ class RayRankGroup(RankGroup):
             remove_placement_group(self._pg)
             where = f"node {node_ip}" if node_ip else "no node"
             raise CapacityError(
-                f"{where} had {world_size} free NeuronCores within {placement_timeout_s:.0f} s "
+                f"{where} had {cores} free NeuronCores within {placement_timeout_s:.0f} s "
                 "(other models hold them): close a model (ParallelModel.close()) or add capacity"
             )
         self._actors = [self._start_rank(rank) for rank in range(world_size)]
@@ -107,9 +107,9 @@ class RayRankGroup(RankGroup):
         shards: a hot spare's when one is ready, else a new one in the bundle (NeuronCore) the rank
         held. Returns the ranks replaced; [] (and changes nothing) when no rank died, when no process
         of the group answers, or when a rank does not answer within `timeout` (stuck): then the whole
-        group must be replaced. The
-        group must be formed again (`form_group`) and the new ranks loaded (`load(..., ranks=)`)
-        before it serves. A spare taken is replaced by a new one, started now and not waited for."""
+        group must be replaced. The group must be formed again (`form_group`) and the new ranks
+        loaded (`load(..., ranks=)`) before it serves. A spare taken is replaced by a new one, started
+        now and not waited for."""
         pings = [actor.call.remote("ping") for actor in self._actors]
         spare_pings = [actor.call.remote("ping") for _, actor in self._spares]
         ready, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout)
@@ -310,7 +310,10 @@ def _shared(value: Any) -> Any:
     if isinstance(value, _SMALL):
         return value
     leaves = tree_leaves(value)
-    if leaves and all(isinstance(x, np.ndarray) for x in leaves) and sum(x.nbytes for x in leaves) <= _INLINE_BYTES:
+    size = sum(x.nbytes if isinstance(x, np.ndarray) else len(x) if isinstance(x, (bytes, str)) else 0 for x in leaves)
+    if size > _INLINE_BYTES:  # weights, graph files
+        return ray.put(value)
+    if leaves and all(isinstance(x, np.ndarray) for x in leaves):
         return value  # Ray sends small arrays inside the call without pickling them
     blob = ray.cloudpickle.dumps(value)
     return Pickled(blob) if len(blob) <= _INLINE_BYTES else ray.put(value)
