@@ -63,8 +63,8 @@ def _run_status(args: argparse.Namespace) -> int:
         lines.append(f"{m.name} ({m.task}, tp={m.tp_degree}, queue {m.queue_depth})")
         for r in m.replicas:
             lines.append(f"  replica {r.index}: {'ready' if r.ready else 'NOT READY ' + r.error}")
-            for name, rank in [(f"rank {rank.rank}", rank) for rank in r.ranks] + [("spare", spare) for spare in r.spares]:
-                lines.append(f"    {name}: node {rank.node} neuron_cores {rank.neuron_cores or '-'} pid {rank.pid} "
+            for rank in r.ranks:
+                lines.append(f"    rank {rank.rank}: node {rank.node} neuron_cores {rank.neuron_cores or '-'} pid {rank.pid} "
                              f"rss {rank.memory_bytes / 2**20:.0f} MiB")
     _print(args, MessageToDict(status, preserving_proto_field_name=True), "\n".join(lines))
     return 0

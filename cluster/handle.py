@@ -100,7 +100,6 @@ class AsyncCoordinatorHandle(Protocol):
                              closes: Sequence[int], *, timeout: float) -> None: ...
     async def info(self, *, timeout: float) -> CoordinatorInfo: ...
     async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]: ...
-    async def describe_spares(self, *, timeout: float) -> list[dict[str, Any]]: ...
     async def health(self, *, timeout: float) -> list[int]: ...
 
 
@@ -126,9 +125,6 @@ class AsyncCalls:
 
     async def describe_ranks(self, *, timeout: float) -> list[dict[str, Any]]:
         return await self._call("describe_ranks", timeout=timeout)
-
-    async def describe_spares(self, *, timeout: float) -> list[dict[str, Any]]:
-        return await self._call("describe_spares", timeout=timeout)
 
     async def health(self, *, timeout: float) -> list[int]:
         return await self._call("health", timeout=timeout)

@@ -193,15 +193,11 @@ def limits(model: Any) -> pb.Limits:
                      default_top_p=DEFAULTS.top_p)
 
 
-def replica_status(replica: Any, ranks: list[dict[str, Any]], pid: int, in_flight: int,
-                   spares: list[dict[str, Any]] = ()) -> pb.ReplicaStatus:
-    """A replica (actors.gateway.pool.Replica) with its ranks and hot spares as its coordinator described them."""
+def replica_status(replica: Any, ranks: list[dict[str, Any]], pid: int, in_flight: int) -> pb.ReplicaStatus:
+    """A replica (actors.gateway.pool.Replica) with its ranks as its coordinator described them."""
     return pb.ReplicaStatus(
         index=replica.index, ready=replica.ready, error=replica.error, in_flight=in_flight, coordinator_pid=pid,
-        recoveries=replica.recoveries, ranks=[_rank_status(r) for r in ranks], spares=[_rank_status(r) for r in spares],
+        recoveries=replica.recoveries,
+        ranks=[pb.RankStatus(rank=r["rank"], node=r.get("node", r.get("host", "")), neuron_cores=r.get("neuron_cores", ""),
+                             pid=r["pid"], memory_bytes=r.get("memory_bytes", 0)) for r in ranks],
     )
-
-
-def _rank_status(rank: dict[str, Any]) -> pb.RankStatus:
-    return pb.RankStatus(rank=max(rank["rank"], 0), node=rank.get("node", rank.get("host", "")),
-                         neuron_cores=rank.get("neuron_cores", ""), pid=rank["pid"], memory_bytes=rank.get("memory_bytes", 0))

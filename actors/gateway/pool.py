@@ -240,21 +240,17 @@ class ReplicaPool:
             else:
                 self.lost(replica, ModelUnavailable(broken))
 
-    async def describe(self, replica: Replica) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]]]:
-        """(ranks, coordinator pid, spares) of a ready replica, for status; ([], 0, []) when it does not answer."""
+    async def describe(self, replica: Replica) -> tuple[list[dict[str, Any]], int]:
+        """(ranks, coordinator pid) of a ready replica, for status; ([], 0) when it does not answer."""
         if not replica.ready:
-            return [], 0, []
+            return [], 0
         timeout = self.config.health_timeout_s
         try:
             ranks = await replica.coordinator.aio.describe_ranks(timeout=timeout)
             info = await replica.coordinator.aio.info(timeout=timeout)
         except Exception:  # status must answer even when a replica does not
-            return [], 0, []
-        try:
-            spares = await replica.coordinator.aio.describe_spares(timeout=timeout)
-        except Exception:  # noqa: BLE001 - e.g. a resident replica of an earlier release: no spares to show
-            spares = []
-        return ranks, info.pid, spares
+            return [], 0
+        return ranks, info.pid
 
     async def close(self, release: bool = True) -> None:
         """Stop recreating; `release` also unloads the replicas (resident ones otherwise stay loaded)."""

@@ -75,8 +75,8 @@ class InferenceServicer(ObservedServicer, pb_grpc.InferenceServicer):
             for m in self.registry.models.values():
                 replicas = []
                 for r in m.pool.replicas:
-                    ranks, pid, spares = await m.pool.describe(r)
-                    replicas.append(codec.replica_status(r, ranks, pid, r.in_flight + m.generations_on(r), spares))
+                    ranks, pid = await m.pool.describe(r)
+                    replicas.append(codec.replica_status(r, ranks, pid, r.in_flight + m.generations_on(r)))
                 models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.pool.info.tp_degree,
                                              queue_depth=m.queue_depth, replicas=replicas))
             return pb.StatusResponse(models=models, gateway_version=_version())

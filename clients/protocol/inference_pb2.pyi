@@ -129,7 +129,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., node: _Optional[str] = ..., neuron_cores: _Optional[str] = ..., pid: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("index", "ready", "ranks", "error", "in_flight", "coordinator_pid", "recoveries", "spares")
+    __slots__ = ("index", "ready", "ranks", "error", "in_flight", "coordinator_pid", "recoveries")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
@@ -137,7 +137,6 @@ class ReplicaStatus(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PID_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
-    SPARES_FIELD_NUMBER: _ClassVar[int]
     index: int
     ready: bool
     ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
@@ -145,8 +144,7 @@ class ReplicaStatus(_message.Message):
     in_flight: int
     coordinator_pid: int
     recoveries: int
-    spares: _containers.RepeatedCompositeFieldContainer[RankStatus]
-    def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., coordinator_pid: _Optional[int] = ..., recoveries: _Optional[int] = ..., spares: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., coordinator_pid: _Optional[int] = ..., recoveries: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "task", "tp_degree", "queue_depth", "replicas")

@@ -10,7 +10,6 @@ from actors.gateway.server import GatewayConfig
 
 
 def GatewayThread(folders: dict[str, Path], config: GatewayConfig | None = None, batching: BatchingConfig | None = None,
-                  replicas: int = 1, spare_ranks: int = 0) -> BackgroundGateway:
-    return BackgroundGateway(ServeConfig(models=dict(folders), replicas=replicas, spare_ranks=spare_ranks,
-                                         batching=batching or BatchingConfig(),
+                  replicas: int = 1) -> BackgroundGateway:
+    return BackgroundGateway(ServeConfig(models=dict(folders), replicas=replicas, batching=batching or BatchingConfig(),
                                          gateway=config or GatewayConfig(port=0, health_interval_s=0.5)))

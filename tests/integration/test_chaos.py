@@ -170,37 +170,43 @@ def test_both_kinds_of_rank_call_serve_and_survive_a_rank_kill(folder, rank_call
 
 
 def test_a_hot_spare_takes_the_place_of_a_lost_rank(folder):
-    """--spare-ranks 1: Status shows the replica's spare (a NeuronCore of its own); a rank killed is
-    replaced by the spare's process (already started), the other rank keeps its own, a new spare
-    starts on the lost rank's NeuronCore; the same tokens before and after."""
-    gateway = GatewayThread({"model": folder}, replicas=1, spare_ranks=1)
-    try:
-        with Client(gateway.target, timeout=60) as client:
-            expected = client.generate(PROMPT, model="model", max_new_tokens=12).token_ids
-            replica = _replica_with_spare(client, lambda r: True)
-            ranks, spare = list(replica.ranks), replica.spares[0]
-            cores = [r.neuron_cores for r in ranks] + [spare.neuron_cores]  # as Ray assigned them
-            assert all(cores) and len(set(cores)) == 3, cores
-            assert spare.pid not in {r.pid for r in ranks}
-            os.kill(ranks[1].pid, signal.SIGKILL)
-            # the default client rides out the rebuild (UNAVAILABLE retried with backoff)
-            assert client.generate(PROMPT, model="model", max_new_tokens=12).token_ids == expected
-            after = _replica_with_spare(client, lambda r: r.recoveries == 1 and r.spares[0].pid != spare.pid)
-            assert [r.pid for r in after.ranks] == [ranks[0].pid, spare.pid]  # kept; the spare took rank 1
-            assert after.spares[0].neuron_cores == ranks[1].neuron_cores  # the new spare: the lost rank's core
-            assert after.spares[0].pid not in {ranks[0].pid, ranks[1].pid, spare.pid}
-            phases = gateway.models["model"].pool.replicas[0].coordinator.rebuild_phases()
-            print(f"\nrebuild with a spare: phases {phases}")  # diagnostics only
-    finally:
-        gateway.close()
+    """spare_ranks=1: a rank killed mid-use is replaced by the spare's process (already started), the
+    other rank keeps its own, a new spare starts on the lost rank's NeuronCore; the same tokens before
+    and after. The spare holds a NeuronCore of its own beside the ranks'."""
+    from cluster.coordinator import CoordinatorConfig
+    from cluster.errors import ClusterError
+    from cluster.generation import generate
+    from cluster.trace import parallel_model_load
 
-
-def _replica_with_spare(client, condition):
-    """The model's replica once it is ready with a spare that answers and `condition(replica)` holds."""
-    deadline = time.monotonic() + 60
-    while True:
-        replica = client.status().models[0].replicas[0]
-        if replica.ready and replica.spares and condition(replica):
-            return replica
-        assert time.monotonic() < deadline, f"no ready replica with a spare within 60 s: {replica}"
-        time.sleep(0.2)
+    prompt = [5, 9, 17, 3, 8]
+    with parallel_model_load(folder, CoordinatorConfig(spare_ranks=1)) as model:
+        coordinator = model.coordinator
+        expected = generate(model, [prompt], max_new_tokens=12).sequences
+        ranks = coordinator.describe_ranks()
+        deadline = time.monotonic() + 60
+        while not (spares := coordinator.describe_spares()):  # the spare answers once started
+            assert time.monotonic() < deadline, "the spare did not start within 60 s"
+            time.sleep(0.2)
+        assert [s["rank"] for s in spares] == [-1] and spares[0]["pid"] not in {r["pid"] for r in ranks}
+        cores = [r["neuron_cores"] for r in ranks + spares]  # as Ray assigned them (NEURON_RT_VISIBLE_CORES)
+        assert all(cores) and len(set(cores)) == 3, cores
+        os.kill(ranks[1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                got = generate(model, [prompt], max_new_tokens=12).sequences
+                break
+            except ClusterError as exc:  # the replica is rebuilding
+                assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
+                time.sleep(0.2)
+        assert got == expected
+        after = coordinator.describe_ranks()
+        assert [r["pid"] for r in after] == [ranks[0]["pid"], spares[0]["pid"]]  # kept; the spare took rank 1
+        assert [r["rank"] for r in after] == [0, 1]
+        deadline = time.monotonic() + 60
+        while not (new_spares := coordinator.describe_spares()):
+            assert time.monotonic() < deadline, "no new spare within 60 s"
+            time.sleep(0.2)
+        assert new_spares[0]["pid"] not in {ranks[0]["pid"], ranks[1]["pid"], spares[0]["pid"]}
+        assert new_spares[0]["neuron_cores"] == ranks[1]["neuron_cores"]  # the lost rank's core
+        print(f"\nrebuild with a spare: phases {coordinator.rebuild_phases()}")  # diagnostics only
