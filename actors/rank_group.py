@@ -222,9 +222,11 @@ class RayRankGroup(RankGroup):
         return infos
 
     def describe_spares(self, timeout: float) -> list[dict[str, Any]]:
-        """`describe` of each spare that answers within `timeout` (one still starting is left out)."""
+        """`describe` of each spare that answers within SPARE_ANSWER_S (at most `timeout`): one still
+        starting is left out rather than waited for (a caller may hold the coordinator's call lock)."""
         refs = [actor.call.remote("describe") for _, actor in self._spares]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        wait = min(timeout, SPARE_ANSWER_S)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait) if refs else ([], [])
         out = []
         for ref in refs:
             if ref in ready:
