@@ -110,7 +110,6 @@ class Coordinator:
         self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
         self._draft_buckets: list[Signature] = []  # a fused draft's bucket signatures
         self.rebuilds = 0
-        self.ranks_kept = 0  # rank processes that lived on through a rebuild, with their shards
         self.streams = RoundStreams(self.generate_batch, lambda: self._batch is not None and self._batch.has_work())
         self.aio = AsyncOverThreads(self)
 
@@ -260,7 +259,6 @@ class Coordinator:
                                           ranks=only)
                     phase("draft")
                 self.rebuilds += 1
-                self.ranks_kept += self.ranks.world_size - len(lost) if lost else 0
                 self._rebuild_phases = phases
                 with self._failing:  # a loss from now on starts a new rebuild
                     self._rebuilding = None

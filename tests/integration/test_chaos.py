@@ -146,7 +146,6 @@ def test_both_kinds_of_rank_call_serve_and_survive_a_rank_kill(folder, rank_call
     cpu backend's): the same tokens; after a rank is killed the replica rebuilds (new rank processes)
     and serves the same tokens through the same kind of call."""
     from cluster.coordinator import CoordinatorConfig
-    from cluster.errors import ClusterError
     from cluster.generation import generate
     from cluster.trace import parallel_model_load
 
@@ -156,15 +155,7 @@ def test_both_kinds_of_rank_call_serve_and_survive_a_rank_kill(folder, rank_call
         ranks = model.coordinator.describe_ranks()
         assert {info["rank_calls"] for info in ranks} == {rank_calls}
         os.kill(ranks[1]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                got = generate(model, [prompt], max_new_tokens=12).sequences
-                break
-            except ClusterError as exc:  # the replica is rebuilding
-                assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
-                time.sleep(0.5)
-        assert got == expected
+        assert _generate_once_rebuilt(model, prompt) == expected
         after = model.coordinator.describe_ranks()
         assert {info["rank_calls"] for info in after} == {rank_calls} and after[1]["pid"] != ranks[1]["pid"]
 
@@ -174,7 +165,6 @@ def test_a_hot_spare_takes_the_place_of_a_lost_rank(folder):
     other rank keeps its own, a new spare starts on the lost rank's NeuronCore; the same tokens before
     and after. The spare holds a NeuronCore of its own beside the ranks'."""
     from cluster.coordinator import CoordinatorConfig
-    from cluster.errors import ClusterError
     from cluster.generation import generate
     from cluster.trace import parallel_model_load
 
@@ -183,30 +173,39 @@ def test_a_hot_spare_takes_the_place_of_a_lost_rank(folder):
         coordinator = model.coordinator
         expected = generate(model, [prompt], max_new_tokens=12).sequences
         ranks = coordinator.describe_ranks()
-        deadline = time.monotonic() + 60
-        while not (spares := coordinator.describe_spares()):  # the spare answers once started
-            assert time.monotonic() < deadline, "the spare did not start within 60 s"
-            time.sleep(0.2)
+        spares = _spares_once_started(coordinator)
         assert [s["rank"] for s in spares] == [-1] and spares[0]["pid"] not in {r["pid"] for r in ranks}
         cores = [r["neuron_cores"] for r in ranks + spares]  # as Ray assigned them (NEURON_RT_VISIBLE_CORES)
         assert all(cores) and len(set(cores)) == 3, cores
         os.kill(ranks[1]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                got = generate(model, [prompt], max_new_tokens=12).sequences
-                break
-            except ClusterError as exc:  # the replica is rebuilding
-                assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
-                time.sleep(0.2)
-        assert got == expected
+        assert _generate_once_rebuilt(model, prompt) == expected
         after = coordinator.describe_ranks()
         assert [r["pid"] for r in after] == [ranks[0]["pid"], spares[0]["pid"]]  # kept; the spare took rank 1
         assert [r["rank"] for r in after] == [0, 1]
-        deadline = time.monotonic() + 60
-        while not (new_spares := coordinator.describe_spares()):
-            assert time.monotonic() < deadline, "no new spare within 60 s"
-            time.sleep(0.2)
+        new_spares = _spares_once_started(coordinator)
         assert new_spares[0]["pid"] not in {ranks[0]["pid"], ranks[1]["pid"], spares[0]["pid"]}
         assert new_spares[0]["neuron_cores"] == ranks[1]["neuron_cores"]  # the lost rank's core
         print(f"\nrebuild with a spare: phases {coordinator.rebuild_phases()}")  # diagnostics only
+
+
+def _generate_once_rebuilt(model, prompt):
+    """12 greedy tokens of `prompt`, retried (bounded) while the replica rebuilds after a rank kill."""
+    from cluster.errors import ClusterError
+    from cluster.generation import generate
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return generate(model, [prompt], max_new_tokens=12).sequences
+        except ClusterError as exc:  # the replica is rebuilding
+            assert time.monotonic() < deadline, f"not rebuilt within 120 s: {exc}"
+            time.sleep(0.2)
+
+
+def _spares_once_started(coordinator):
+    """The replica's hot spares, once one answers (a spare is started beside the ranks, or after a takeover)."""
+    deadline = time.monotonic() + 60
+    while not (spares := coordinator.describe_spares()):
+        assert time.monotonic() < deadline, "no spare answered within 60 s"
+        time.sleep(0.2)
+    return spares
