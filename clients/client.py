@@ -3,8 +3,10 @@
 Depends only on grpc, numpy and the generated protocol. Every call has a deadline (the client's
 `timeout`, or the call's); UNAVAILABLE is retried with exponential backoff and full jitter until
 that deadline (clients.retry.RetryPolicy), for unary calls and for a Generate stream that has not
-yielded anything yet (one that has is never replayed: its tokens were already seen). Errors are the
-typed tree in clients.errors.
+yielded anything yet (one that has is never replayed: its tokens were already seen). An address where
+nothing answers is reported within `RetryPolicy.unreachable_s` unless the client reached a gateway
+there before (then it is a restart, ridden out like a rebuild). Errors are the typed tree in
+clients.errors.
 
 Each RPC's request and the decoding of its reply are written once, as an `_Rpc` built by the
 shared `_Base` methods; the two classes differ only in how they call the stub and wait.
@@ -13,7 +15,6 @@ shared `_Base` methods; the two classes differ only in how they call the stub an
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -22,11 +23,17 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping, NamedTuple, 
 import grpc
 import numpy as np
 
-from clients.errors import TpClusterError, from_rpc_error
+from clients.errors import TpClusterError, Unavailable, from_rpc_error
 from clients.protocol import inference_pb2 as pb
 from clients.protocol import inference_pb2_grpc as pb_grpc
 from clients.protocol.tensors import from_tensor, to_tensor
 from clients.retry import RetryPolicy
+
+WAIT_NOTICE_S = 3.0  # a call still retrying after this long tells `on_wait` (then every NOTICE_EVERY_S)
+NOTICE_EVERY_S = 10.0
+# What gRPC says when no connection could be made at all (nothing listens, the name does not resolve):
+# the server never saw the call, as opposed to a gateway that answered UNAVAILABLE itself.
+_UNREACHABLE = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
 
 
 @dataclass
@@ -68,6 +75,24 @@ class _Rpc(NamedTuple):
     timeout: float | None = None
 
 
+@dataclass
+class _Call:
+    """One call's retries: its deadline, when it started, how many retries so far, its last retried error."""
+
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+    retries: int = 0
+    last: TpClusterError | None = None
+    noticed: float | None = None
+
+
+def _unreachable(exc: grpc.RpcError) -> bool:
+    """Whether `exc` says no connection to the server could be made (the call never reached it)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(_UNREACHABLE)
+
+
 def _classify_inputs(inputs: Sequence[str | tuple[str, str]]) -> list[pb.TextInput]:
     return [pb.TextInput(text=i) if isinstance(i, str) else pb.TextInput(text=i[0], text_pair=i[1]) for i in inputs]
 
@@ -106,19 +131,22 @@ class _Base:
 
     `timeout` is each call's deadline in seconds, retries included; `retry` says what is retried
     (default: UNAVAILABLE, until the deadline); `retries`, if given, caps the number of retries
-    (0: none) on top of `retry`."""
+    (0: none) on top of `retry`; `on_wait`, if given, is told (one line of text) when a call has
+    been retrying for WAIT_NOTICE_S, and every NOTICE_EVERY_S after."""
 
     _channels: Any
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, root_certificates: bytes | None = None,
                  timeout: float = 60.0, retry: RetryPolicy | None = None, retries: int | None = None,
-                 max_message_bytes: int = 64 << 20) -> None:
+                 max_message_bytes: int = 64 << 20, on_wait: Callable[[str], None] | None = None) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout is each call's deadline in seconds and must be > 0, got {timeout}")
         self.target = target
         self.timeout = timeout
         self.retry = replace(retry or RetryPolicy(), **({} if retries is None else {"max_retries": retries}))
         self._random = random.Random()
+        self._on_wait = on_wait
+        self._reached = False  # whether any call has reached the server (it answered, even with an error)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tls = root_certificates
         self._options = _channel_args(max_message_bytes)
@@ -129,18 +157,49 @@ class _Base:
             self._channel = self._channels.insecure_channel(target, options=self._options)
         self._stub = pb_grpc.InferenceStub(self._channel)
 
-    def _deadline(self, timeout: float | None) -> float:
-        """The monotonic time by which a call given `timeout` (None: the client's) must be done."""
-        return time.monotonic() + (timeout or self.timeout)
+    def _call(self, timeout: float | None) -> _Call:
+        """A new call given `timeout` seconds (None: the client's), retries included."""
+        return _Call(time.monotonic() + (timeout or self.timeout))
 
-    def _retry_delay(self, exc: grpc.RpcError, retry: int, deadline: float) -> float:
-        """Seconds to wait before retry number `retry` of a failed call; raises its typed error when
-        it is not retried (not a retryable status, retries used up, or no time left)."""
-        error = from_rpc_error(exc)
-        delay = self.retry.next_delay(error.code, retry, deadline - time.monotonic(), self._random)
+    def _nothing_answers(self, error: TpClusterError) -> Unavailable:
+        return Unavailable(f"nothing answers at {self.target} ({error.details}); start a gateway there "
+                           f"(`tpcluster serve`), or point the client at one (--target HOST:PORT)", error.code)
+
+    def _retry_delay(self, exc: grpc.RpcError, call: _Call) -> float:
+        """Seconds to wait before the next try of a failed call; raises its typed error when it is
+        not retried (not a retryable status, retries used up, no time left, or nothing answers at
+        the address). A deadline that passes while a retried error repeats reports that error."""
+        error, now = from_rpc_error(exc), time.monotonic()
+        unreachable = _unreachable(exc)
+        self._reached |= not unreachable
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and call.last is not None:
+            last = call.last
+            raise type(last)(f"{last.details} (retried for {now - call.started:.1f} s, until the call's deadline)",
+                             last.code) from exc
+        patience = None if self._reached or not unreachable else self.retry.unreachable_s
+        if patience is not None and now - call.started >= patience:
+            raise self._nothing_answers(error) from exc
+        delay = self.retry.next_delay(error.code, call.retries, call.deadline - now, self._random)
         if delay is None:
-            raise error from exc
+            raise (self._nothing_answers(error) if patience is not None else error) from exc
+        if patience is not None:  # try again no later than the end of the patience, to report it then
+            delay = min(delay, call.started + patience - now)
+        call.retries, call.last = call.retries + 1, error
+        self._tell_waiting(call, error, now)
         return delay
+
+    def _tell_waiting(self, call: _Call, error: TpClusterError, now: float) -> None:
+        if self._on_wait is None or now - call.started < WAIT_NOTICE_S:
+            return
+        if call.noticed is not None and now - call.noticed < NOTICE_EVERY_S:
+            return
+        call.noticed = now
+        self._on_wait(f"{self.target} answers {error.code.name} ({error.details}); waited {now - call.started:.0f} s, "
+                      f"retrying for up to {call.deadline - now:.0f} s more")
+
+    def _health_error(self, exc: grpc.RpcError) -> TpClusterError:
+        error = from_rpc_error(exc)
+        return self._nothing_answers(error) if _unreachable(exc) and not self._reached else error
 
     def _invoke(self, rpc: _Rpc, deadline: float) -> Any:
         """The stub call of `rpc` (its reply, or an awaitable of it on an aio channel)."""
@@ -196,13 +255,14 @@ class Client(_Base):
     _channels = grpc
 
     def _unary(self, rpc: _Rpc) -> Any:
-        deadline = self._deadline(rpc.timeout)
-        for retry in itertools.count():
+        call = self._call(rpc.timeout)
+        while True:
             try:
-                reply = self._invoke(rpc, deadline)
+                reply = self._invoke(rpc, call.deadline)
             except grpc.RpcError as exc:
-                time.sleep(self._retry_delay(exc, retry, deadline))
+                time.sleep(self._retry_delay(exc, call))
             else:
+                self._reached = True
                 return rpc.parse(reply)
 
     def list_models(self) -> list[pb.ModelMetadata]:
@@ -242,18 +302,18 @@ class Client(_Base):
         fails before its first message is retried like a unary call; one that fails later is not."""
         request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
                                     speculation_length)
-        deadline = self._deadline(timeout)
-        for retry in itertools.count():
-            call, started = self._start_generate(request, deadline), False
+        attempts = self._call(timeout)
+        while True:
+            call, started = self._start_generate(request, attempts.deadline), False
             try:
                 for event in call:
-                    started = True
+                    started = self._reached = True
                     yield event
                 return
             except grpc.RpcError as exc:
                 if started:
                     raise from_rpc_error(exc) from exc
-                delay = self._retry_delay(exc, retry, deadline)
+                delay = self._retry_delay(exc, attempts)
             finally:
                 call.cancel()  # a consumer that stops early frees the slot on the gateway
             time.sleep(delay)
@@ -268,7 +328,7 @@ class Client(_Base):
         try:
             reply = _health_check(self._channel, service, self.timeout, self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._health_error(exc) from exc
         return _health_status(reply)
 
     def close(self) -> None:
@@ -287,13 +347,14 @@ class AsyncClient(_Base):
     _channels = grpc.aio
 
     async def _unary(self, rpc: _Rpc) -> Any:
-        deadline = self._deadline(rpc.timeout)
-        for retry in itertools.count():
+        call = self._call(rpc.timeout)
+        while True:
             try:
-                reply = await self._invoke(rpc, deadline)
+                reply = await self._invoke(rpc, call.deadline)
             except grpc.RpcError as exc:
-                await asyncio.sleep(self._retry_delay(exc, retry, deadline))
+                await asyncio.sleep(self._retry_delay(exc, call))
             else:
+                self._reached = True
                 return rpc.parse(reply)
 
     async def list_models(self) -> list[pb.ModelMetadata]:
@@ -330,18 +391,18 @@ class AsyncClient(_Base):
         before the first message, as in Client.generate_stream."""
         request = _generate_request(prompt, model, max_new_tokens, temperature, top_k, top_p, seed, stop, draft_model,
                                     speculation_length)
-        deadline = self._deadline(timeout)
-        for retry in itertools.count():
-            call, started = self._start_generate(request, deadline), False
+        attempts = self._call(timeout)
+        while True:
+            call, started = self._start_generate(request, attempts.deadline), False
             try:
                 async for event in call:
-                    started = True
+                    started = self._reached = True
                     yield event
                 return
             except grpc.RpcError as exc:
                 if started:
                     raise from_rpc_error(exc) from exc
-                delay = self._retry_delay(exc, retry, deadline)
+                delay = self._retry_delay(exc, attempts)
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
@@ -356,7 +417,7 @@ class AsyncClient(_Base):
         try:
             reply = await _health_check(self._channel, service, self.timeout, self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._health_error(exc) from exc
         return _health_status(reply)
 
     async def close(self) -> None:

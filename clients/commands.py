@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +36,11 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Client:
     token = open(args.token_file).read().strip() if args.token_file else os.environ.get("TPCLUSTER_TOKEN")
     certs = open(args.ca_file, "rb").read() if args.ca_file else None
-    return Client(args.target, token=token, root_certificates=certs, timeout=args.timeout)
+    return Client(args.target, token=token, root_certificates=certs, timeout=args.timeout, on_wait=_say_waiting)
+
+
+def _say_waiting(line: str) -> None:
+    print(f"tpcluster: {line}", file=sys.stderr, flush=True)
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -5,6 +5,11 @@ from [0, backoff]), a multiplier, a cap on one wait, and a set of retryable stat
 difference is that attempts are bounded by the call's deadline rather than by a small fixed count,
 so a default client rides out a replica rebuild that ends before its deadline.
 
+A server that never answered is another matter: a refused connection (nothing listens at the
+address, or the name does not resolve) is retried only for `unreachable_s` (2 s by default) by a
+client that has not yet reached the gateway, then reported as such; a client that has reached it
+before rides out a restart until the deadline like any UNAVAILABLE.
+
 Only codes that say "nothing was done, try again" may be retried: UNAVAILABLE (no ready replica,
 ranks lost, gateway restarting) and, if asked for, RESOURCE_EXHAUSTED. The latter is off by
 default because the gateway also sends it for requests that will never fit (too many texts or
@@ -26,13 +31,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 class RetryPolicy:
     """Retries of one call: the wait before retry n is uniform in [0, min(max_backoff_s,
     initial_backoff_s * multiplier**n)], and no retry starts that could not begin before the
-    call's deadline. `max_retries` None means as many as the deadline allows; 0 turns retries off."""
+    call's deadline. `max_retries` None means as many as the deadline allows; 0 turns retries off.
+    `unreachable_s`: how long a client that has never reached the server retries a connection that
+    fails (None: until the deadline)."""
 
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
     max_retries: int | None = None
     retryable_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    unreachable_s: float | None = 2.0
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
@@ -42,6 +50,8 @@ class RetryPolicy:
             raise ValueError(f"RetryPolicy.multiplier must be >= 1 (backoff never shrinks), got {self.multiplier}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ValueError(f"RetryPolicy.max_retries must be >= 0 or None (until the deadline), got {self.max_retries}")
+        if self.unreachable_s is not None and not self.unreachable_s >= 0:
+            raise ValueError(f"RetryPolicy.unreachable_s must be >= 0 or None (until the deadline), got {self.unreachable_s}")
         if isinstance(self.retryable_codes, grpc.StatusCode):
             raise TypeError(f"RetryPolicy.retryable_codes is a set of codes: pass frozenset({{{self.retryable_codes}}})")
         codes = frozenset(self.retryable_codes)

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from actors.gateway.metrics import GatewayMetrics
+from actors.gateway.readiness import Readiness
 from actors.gateway.served import ServedModel
 from cluster.errors import ClusterError, ClusterTimeout, ModelNotFound
 
@@ -34,8 +35,12 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ModelRegistry:
+    """The served models by name, and what the gateway says of their readiness (one record that
+    every health surface reads: actors.gateway.readiness)."""
+
     def __init__(self, models: dict[str, ServedModel]) -> None:
         self.models = models
+        self.readiness = Readiness(models)
 
     def get(self, name: str) -> ServedModel:
         if not name and len(self.models) == 1:

@@ -37,13 +37,14 @@ class OpenInferenceServicer(ObservedServicer, oip_grpc.GRPCInferenceServiceServi
         return await self._unary("oip.ServerLive", request, context, handler, model="")
 
     async def ServerReady(self, request, context):
-        async def handler():  # as KServe's and Triton's servers answer: every model is ready
-            return oip.ServerReadyResponse(ready=all(m.ready for m in self.registry.models.values()))
+        async def handler():  # what gRPC health's "" says (actors.gateway.readiness): any model ready
+            return oip.ServerReadyResponse(ready=self.registry.readiness.server)
         return await self._unary("oip.ServerReady", request, context, handler, model="")
 
     async def ModelReady(self, request, context):
         async def handler():
-            return oip.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+            model = self._model(request.name, request.version)  # NOT_FOUND for a name not served
+            return oip.ModelReadyResponse(ready=self.registry.readiness.model(model.name))
         return await self._unary("oip.ModelReady", request, context, handler, model=request.name)
 
     async def ServerMetadata(self, request, context):

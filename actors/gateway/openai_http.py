@@ -234,7 +234,7 @@ class OpenAIRoutes:
         yield _sse("[DONE]")
 
     async def health(self, request: Request) -> Response:
-        ready = sorted(name for name, m in self.registry.models.items() if m.ready)
+        ready = self.registry.readiness.ready_models()  # what gRPC health says (actors.gateway.readiness)
         return JSONResponse({"status": "ok" if ready else "unavailable", "ready_models": ready}, 200 if ready else 503)
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # noqa: F401  (makes health.aio importable)
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from actors.gateway import codec
@@ -27,6 +26,7 @@ from actors.gateway.observed import (  # noqa: F401  (re-exported)
     _version,
 )
 from actors.gateway.oip import OpenInferenceServicer
+from actors.gateway.readiness import HealthServicer
 from actors.gateway.served import ServedModel
 from clients.protocol import OIP_SERVICE, SERVICE
 from clients.protocol import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -184,7 +184,8 @@ class Gateway:
         self.config = config
         self.registry = ModelRegistry(models)
         self.metrics = metrics or GatewayMetrics()
-        self.health = health.aio.HealthServicer()
+        self.readiness = self.registry.readiness
+        self.health = HealthServicer(self.readiness)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
@@ -213,8 +214,9 @@ class Gateway:
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
-        await server.start()
+        await server.start()  # its first answers: every model NOT_SERVING (loading), the gateway too
         self._server = server
+        self.readiness.open()
         for name, model in self.registry.models.items():
             try:
                 await model.describe_outputs()
@@ -249,15 +251,11 @@ class Gateway:
         task.add_done_callback(self._publishing.discard)
 
     async def _publish_health(self) -> None:
-        """Each model's readiness as its pool knows it now, and the server's (any model ready)."""
-        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        any_ready = False
+        """Each model's readiness as its pool knows it now (the gateway's follows: any model ready)."""
         for name, model in self.registry.models.items():
             ready = model.pool.ready
-            any_ready |= ready
-            await self.health.set(name, serving if ready else not_serving)
+            self.readiness.publish(name, ready)
             self.metrics.ready.labels(name).set(1 if ready else 0)
-        await self.health.set("", serving if any_ready else not_serving)
 
     async def _health_loop(self) -> None:
         """A backstop behind the pushed changes: asks every replica's ranks every health_interval_s."""
@@ -274,8 +272,7 @@ class Gateway:
     async def stop(self) -> None:
         if self._health_task:
             self._health_task.cancel()
-        if hasattr(self.health, "enter_graceful_shutdown"):
-            await self.health.enter_graceful_shutdown()
+        self.readiness.close()
         if self._server is not None:
             await self._server.stop(self.config.grace_s)
         if self._metrics_server is not None:

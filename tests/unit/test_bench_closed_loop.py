@@ -30,4 +30,4 @@ def test_closed_loop_counts_every_concurrent_call_exactly():
     assert total == sum(thread + 1 for thread in calls)
     assert len(latencies) == len(calls)
     assert all(s >= 0.005 for s in latencies)
-    assert 0.3 <= elapsed < 5.0
+    assert 0.3 <= elapsed < 30.0  # the loop ran its 0.3 s and stopped (not a timing check)

@@ -4,6 +4,8 @@ and typed errors. No Ray, no models."""
 
 import asyncio
 import random
+import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -27,10 +29,14 @@ class FakeGateway(pb_grpc.InferenceServicer):
     with UNAVAILABLE after `break_after` tokens while that is set."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.unavailable = 0
         self.failures: list[grpc.StatusCode] = []
         self.break_after: int | None = None
         self.calls: list[str] = []
+        self.stall_s = 0.0  # a call that gets past the failures first waits this long
 
     def _fail_first(self, name: str, context) -> None:
         self.calls.append(name)
@@ -39,6 +45,7 @@ class FakeGateway(pb_grpc.InferenceServicer):
         if self.unavailable:
             self.unavailable -= 1
             context.abort(UNAVAILABLE, "warming up")
+        time.sleep(self.stall_s)
 
     def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelMetadata(name="a", task="embed"), pb.ModelMetadata(name="b")])
@@ -72,18 +79,41 @@ class FakeGateway(pb_grpc.InferenceServicer):
                                                          finish_reason="length", draft_tokens_proposed=request.speculation_length))
 
 
-@pytest.fixture(scope="module")
-def gateway():
-    fake = FakeGateway()
+def _serve(fake: FakeGateway, address: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(4))
     pb_grpc.add_InferenceServicer_to_server(fake, server)
     checker = health.HealthServicer()
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     server.start()
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def _server():
+    fake = FakeGateway()
+    server, port = _serve(fake)
     yield fake, f"127.0.0.1:{port}"
     server.stop(None)
+
+
+@pytest.fixture
+def gateway(_server):
+    """The module's fake gateway, its failure settings and call log fresh for each test."""
+    fake, target = _server
+    fake.reset()
+    yield fake, target
+    fake.reset()
+
+
+def _free_port() -> int:
+    """A loopback port where nothing listens (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _sync(target: str) -> dict:
@@ -149,10 +179,62 @@ def test_unavailable_is_retried_until_the_deadline_not_a_fixed_count(gateway):
         assert c.embed(["abcd"]).tolist() == [[4.0, 1.0]]
     assert fake.calls == ["Embed"] * 11
     fake.unavailable, fake.calls = 10**6, []
-    with Client(target, timeout=0.5, retry=fast) as c, pytest.raises(Unavailable, match="warming up"):
-        c.embed(["a"])  # the last status is reported, not DEADLINE_EXCEEDED
-    assert len(fake.calls) > 4
-    fake.unavailable = 0
+    with Client(target, timeout=3, retry=fast) as c, pytest.raises(Unavailable, match="warming up"):
+        c.embed(["a"])  # the last status is reported, not DEADLINE_EXCEEDED, whenever the deadline strikes
+    assert len(fake.calls) > 1
+
+
+def test_a_deadline_that_strikes_during_a_retry_reports_why_it_was_retrying(gateway):
+    fake, target = gateway
+    fake.unavailable, fake.stall_s = 1, 5.0  # the retry outlives the deadline
+    fast = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01)
+    with Client(target, timeout=1.0, retry=fast) as c, pytest.raises(Unavailable, match="warming up .*until the call's deadline"):
+        c.embed(["a"])
+    assert fake.calls == ["Embed", "Embed"]
+
+
+def test_nothing_listening_is_reported_at_once_not_retried_until_the_deadline():
+    target = f"127.0.0.1:{_free_port()}"
+    waits: list[str] = []
+    with Client(target, timeout=60, on_wait=waits.append) as c:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=rf"nothing answers at {target} .*Connection refused.*tpcluster serve"):
+            c.status()
+        assert time.monotonic() - started < 30  # reported after RetryPolicy.unreachable_s, not the 60 s deadline
+        with pytest.raises(Unavailable, match="nothing answers"):
+            c.health()
+
+    async def unary() -> None:
+        async with AsyncClient(target, timeout=60) as c:
+            await c.list_models()
+
+    with pytest.raises(Unavailable, match="nothing answers"):
+        asyncio.run(unary())
+    with Client(target, timeout=60) as c, pytest.raises(Unavailable, match="nothing answers"):
+        c.generate("abc")
+
+
+def test_a_gateway_reached_before_is_waited_for_through_a_restart(monkeypatch):
+    """Refused connections from a gateway this client has reached are a restart: ridden out until it
+    is back, with a line to `on_wait` once the wait passes WAIT_NOTICE_S."""
+    monkeypatch.setattr("clients.client.WAIT_NOTICE_S", 0.2)
+    fake = FakeGateway()
+    server, port = _serve(fake)
+    waits: list[str] = []
+    policy = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, unreachable_s=0.1)
+    with Client(f"127.0.0.1:{port}", timeout=60, retry=policy, on_wait=waits.append) as c:
+        assert c.embed(["ab"]).tolist() == [[2.0, 1.0]]
+        server.stop(None).wait()
+        back = threading.Timer(1.0, lambda: restarted.append(_serve(fake, f"127.0.0.1:{port}")[0]))
+        restarted: list[grpc.Server] = []
+        back.start()
+        try:
+            assert c.embed(["abc"]).tolist() == [[3.0, 1.0]]
+        finally:
+            back.join()
+            for s in restarted:
+                s.stop(None)
+    assert waits and "UNAVAILABLE" in waits[0] and "retrying for up to" in waits[0]
 
 
 def test_resource_exhausted_is_retried_only_when_the_policy_says_so(gateway):

@@ -19,6 +19,18 @@ def test_committed_stubs_match_the_proto():
     assert generate.main(["--check"]) == 0, "stubs are stale: run python -m clients.protocol.generate"
 
 
+def test_the_stub_check_ignores_the_generators_version_but_not_the_code():
+    """A grpcio-tools patch release rewrites only the version banners: not stale. A changed line is."""
+    stub = (generate.HERE / "inference_pb2_grpc.py").read_text()
+    bumped = stub.replace("GRPC_GENERATED_VERSION = '", "GRPC_GENERATED_VERSION = '9.")
+    assert bumped != stub and generate.without_versions(bumped) == generate.without_versions(stub)
+    message = (generate.HERE / "inference_pb2.py").read_text()
+    runtime = message.replace("_runtime_version.Domain.PUBLIC,\n    7,", "_runtime_version.Domain.PUBLIC,\n    8,")
+    assert runtime != message and generate.without_versions(runtime) == generate.without_versions(message)
+    changed = stub.replace("class InferenceStub", "class InferenceStub2")
+    assert generate.without_versions(changed) != generate.without_versions(stub)
+
+
 def test_no_importable_package_named_proto():
     import importlib.util
     import pathlib
