@@ -18,10 +18,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.rank_group import RayRankGroup
 from actors.runtime import NAMESPACE, SERVING_PROCESS_ENV, ensure_ray
-from cluster.coordinator import Coordinator, CoordinatorConfig, Exported, ModelState
+from cluster.coordinator import Coordinator, CoordinatorConfig
 from cluster.errors import ClusterError, ClusterTimeout, CoordinatorLost
-from cluster.handle import AsyncCalls, CoordinatorInfo, GenerationRound
+from cluster.generation.types import GenerationRound
+from cluster.handle import AsyncCalls, CoordinatorInfo
 from cluster.trace.config import TraceSpec
+from cluster.trace.state import Exported, ModelState
 
 _GRACE_S = 5.0  # beyond a call's own timeout (enforced on the ranks), for the reply to travel
 # glibc gives threads their own malloc arenas (up to 8 per core) and keeps what is freed in them: each

@@ -66,7 +66,7 @@ class RankActor:
         return to_wire(getattr(self._worker, method)(*from_wire(args)))
 
     def serve(self, request: tuple[str, tuple]) -> Any:
-        """A per-step call (forward, decode_loop) arriving through the replica's compiled graph."""
+        """A per-step call (one of SERVING_METHODS) arriving through the replica's compiled graph."""
         method, args = request
         if method == WARM_UP:
             return self._worker.ping()

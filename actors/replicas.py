@@ -41,8 +41,8 @@ def launch_replica(folder: str | Path, config: CoordinatorConfig | None = None, 
                    node_ip: str | None = None) -> RemoteCoordinator:
     """Load the saved model in `folder` onto fresh rank actors; every file is checked against the
     manifest. With `name` the replica is resident (named, detached); `node_ip` pins its ranks."""
-    state, graphs, weights = artifact.read(folder)
-    draft = read_fused_draft(folder)
+    state, graphs, weights = artifact.read(folder, mapped=True)  # each rank maps its own weight files
+    draft = read_fused_draft(folder, mapped=True)
     label = {"path": str(Path(folder).resolve()), "manifest": artifact.digest(folder)} if name else None
     coordinator = launch_coordinator(state.tp_degree, config or CoordinatorConfig(), name=name, label=label,
                                      node_ip=node_ip)

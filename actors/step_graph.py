@@ -1,10 +1,10 @@
 """The per-step rank calls of a replica through a Ray Compiled Graph.
 
-A replica calls its ranks on every generated token (forward, decode_loop). As ordinary actor
-calls each fan-out costs a task submission per rank and a wait through the object store
-(~1.2 ms for two ranks on a 2-core node); through a compiled graph, whose channels are shared
-memory between the coordinator and ranks, the same fan-out costs ~0.4 ms (measured here with a
-[1, 256] int64 input; Ray documents < 50 us on idle machines). Control calls (trace, load,
+A replica calls its ranks on every generated token (`SERVING_METHODS`: forward, decode_steps,
+speculate, ...). As ordinary actor calls each fan-out costs a task submission per rank and a wait
+through the object store (~1.2 ms for two ranks on a 2-core node); through a compiled graph, whose
+channels are shared memory between the coordinator and ranks, the same fan-out costs ~0.4 ms
+(measured here with a [1, 256] int64 input; Ray documents < 50 us on idle machines). Control calls (trace, load,
 replace_weights, describe, health) stay ordinary actor calls: a rank actor answers them while the
 graph is compiled.
 
@@ -28,7 +28,7 @@ from actors.rank_actor import WARM_UP, from_wire, to_wire
 
 
 class StepGraph:
-    """forward / decode_loop on every rank of a group, as one compiled-graph execution."""
+    """A per-step call (one of `SERVING_METHODS`) on every rank of a group, as one compiled-graph execution."""
 
     def __init__(self, actors: Sequence[Any], submit_timeout_s: float) -> None:
         from ray.dag import InputNode, MultiOutputNode

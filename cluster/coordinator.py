@@ -11,7 +11,7 @@ import io
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -21,11 +21,13 @@ from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable, RankError, RankFailure
 from cluster.generation.ngram import NGRAM_DRAFT
 from cluster.generation.rounds import RoundStreams
-from cluster.handle import AsyncOverThreads, CoordinatorInfo, GenerationRound
+from cluster.generation.types import GenerationRound
+from cluster.handle import AsyncOverThreads, CoordinatorInfo
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
 from cluster.trace.backends import get_backend, keeps_survivors
 from cluster.trace.config import TraceSpec
+from cluster.trace.state import Exported, ModelState
 
 
 RANK_CALLS = ("auto", "graph", "actor")
@@ -63,30 +65,6 @@ class CoordinatorConfig:
             raise ValueError(f"CoordinatorConfig.rank_calls must be one of {RANK_CALLS}, got {self.rank_calls!r}")
 
 
-@dataclass
-class ModelState:
-    """What the coordinator knows of the model it serves; also what an artifact records."""
-
-    tp_degree: int
-    backend: str
-    inline_weights: bool
-    buckets: list[Signature]
-    kernel: bytes | None = None  # TorchScript bucket kernel, as saved
-    partition_dims: dict[str, int] = field(default_factory=dict)
-    state_keys: list[str] = field(default_factory=list)
-    trace_mode: list[str] = field(default_factory=list)  # per bucket: "once" or "per-rank"
-    io_aliases: dict[str, int] = field(default_factory=dict)  # state weight name -> output index
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"decoder": layout, vocab, eos}
-
-
-@dataclass
-class Exported:
-    """A traced model as the ranks hand it over, for cluster.trace.artifact to write."""
-
-    state: ModelState
-    ranks: list[Any]  # RankExport per rank
-
-
 class Coordinator:
     """Drives one TP group. With `rank_group_factory`, a replica that loses a rank rebuilds itself:
     new rank actors, a new rendezvous, the shards reloaded from what it was loaded with."""
@@ -100,7 +78,9 @@ class Coordinator:
         self._spec: TraceSpec | None = None
         self._started = False
         self._factory = rank_group_factory
-        self._payload: tuple | None = None  # (graphs, weights, draft) the ranks were loaded from
+        # (graphs, weights, draft) the ranks were loaded from, to load a replacement rank: a served
+        # model's weights are its files (artifact.WeightFile), which the new rank maps itself, not tensors
+        self._payload: tuple | None = None
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
         self._failing = threading.Lock()  # a serving call and the rank watch may both see a loss
@@ -517,4 +497,4 @@ class Coordinator:
         self.ranks.close()
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "Exported", "ModelState"]
+__all__ = ["Coordinator", "CoordinatorConfig"]

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:  # types only: this module imports no torch
-    from cluster.coordinator import Exported, ModelState
-    from cluster.errors import ClusterError
-    from cluster.generation.engine import GenerationRequest, SessionSummary, StepResult
+    from cluster.generation.types import GenerationRequest, GenerationRound, SessionSummary, StepResult
     from cluster.trace.config import TraceSpec
+    from cluster.trace.state import Exported, ModelState
 
 
 @dataclass(frozen=True)
@@ -38,19 +37,6 @@ class CoordinatorInfo:
     def decoder(self) -> dict[str, Any]:
         """The decoder's description ({} for models not traced for generation)."""
         return dict(self.extra.get("decoder") or {})
-
-
-@dataclass
-class GenerationRound:
-    """What one `generate_batch` round did: per admitted request its session (or the error that
-    refused it), the new tokens of every session the caller holds, and the summaries of the
-    sessions that ended (closed by the caller, or finished in this step). In a round stream
-    (`cluster.generation.rounds`) `tags` names the admitted requests, in `opened`'s order."""
-
-    opened: list[int | ClusterError] = field(default_factory=list)
-    tags: list[Any] = field(default_factory=list)
-    steps: dict[int, StepResult] = field(default_factory=dict)
-    summaries: dict[int, SessionSummary] = field(default_factory=dict)
 
 
 class CoordinatorHandle(Protocol):
@@ -171,4 +157,4 @@ class _ThreadRounds:
         return result
 
 
-__all__ = ["AsyncCalls", "AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo", "GenerationRound"]
+__all__ = ["AsyncCalls", "AsyncCoordinatorHandle", "AsyncOverThreads", "CoordinatorHandle", "CoordinatorInfo"]

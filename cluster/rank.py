@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import cloudpickle
 import torch
@@ -27,11 +27,20 @@ from cluster.parallel_layers.collectives import (
 )
 from cluster.parallel_layers.shared_memory import SharedMemoryGroup, form_shared_memory_group
 from cluster.parallel_layers.sharding import partition_dims
-from cluster.trace.backends import Backend, get_backend
+from cluster.trace.backend_base import Backend
+from cluster.trace.artifact import WeightFile, load_weights
+from cluster.trace.backends import get_backend
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
     from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
+
+
+def _held(weights: dict[str, torch.Tensor] | Sequence[WeightFile] | None) -> dict[str, torch.Tensor] | None:
+    """The tensors a rank holds for `weights`: as given, or its files opened (checked and mapped)."""
+    if weights is None or isinstance(weights, dict):
+        return weights
+    return load_weights(weights)
 
 
 @dataclass
@@ -259,7 +268,7 @@ class RankWorker:
         for name, index in aliases.items():
             state, new = weights[name], outputs[index]
             if _leading_rows_of(new, state):
-                continue  # written in place by the graph (cluster.trace.backends._serving_module)
+                continue  # written in place by the graph (cluster.trace.cpu._serving_module)
             if new.shape == state.shape:
                 state.copy_(new)
             elif new.dim() == state.dim() and new.shape[1:] == state.shape[1:] and new.shape[0] <= state.shape[0]:
@@ -385,9 +394,13 @@ class RankWorker:
         blobs = [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]
         return RankExport(blobs, self._weights)
 
-    def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | None, threads: int,
-             aliases: dict[str, int] | None = None) -> float:
+    def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | Sequence[WeightFile] | None,
+             threads: int, aliases: dict[str, int] | None = None) -> float:
         """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took.
+
+        `weights` are tensors, or this rank's weight files (cluster.trace.artifact.WeightFile), which
+        the rank checks and memory-maps itself: the weights then exist once, here, backed by the
+        file's pages (a rebuilt rank maps them again, usually from the page cache).
 
         With a backend that `loads_lazily` (cpu), a graph is deserialized on its bucket's first run
         instead: ~0.3 s of CPU per graph, ~5-8 s for the shipped target's 18 when a rank is rebuilt,
@@ -400,7 +413,7 @@ class RankWorker:
         self._aliases = dict(aliases or {})
         self._backend = get_backend(backend)
         self._backend.prepare_rank(self.rank, self.world_size, self.node)  # neuron: its runtime env and collectives
-        self._weights = weights
+        self._weights = _held(weights)
         self._graphs, self._calls = [None] * len(graphs), [None] * len(graphs)
         self._blobs = list(graphs)
         if not self._backend.loads_lazily:
@@ -408,13 +421,17 @@ class RankWorker:
                 self._bound(bucket)
         return time.perf_counter() - started
 
-    def load_draft(self, graphs: list[bytes], weights: dict[str, torch.Tensor] | None,
+    def load_draft(self, graphs: list[bytes], weights: dict[str, torch.Tensor] | Sequence[WeightFile] | None,
                    aliases: dict[str, int] | None = None) -> None:
         """Hold a whole TP=1 draft beside this rank's shard (fused speculation): every rank of the
-        target gets the same graphs and its own copy of the weights and KV cache."""
+        target gets the same graphs and its own copy of the weights (its own mapping of the draft's
+        files, when given files) and KV cache."""
         if self._backend is None:
             raise ClusterError("load the target's shard before its fused draft")
-        own = {k: v.clone() for k, v in weights.items()} if weights is not None else None
+        if isinstance(weights, dict):
+            own = {k: v.clone() for k, v in weights.items()}
+        else:
+            own = _held(weights)
         self._draft = _DraftShard([None] * len(graphs), own, dict(aliases or {}), list(graphs))
         if not self._backend.loads_lazily:
             for bucket in range(len(graphs)):

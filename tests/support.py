@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cluster.generation.layout import DecoderLayout
 from cluster.parallel_layers import layers, parallel_state
 from cluster.parallel_layers.sharding import partition_dims, split_state_dict
 
@@ -147,6 +148,41 @@ def hf_greedy(model, prompt: Sequence[int], new: int) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+# The tiny pair's layout, vocabulary and prompts (12 + 30 tokens cross cache bucket 32 -> 64).
+TINY_LAYOUT = DecoderLayout(batch_buckets=(1, 4), prompt_buckets=(8, 16), cache_buckets=(32, 64), verify_tokens=5)
+TINY_VOCAB = 128
+TINY_PROMPTS = [[5, 9, 17, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [40, 41], [7] * 15]
+
+# Served through a gateway: random decoders with the shipped pair's tokenizer, and a prompt in its domain.
+PAIR_VOCAB = 4096
+PROMPT = "The for statement is used to iterate"
+
+
+# -- sampling: random distributions, draws from them, and the check that samples follow one ---------
+def random_probs(shape, generator: torch.Generator, sharpness: float = 2.0) -> torch.Tensor:
+    return torch.softmax(torch.randn(*shape, generator=generator) * sharpness, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per distribution: [..., V] -> [...]."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def check_matches(samples: torch.Tensor, probs: torch.Tensor, tolerance: float) -> None:
+    """The frequencies of `samples` are within `tolerance` of `probs` (and pass a chi-square test where scipy is installed)."""
+    vocab = probs.numel()
+    frequencies = torch.bincount(samples, minlength=vocab).double() / samples.numel()
+    assert (frequencies - probs.double()).abs().max() < tolerance, (frequencies.tolist(), probs.tolist())
+    try:
+        from scipy.stats import chisquare
+    except ImportError:  # the tolerance check still ran
+        return
+    observed = torch.bincount(samples, minlength=vocab).double()
+    expected = probs.double() / probs.double().sum() * samples.numel()
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
 
 
 # -- the deploy/ files --------------------------------------------------------------------------------

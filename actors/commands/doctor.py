@@ -203,7 +203,7 @@ def diagnose(timeout: float) -> dict[str, Any]:
               + ("" if env["devices"] else "; torch-neuronx is installed but no device is visible (driver loaded? in a container, pass /dev/neuron*)"))
     else:
         check("neuron devices", None, "no Neuron device or SDK here: checked the cpu backend instead (below)")
-    from cluster.trace.backends import TESTED_EXPORT_TORCH, missing_export_support
+    from cluster.trace.cpu import TESTED_EXPORT_TORCH, missing_export_support
 
     reference = eager_reference()
     missing = missing_export_support()

@@ -19,8 +19,7 @@ from clients.protocol import inference_pb2 as pb
 from clients.protocol import tensors
 from cluster.errors import InputError, Overloaded
 from cluster.generation.defaults import DEFAULTS
-from cluster.generation.engine import GenerationRequest
-from cluster.generation.sampling import SamplingParams
+from cluster.generation.types import GenerationRequest, SamplingParams
 
 MAX_TENSOR_ELEMENTS = 1 << 26  # 64 Mi elements: larger payloads are refused, not buffered
 MAX_TEXTS = 1024

@@ -24,6 +24,7 @@ from actors.gateway import codec
 from actors.gateway.codec import Sampling
 from clients.protocol import inference_pb2 as pb
 from cluster.errors import ClusterError, ClusterTimeout, InputError
+from cluster.generation.defaults import DEFAULTS
 
 MAX_CHOICES = 64  # prompts x n in one completion request: they decode together (continuous batching)
 MAX_STOPS = 4  # OpenAI's own limit on `stop`
@@ -148,6 +149,8 @@ def decode_completion(body: dict[str, Any], drafts: Mapping[str, str] | None = N
     for name, value in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("speculation_length", k)):
         if value is not None and not 0 <= value < (1 << 32 if name != "seed" else 1 << 64):
             raise bad(name, f"{name} {value} is out of range; it must be a non-negative integer")
+    if max_tokens > DEFAULTS.max_new_tokens_limit:  # checked here so the message names OpenAI's field
+        raise bad("max_tokens", f"max_tokens {max_tokens} is above {DEFAULTS.max_new_tokens_limit}")
     if k and not draft:
         draft = (drafts or {}).get(model, "")
         if not draft:
@@ -155,6 +158,8 @@ def decode_completion(body: dict[str, Any], drafts: Mapping[str, str] | None = N
                                             "by the gateway (--draft), so name the draft model to speculate with")
     if top_p == 0:
         raise bad("top_p", "top_p 0 keeps no token; use a value in (0, 1]")
+    if not 0 < top_p <= 1:  # also NaN; tpcluster.v1's own check would offer 0, which OpenAI does not take
+        raise bad("top_p", f"top_p {top_p} is out of range; use a value in (0, 1]")
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
     if options and not stream:
@@ -167,18 +172,15 @@ def decode_completion(body: dict[str, Any], drafts: Mapping[str, str] | None = N
         for prompt in prompts[1:]:
             codec.decode_generate(pb.GenerateRequest(prompt=prompt))
     except InputError as exc:
-        message = str(exc).replace("max_new_tokens", "max_tokens").replace(", or 0 for no top-p", "")
-        raise bad(_param_of(message), message) from exc
+        raise bad(_param_of(str(exc)), str(exc)) from exc
     return CompletionRequest(model, prompts, sampling, n, stream, bool(options.get("include_usage")),
                              _get(body, "return_token_ids", bool, False))
 
 
 def _param_of(message: str) -> str | None:
     """The OpenAI field a tpcluster.v1 check's message is about."""
-    for wire, field in (("max_tokens", "max_tokens"), ("prompt", "prompt"), ("temperature", "temperature"),
-                        ("top_p", "top_p"), ("top_k", "top_k"), ("speculation_length", "speculation_length"),
-                        ("stop", "stop")):
-        if message.startswith(wire) or f" {wire} " in message:
+    for field in ("prompt", "temperature", "top_k", "speculation_length", "stop"):
+        if message.startswith(field) or f" {field} " in message:
             return field
     return None
 

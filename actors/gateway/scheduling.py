@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from cluster.errors import ClusterError, ModelUnavailable, RankFailure
-from cluster.handle import GenerationRound
+from cluster.generation.types import GenerationRound
 
 log = logging.getLogger("tpcluster.gateway")
 
@@ -40,15 +40,20 @@ log = logging.getLogger("tpcluster.gateway")
 class Ended:
     """The last item of a generation's queue: its sequence finished or was closed."""
 
-    summary: Any  # cluster.generation.engine.SessionSummary
+    summary: Any  # cluster.generation.types.SessionSummary
 
 
 @dataclass(eq=False)
 class Generation:
     """One Generate request as the scheduler sees it; its consumer reads `out`."""
 
-    request: Any  # cluster.generation.engine.GenerationRequest
+    request: Any  # cluster.generation.types.GenerationRequest
     draft: Any = None  # the draft's ServedModel; its name (a str) when the draft is fused into the target
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
+    session: int | None = None
+    cancelled: bool = False
+    emitted: list[int] = field(default_factory=list)  # tokens handed to `out` since `request` was made
+    scheduler: Any = None  # the ReplicaScheduler it is queued on or runs on (it moves when its replica is lost)
 
     def carried_on(self, max_prompt: int) -> Any:
         """The request that continues this generation on another replica (its prompt and the tokens
@@ -67,11 +72,6 @@ class Generation:
     def borrows_draft(self) -> bool:
         """Whether it speculates with a draft replica borrowed from another model."""
         return self.draft is not None and not isinstance(self.draft, str)
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
-    session: int | None = None
-    cancelled: bool = False
-    emitted: list[int] = field(default_factory=list)  # tokens handed to `out` since `request` was made
-    scheduler: Any = None  # the ReplicaScheduler it is queued on or runs on (it moves when its replica is lost)
 
 
 class ReplicaScheduler:

@@ -18,8 +18,7 @@ import torch
 
 from cluster.errors import InputError
 from cluster.generation.defaults import DEFAULTS
-from cluster.generation.engine import GenerationRequest
-from cluster.generation.sampling import SamplingParams
+from cluster.generation.types import GenerationRequest, SamplingParams
 from cluster.generation.stats import GenerationStats
 
 

@@ -48,13 +48,13 @@ import torch
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
 from cluster.generation.adaptive import (DECODE_CALL, DRAFT_PREFILL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
                                          SpeculatingRow, acceptance_estimate, catch_up_s, explore, rates)
-from cluster.generation.defaults import DEFAULTS
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import (DECODE, VERIFY, DecodeSteps, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
                                      plan_round)
 from cluster.generation.ngram import NgramIndex
-from cluster.generation.sampling import SamplingParams, make_generator, position_generator, probabilities, sample
+from cluster.generation.sampling import make_generator, position_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
+from cluster.generation.types import GenerationRequest, SamplingParams, SessionSummary, StepResult
 
 log = logging.getLogger("tpcluster.generation")
 
@@ -79,53 +79,6 @@ class DecoderEndpoint:
     fused: bool = False
     decode_steps: Callable[[DecodeSteps], Any] | None = None  # several decode steps in one call (multi-step)
     ngram: bool = False  # no draft model: proposals by n-gram lookup in each row's own tokens (cluster.generation.ngram)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One request's prompts (one sequence each) and how to generate their continuations.
-
-    A sequence finishes at eos_token_id (kept), at max_new_tokens, or when its generated tokens
-    end with one of stop_sequences (dropped: neither kept nor handed out, see `_Sequence.emit`).
-    speculation_length is the draft's proposals per round when the request comes with a draft; 0:
-    adaptive (each round picks, up to the target's largest k). resumed: the last `resumed` tokens of
-    every prompt were generated (by a replica that was lost): they count toward max_new_tokens and
-    stop sequences, and sampling goes on from where they left it.
-    """
-
-    prompts: tuple[tuple[int, ...], ...]
-    max_new_tokens: int = DEFAULTS.max_new_tokens
-    sampling: SamplingParams = SamplingParams()
-    eos_token_id: int | None = None
-    speculation_length: int = DEFAULTS.speculation_length
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-    resumed: int = 0
-
-
-@dataclass
-class StepResult:
-    """A session's tokens per row since its last take (empty for finished rows), and whether it is done."""
-
-    tokens: list[list[int]]
-    done: bool
-    finish_reasons: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SessionSummary:
-    """What a closed session generated, per row: the whole sequence (prompt + generated), the
-    prompt's length and the finish reason ("eos", "length", "stop"; "" when it was closed before
-    finishing); and the speculation counts summed over its rows."""
-
-    sequences: list[list[int]]
-    prompt_lengths: list[int]
-    finish: list[str]
-    speculation: SpeculationStats
-
-    @property
-    def generated(self) -> list[list[int]]:
-        """The generated tokens per row (prompt excluded; a matched stop sequence excluded)."""
-        return [seq[n:] for seq, n in zip(self.sequences, self.prompt_lengths)]
 
 
 def stop_matched(sequence: Sequence[int], start: int, stops: Sequence[Sequence[int]]) -> int:
@@ -724,4 +677,4 @@ class DecodeBatch:
                                    "retry, or generate without a draft") from exc
 
 
-__all__ = ["DecodeBatch", "DecoderEndpoint", "GenerationRequest", "SessionSummary", "StepResult", "stop_matched"]
+__all__ = ["DecodeBatch", "DecoderEndpoint", "stop_matched"]

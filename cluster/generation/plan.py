@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 if TYPE_CHECKING:  # types only: the plan itself needs no torch
     from cluster.generation.layout import DecoderLayout
-    from cluster.generation.sampling import SamplingParams
+    from cluster.generation.types import SamplingParams
 
 T = TypeVar("T")
 

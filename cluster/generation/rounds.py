@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
-from cluster.handle import GenerationRound
+from cluster.generation.types import GenerationRound
 
 #: a stream with nothing to do waits this long for new work before it ends
 IDLE_S = 0.5

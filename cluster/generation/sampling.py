@@ -2,7 +2,8 @@
 
 Pure functions over torch tensors; no model, no cluster. The decoder calls
 `probabilities` on each step's logits and `sample` on the result, with a
-generator from `make_generator` so that a seeded request replays exactly.
+generator from `make_generator` so that a seeded request replays exactly. The parameters
+(`SamplingParams`) are a value type of cluster.generation.types.
 
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=7)
     generator = make_generator(params.seed)
@@ -11,62 +12,12 @@ generator from `make_generator` so that a seeded request replays exactly.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
-from numbers import Integral, Real
 
 import torch
 
 from cluster.errors import InputError
-from cluster.generation.defaults import DEFAULTS
-
-MAX_TEMPERATURE = 100.0
-MAX_SEED = 2**63  # exclusive: torch.Generator.manual_seed takes a signed 64-bit seed here
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen from the logits.
-
-    temperature: 0 picks the most likely token (greedy); above 0 divides the logits before softmax.
-    top_k: keep only the k most likely tokens (0 keeps all).
-    top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 keeps all).
-    seed: seeds the request's generator so that it replays; None draws a fresh seed.
-    """
-
-    temperature: float = DEFAULTS.temperature
-    top_k: int = DEFAULTS.top_k
-    top_p: float = DEFAULTS.top_p
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
-            raise InputError(
-                f"temperature={t!r} is invalid: pass a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)"
-            )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k={self.top_k!r} is invalid: pass an integer >= 0 (0 keeps every token)")
-        p = self.top_p
-        if not _is_real(p) or not 0.0 < p <= 1.0:  # NaN fails the comparison too
-            raise InputError(f"top_p={p!r} is invalid: pass a number in (0, 1] (1 keeps every token)")
-        s = self.seed
-        if s is not None and (not _is_int(s) or not 0 <= s < MAX_SEED):
-            raise InputError(f"seed={s!r} is invalid: pass None or an integer in [0, 2**63)")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the most likely token is always taken (temperature 0)."""
-        return self.temperature == 0
+from cluster.generation.types import MAX_SEED, SamplingParams, _is_int
 
 
 def make_generator(seed: int | None) -> torch.Generator:

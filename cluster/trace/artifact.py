@@ -9,6 +9,14 @@
 Loading checks every file it reads against the manifest (present, size, sha256) and ignores files
 the manifest does not name. Nothing is unpickled: graphs and weights are safetensors (cpu backend),
 the kernel is TorchScript loaded with torch.jit.load.
+
+Weights are read where they are used: `read(path, mapped=True)` names each rank's weight files
+(`WeightFile`: path, size, sha256) instead of reading them, and the rank opens its own files with
+`load_weights`, memory-mapped (safetensors maps the file; the pages are the page cache's, shared
+with every process that maps them, until written). So a replica holds its weights once, in its
+ranks, and no process between the folder and the ranks (gateway, coordinator, Ray's object store)
+ever holds a copy. Files are written to a temporary name and renamed into place, so a model saved
+again over a folder never changes the bytes under a rank that maps the old files.
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ import hashlib
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from cluster.coordinator import Exported, ModelState
 from cluster.errors import ArtifactError
 from cluster.signature import TensorSpec
+from cluster.trace.state import Exported, ModelState
 
 FORMAT = "tpcluster-model"
 FORMAT_VERSION = 1
@@ -43,6 +52,44 @@ def _versions() -> dict[str, str]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One safetensors file of a rank's weights, as the manifest lists it: what a rank needs to open
+    and check it itself (`load_weights`)."""
+
+    path: str  # absolute
+    sha256: str
+    bytes: int
+
+
+def load_weights(files: Sequence[WeightFile]) -> dict[str, torch.Tensor]:
+    """The tensors of `files` (later files' names win), each file checked against its size and sha256
+    (a streaming digest: no copy of it is held) and then memory-mapped, not read into memory."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        target = Path(file.path)
+        if not target.is_file():
+            raise ArtifactError(f"{target}: missing, or not readable on this node ({platform.node()}); a rank opens "
+                                "its own weight files, so the model folder must be at the same path on every node "
+                                "that runs its ranks (shared storage, or a copy per node)")
+        size = target.stat().st_size
+        if size != file.bytes:
+            raise ArtifactError(f"{target}: {size} bytes, the manifest says {file.bytes}: the file is truncated or was replaced")
+        digest = hashlib.sha256()
+        with open(target, "rb") as handle:
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != file.sha256:
+            raise ArtifactError(f"{target}: checksum mismatch: the file was modified or corrupted since it was saved")
+        try:
+            weights.update(load_file(str(target)))
+        except Exception as exc:
+            raise ArtifactError(f"{target}: not a readable safetensors file ({exc})") from exc
+    return weights
 
 
 def split_replicated(weights: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -67,7 +114,9 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
     def put(relpath: str, data: bytes) -> str:
         target = folder / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        partial = target.with_name(target.name + ".tmp")
+        partial.write_bytes(data)
+        partial.replace(target)  # a new file: a rank that maps the old one keeps its bytes
         files[relpath] = {"sha256": _sha256(data), "bytes": len(data)}
         return relpath
 
@@ -162,8 +211,11 @@ def _read_checked(folder: Path, manifest: dict[str, Any], relpath: str) -> bytes
     return data
 
 
-def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[dict[str, torch.Tensor] | None]]:
-    """The model state, each rank's graph files and each rank's weights, every file verified."""
+def read(path: str | os.PathLike, *, mapped: bool = False
+         ) -> tuple[ModelState, list[list[bytes]], list[dict[str, torch.Tensor] | tuple[WeightFile, ...] | None]]:
+    """The model state, each rank's graph files and each rank's weights, every file verified. With
+    `mapped`, each rank's weights are its files (`WeightFile`s, checked for presence and size here,
+    opened and fully checked by `load_weights` where they are used) rather than tensors."""
     from safetensors.torch import load
 
     folder = Path(path)
@@ -203,7 +255,21 @@ def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[d
         except Exception as exc:
             raise ArtifactError(f"{folder / relpath}: not a readable safetensors file ({exc})") from exc
 
-    shared = tensors(manifest["shared_weights"]) if manifest.get("shared_weights") else {}
+    def listed(relpath: str) -> WeightFile:
+        entry = manifest["files"].get(relpath)
+        target = folder / relpath
+        if entry is None:
+            raise ArtifactError(f"{target}: referenced but not listed in {MANIFEST}; the manifest was edited")
+        if not target.is_file():
+            raise ArtifactError(f"{target}: missing from the model folder")
+        if target.stat().st_size != entry["bytes"]:
+            raise ArtifactError(f"{target}: {target.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                                "the file is truncated or was replaced")
+        return WeightFile(str(target.resolve()), entry["sha256"], int(entry["bytes"]))
+
+    if mapped:
+        shared_files = (listed(manifest["shared_weights"]),) if manifest.get("shared_weights") else ()
+    shared = tensors(manifest["shared_weights"]) if manifest.get("shared_weights") and not mapped else {}
     graphs, weights = [], []
     for entry in rank_entries:
         if len(entry["graphs"]) != len(state.buckets):
@@ -211,6 +277,8 @@ def read(path: str | os.PathLike) -> tuple[ModelState, list[list[bytes]], list[d
         graphs.append([blob(name) for name in entry["graphs"]])
         if state.inline_weights:
             weights.append(None)
+        elif mapped:
+            weights.append(shared_files + ((listed(entry["weights"]),) if entry.get("weights") else ()))
         else:
             own = tensors(entry["weights"]) if entry.get("weights") else {}
             weights.append({**shared, **own})

@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from cluster.errors import ArtifactError, InputError
 
@@ -61,8 +60,8 @@ def fuse_draft(target: str | os.PathLike, draft: str | os.PathLike) -> Path:
     from cluster.trace import artifact
 
     target, draft = Path(target), Path(draft)
-    target_state = artifact.read(target)[0]
-    draft_state = artifact.read(draft)[0]
+    target_state = artifact.read(target, mapped=True)[0]  # the states only: no weights read
+    draft_state = artifact.read(draft, mapped=True)[0]
     fused_draft_info(target_state, draft_state)
     folder = target / DRAFT_FOLDER
     partial = target / f"{DRAFT_FOLDER}.partial"
@@ -73,16 +72,17 @@ def fuse_draft(target: str | os.PathLike, draft: str | os.PathLike) -> Path:
     return folder
 
 
-def read_fused_draft(target: str | os.PathLike) -> tuple[Any, list[bytes], dict[str, torch.Tensor] | None] | None:
+def read_fused_draft(target: str | os.PathLike, *, mapped: bool = False) -> tuple[Any, list[bytes], Any] | None:
     """The fused draft saved in the target's folder (its state, graphs and weights, every file
-    verified), or None when it has none."""
+    verified; with `mapped`, its weight files rather than tensors: artifact.read), or None when it
+    has none."""
     from cluster.trace import artifact
 
     folder = Path(target) / DRAFT_FOLDER
     if not folder.exists():
         return None
     try:
-        state, graphs, weights = artifact.read(folder)
+        state, graphs, weights = artifact.read(folder, mapped=mapped)
     except ArtifactError as exc:
         raise ArtifactError(f"{target}: its fused draft does not load ({exc}); fuse the draft again "
                             f"(cluster.trace.fuse_draft) or remove the folder {folder}") from exc

@@ -41,7 +41,8 @@ import torch
 
 from cluster.errors import ArtifactError, BackendUnavailable
 from cluster.parallel_layers import parallel_state
-from cluster.trace.backends import Backend, CpuBackend, check_torch_export
+from cluster.trace.backend_base import Backend
+from cluster.trace.cpu import CpuBackend, check_torch_export
 
 #: the key under which rank 0 publishes the Neuron runtime's collective root, in the rank group's store
 ROOT_COMM_KEY = "tpcluster/neuron_rt_root_comm_id"

@@ -23,10 +23,9 @@ from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
 from actors.gateway.server import GatewayConfig
 from tests.integration.harness import GatewayThread
-from tests.integration.test_gateway_generate import PAIR_VOCAB, PROMPT
-from tests.support import TINY_TARGET, save_random_llama
+from tests.support import PAIR_VOCAB, PROMPT, TINY_TARGET, save_random_llama
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # kills ranks and coordinators and waits for rebuilds
 # prompt bucket 256: a stream carried on to the other replica prefills its prompt and what it streamed
 LAYOUT = dict(batch_buckets=(1,), prompt_buckets=(16, 256), cache_buckets=(256,), verify_tokens=0)
 

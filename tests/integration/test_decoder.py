@@ -4,8 +4,7 @@ import pytest
 
 from cluster.generation import DecoderLayout, generate
 from cluster.models.llama import trace_llama
-from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
-from tests.unit.test_generation import LAYOUT, PROMPTS, VOCAB
+from tests.support import TINY_DRAFT, TINY_LAYOUT, TINY_PROMPTS, TINY_TARGET, TINY_VOCAB, hf_greedy, save_random_llama
 
 pytestmark = pytest.mark.integration
 
@@ -13,9 +12,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def models(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama-ray")
-    hf = save_random_llama(root / "target", 0, VOCAB, **TINY_TARGET)
-    save_random_llama(root / "draft", 1, VOCAB, **TINY_DRAFT)
-    target = trace_llama(root / "target", tp_degree=2, layout=LAYOUT, progress=False)
+    hf = save_random_llama(root / "target", 0, TINY_VOCAB, **TINY_TARGET)
+    save_random_llama(root / "draft", 1, TINY_VOCAB, **TINY_DRAFT)
+    target = trace_llama(root / "target", tp_degree=2, layout=TINY_LAYOUT, progress=False)
     draft = trace_llama(root / "draft", tp_degree=1, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), progress=False)
     yield hf, target, draft, root
     target.close()
@@ -24,15 +23,15 @@ def models(ray_cluster, tmp_path_factory):
 
 def test_tp2_greedy_equals_transformers_through_both_cache_buckets(models):
     hf, target, _, _ = models
-    out = generate(target, PROMPTS[:3], max_new_tokens=30)
-    assert out.sequences == [hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
+    out = generate(target, TINY_PROMPTS[:3], max_new_tokens=30)
+    assert out.sequences == [hf_greedy(hf, p, 30) for p in TINY_PROMPTS[:3]]
 
 
 def test_speculative_across_two_models_equals_target_only(models):
     _, target, draft, _ = models
     for rows in (1, 4):
-        plain = generate(target, PROMPTS[:rows], max_new_tokens=20)
-        spec = generate(target, PROMPTS[:rows], max_new_tokens=20, draft_model=draft, speculation_length=3)
+        plain = generate(target, TINY_PROMPTS[:rows], max_new_tokens=20)
+        spec = generate(target, TINY_PROMPTS[:rows], max_new_tokens=20, draft_model=draft, speculation_length=3)
         assert spec.sequences == plain.sequences
         assert spec.stats.draft_tokens_proposed > 0
 
@@ -43,7 +42,7 @@ def test_saved_decoder_loads_with_its_cache_state(models, tmp_path):
     hf, target, _, _ = models
     cluster.trace.parallel_model_save(target, tmp_path / "target")
     with cluster.trace.parallel_model_load(tmp_path / "target") as loaded:
-        assert generate(loaded, PROMPTS[:2], max_new_tokens=10).sequences == [hf_greedy(hf, p, 10) for p in PROMPTS[:2]]
+        assert generate(loaded, TINY_PROMPTS[:2], max_new_tokens=10).sequences == [hf_greedy(hf, p, 10) for p in TINY_PROMPTS[:2]]
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +67,16 @@ def test_fused_speculation_equals_target_only_and_the_separate_draft(models, fus
     loaded, _ = fused
     assert loaded.coordinator.info().extra["fused_draft"]["name"] == "tiny-draft"
     for rows in (1, 4):
-        plain = generate(target, PROMPTS[:rows], max_new_tokens=20)
+        plain = generate(target, TINY_PROMPTS[:rows], max_new_tokens=20)
         for k in (3, 0):  # pinned, adaptive
-            spec = generate(loaded, PROMPTS[:rows], max_new_tokens=20, draft_model="tiny-draft", speculation_length=k)
+            spec = generate(loaded, TINY_PROMPTS[:rows], max_new_tokens=20, draft_model="tiny-draft", speculation_length=k)
             assert spec.sequences == plain.sequences
-    pinned = generate(loaded, PROMPTS[:1], max_new_tokens=20, draft_model="tiny-draft", speculation_length=3)
+    pinned = generate(loaded, TINY_PROMPTS[:1], max_new_tokens=20, draft_model="tiny-draft", speculation_length=3)
     assert pinned.stats.draft_tokens_proposed > 0
     # seeded sampling: the fused draft proposes what the separate one does, so the same tokens come out
     sampled = dict(max_new_tokens=16, temperature=0.9, seed=11, speculation_length=2)
-    separate = generate(target, PROMPTS[:2], draft_model=draft, **sampled)
-    together = generate(loaded, PROMPTS[:2], draft_model="tiny-draft", **sampled)
+    separate = generate(target, TINY_PROMPTS[:2], draft_model=draft, **sampled)
+    together = generate(loaded, TINY_PROMPTS[:2], draft_model="tiny-draft", **sampled)
     assert together.sequences == separate.sequences
 
 
@@ -87,7 +86,7 @@ def test_fusing_refuses_a_pair_that_does_not_fit(models, fused, tmp_path):
 
     loaded, saved = fused
     with pytest.raises(InputError, match="is not fused into this model \\(its fused draft is 'tiny-draft'\\)"):
-        generate(loaded, PROMPTS[:1], max_new_tokens=4, draft_model="another")
+        generate(loaded, TINY_PROMPTS[:1], max_new_tokens=4, draft_model="another")
     _, target, _, _ = models
     with pytest.raises(InputError, match="trace it with tp_degree=1 \\(it has 2\\)"):
         cluster.trace.fuse_draft(saved / "target", saved / "target")  # a TP=2 model as the draft

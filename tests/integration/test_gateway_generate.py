@@ -14,14 +14,12 @@ from cluster.models.defaults import build_decoder
 from cluster.models.pair import pair_path
 from cluster.trace import fuse_draft
 from tests.integration.harness import GatewayThread
-from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
+from tests.support import PAIR_VOCAB, PROMPT, TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
 
 pytestmark = pytest.mark.integration
 
 LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256), verify_tokens=5)
 DRAFT_LAYOUT = dict(batch_buckets=(1, 4), prompt_buckets=(16,), cache_buckets=(64, 256))
-PROMPT = "The for statement is used to iterate"
-PAIR_VOCAB = 4096  # the shipped pair's tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 from clients.client import Client
 from tests.support import RECORDS, REPO_ROOT, check_exactly_once, minilm_embeddings, write_input
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # starts a two-node Ray cluster of its own, gateway restarts, Ray jobs
 
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 ROOT = REPO_ROOT

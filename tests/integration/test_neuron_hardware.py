@@ -10,7 +10,7 @@ import pytest
 
 from actors.commands import doctor
 
-pytestmark = pytest.mark.neuron
+pytestmark = [pytest.mark.neuron, pytest.mark.slow]  # compiles for a NeuronCore: minutes
 
 
 def test_neuron_collective_and_tp2_trace_match_the_cpu_backend():

@@ -6,7 +6,7 @@ from actors.gateway.batching import BatchingConfig
 from clients.soak import run_soak
 from tests.integration.harness import GatewayThread
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 150 requests from 6 clients
 
 
 def test_short_soak_has_no_crash_and_loses_nothing(minilm_tp2):

@@ -5,11 +5,12 @@ import torch
 
 from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, catch_up_s, choose_k,
                                          expected_tokens, explore, rates, round_plan_k)
-from cluster.generation.engine import DecodeBatch, DecoderEndpoint, GenerationRequest
+from cluster.generation.engine import DecodeBatch, DecoderEndpoint
 from cluster.generation.layout import DecoderLayout
 from cluster.generation.sampling import make_generator
 from cluster.generation.speculative import verify_draft
-from tests.unit.test_speculative import check_matches, draw, random_probs
+from cluster.generation.types import GenerationRequest
+from tests.support import check_matches, draw, random_probs
 
 
 def test_expected_tokens_is_the_geometric_run_plus_the_targets_token():

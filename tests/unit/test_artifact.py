@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from cluster.coordinator import Exported, ModelState
 from cluster.errors import ArtifactError
 from cluster.rank import RankExport, collect_weights
 from cluster.signature import signature_of
 from cluster.trace import artifact
-from cluster.trace.backends import CpuBackend
+from cluster.trace.cpu import CpuBackend
+from cluster.trace.state import Exported, ModelState
 from tests.support import Block
 
 
@@ -93,3 +93,62 @@ def test_graph_files_are_not_pickles(saved):
     backend = CpuBackend()
     with pytest.raises(ArtifactError, match="not a tpcluster cpu graph file"):
         backend.load(b"\x80\x04definitely a pickle", "evil.graph")
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """The address ranges of this process that map the file at `path`."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == path:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def test_mapped_read_names_the_files_and_a_rank_maps_them(saved):
+    """No tensor leaves the folder on a mapped read; the rank's tensors are the file's pages."""
+    from cluster.rank import RankWorker
+
+    state, graphs, files = artifact.read(saved, mapped=True)
+    assert all(isinstance(f, artifact.WeightFile) for f in files[0])
+    assert [f.path for f in files[0]] == [str((saved / "weights" / name).resolve())
+                                          for name in ("shared.safetensors", "rank_00.safetensors")]
+    _, _, read = artifact.read(saved)
+    weights = artifact.load_weights(files[0])
+    assert weights.keys() == read[0].keys() and all(torch.equal(weights[k], read[0][k]) for k in weights)
+    ranges = _mapped_ranges(files[0][0].path)  # a TP=1 model's weights are all shared
+    assert weights and ranges and all(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in weights.values())
+
+    rank = RankWorker(0, 1)
+    rank.load(state.backend, graphs[0], files[0], threads=0)
+    held = rank._weights
+    assert all(any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(files[0][0].path)) for t in held.values())
+
+
+def test_a_mapped_file_is_checked_where_it_is_opened(saved):
+    state, graphs, files = artifact.read(saved, mapped=True)
+    target = saved / "weights" / "shared.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size: only the digest tells
+    with pytest.raises(ArtifactError, match="shared.safetensors: checksum mismatch"):
+        artifact.load_weights(files[0])
+    target.unlink()
+    with pytest.raises(ArtifactError, match="shared.safetensors: missing, or not readable on this node.*same path on every node"):
+        artifact.load_weights(files[0])
+    with pytest.raises(ArtifactError, match="shared.safetensors: missing from the model folder"):
+        artifact.read(saved, mapped=True)
+
+
+def test_saving_again_leaves_a_mapped_file_as_it_was(tmp_path):
+    """A folder saved over while a rank maps its files: the rank's bytes do not change under it."""
+    exported, _, _ = _exported(False)
+    folder = artifact.write(tmp_path / "m", exported)
+    _, _, files = artifact.read(folder, mapped=True)
+    weights = artifact.load_weights(files[0])
+    before = {k: v.clone() for k, v in weights.items()}
+    changed = Exported(exported.state, [RankExport(exported.ranks[0].graphs,
+                                                   {k: v + 1 for k, v in exported.ranks[0].weights.items()})])
+    artifact.write(folder, changed)
+    assert all(torch.equal(weights[k], before[k]) for k in weights)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from actors import cli
 from actors.commands import doctor
 
 
+@pytest.mark.slow  # two rank processes and a TP=2 trace
 def test_doctor_json_here_says_no_neuron_and_checks_the_cpu_backend(capsys):
     assert cli.main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -58,7 +61,7 @@ def test_doctor_with_the_sdk_but_no_device_says_so(monkeypatch):
 def test_doctor_on_the_neuron_sdks_torch_skips_the_cpu_backend_and_says_why(monkeypatch):
     # The inf2/trn1 image: torch-neuronx 2.9 brings torch 2.9, which lacks the torch.export API the cpu backend
     # uses. The cpu checks are skipped (not failed), and the neuron trace is compared with the eager model instead.
-    monkeypatch.setattr("cluster.trace.backends.missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
+    monkeypatch.setattr("cluster.trace.cpu.missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
     monkeypatch.setattr("cluster.trace.neuron.neuron_path", lambda installed=None: "xla")
     monkeypatch.setattr(doctor.glob, "glob", lambda pattern: ["/dev/neuron0"])
     calls = []

@@ -8,19 +8,15 @@ from transformers import LlamaForCausalLM as HFLlama
 from cluster.errors import InputError
 from cluster.generation import DecoderLayout, generate, stream_generate
 from cluster.models.llama import trace_llama
-from tests.support import TINY_DRAFT, TINY_TARGET, hf_greedy, save_random_llama
-
-LAYOUT = DecoderLayout(batch_buckets=(1, 4), prompt_buckets=(8, 16), cache_buckets=(32, 64), verify_tokens=5)
-VOCAB = 128
-PROMPTS = [[5, 9, 17, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [40, 41], [7] * 15]
+from tests.support import TINY_DRAFT, TINY_LAYOUT, TINY_PROMPTS, TINY_TARGET, TINY_VOCAB, hf_greedy, save_random_llama
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    hf = save_random_llama(root / "target", 0, VOCAB, **TINY_TARGET)
-    save_random_llama(root / "draft", 1, VOCAB, **TINY_DRAFT)
-    target = trace_llama(root / "target", tp_degree=2, layout=LAYOUT, backend="eager", progress=False)
+    hf = save_random_llama(root / "target", 0, TINY_VOCAB, **TINY_TARGET)
+    save_random_llama(root / "draft", 1, TINY_VOCAB, **TINY_DRAFT)
+    target = trace_llama(root / "target", tp_degree=2, layout=TINY_LAYOUT, backend="eager", progress=False)
     draft = trace_llama(root / "draft", tp_degree=2, layout=DecoderLayout((1, 4), (8, 16), (32, 64)), backend="eager", progress=False)
     yield hf, target, draft, root
     target.close()
@@ -29,8 +25,8 @@ def pair(tmp_path_factory):
 
 def test_tp2_greedy_equals_transformers_for_a_batch_of_lengths(pair):
     hf, target, _, _ = pair
-    out = generate(target, PROMPTS[:3], max_new_tokens=30)  # 12 + 30 tokens: crosses cache bucket 32 -> 64
-    assert out.sequences == [hf_greedy(hf, p, 30) for p in PROMPTS[:3]]
+    out = generate(target, TINY_PROMPTS[:3], max_new_tokens=30)  # 12 + 30 tokens: crosses cache bucket 32 -> 64
+    assert out.sequences == [hf_greedy(hf, p, 30) for p in TINY_PROMPTS[:3]]
     assert out.finish_reasons == ["length"] * 3
 
 
@@ -38,7 +34,7 @@ def test_tp2_greedy_equals_transformers_for_a_batch_of_lengths(pair):
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_greedy_speculative_equals_target_only(pair, rows, k):
     _, target, draft, _ = pair
-    prompts = PROMPTS[:rows]
+    prompts = TINY_PROMPTS[:rows]
     plain = generate(target, prompts, max_new_tokens=24)
     spec = generate(target, prompts, max_new_tokens=24, draft_model=draft, speculation_length=k)
     assert spec.sequences == plain.sequences
@@ -49,7 +45,7 @@ def test_greedy_speculative_equals_target_only(pair, rows, k):
 def test_adaptive_speculation_equals_target_only(pair, rows):
     """speculation_length left at 0: each round picks its k (0 included); greedy output is the target's."""
     _, target, draft, _ = pair
-    prompts = PROMPTS[:rows]
+    prompts = TINY_PROMPTS[:rows]
     plain = generate(target, prompts, max_new_tokens=24)
     adaptive = generate(target, prompts, max_new_tokens=24, draft_model=draft)
     assert adaptive.sequences == plain.sequences
@@ -57,12 +53,12 @@ def test_adaptive_speculation_equals_target_only(pair, rows):
 
 def test_sampling_is_seeded_and_streaming_yields_steps(pair):
     _, target, draft, _ = pair
-    a = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
-    b = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    a = generate(target, TINY_PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
+    b = generate(target, TINY_PROMPTS[:2], max_new_tokens=12, temperature=0.8, top_k=20, seed=7)
     assert a.sequences == b.sequences
-    spec = generate(target, PROMPTS[:2], max_new_tokens=12, temperature=0.8, seed=3, draft_model=draft)
+    spec = generate(target, TINY_PROMPTS[:2], max_new_tokens=12, temperature=0.8, seed=3, draft_model=draft)
     assert all(len(s) == 12 for s in spec.sequences)
-    stream = stream_generate(target, PROMPTS[:1], max_new_tokens=5)
+    stream = stream_generate(target, TINY_PROMPTS[:1], max_new_tokens=5)
     steps = [step[0] for step in stream]
     # multi-step decoding hands over several tokens per round: every step has some, none is lost
     assert 1 < len(steps) <= 5 and all(steps) and sum(steps, []) == stream.output.sequences[0]
@@ -70,11 +66,11 @@ def test_sampling_is_seeded_and_streaming_yields_steps(pair):
 
 def test_eos_and_stop_sequences(pair):
     _, target, _, _ = pair
-    full = generate(target, PROMPTS[:1], max_new_tokens=10).sequences[0]
+    full = generate(target, TINY_PROMPTS[:1], max_new_tokens=10).sequences[0]
     eos = full[3]
-    cut = generate(target, PROMPTS[:1], max_new_tokens=10, eos_token_id=eos)
+    cut = generate(target, TINY_PROMPTS[:1], max_new_tokens=10, eos_token_id=eos)
     assert cut.sequences[0] == full[: full.index(eos) + 1] and cut.finish_reasons == ["eos"]
-    stop = generate(target, PROMPTS[:1], max_new_tokens=10, stop_sequences=[full[4:6]])
+    stop = generate(target, TINY_PROMPTS[:1], max_new_tokens=10, stop_sequences=[full[4:6]])
     assert stop.sequences[0] == full[:4] and stop.finish_reasons == ["stop"]
 
 
@@ -99,11 +95,11 @@ def _driver_stops(steps, stops):
 def test_stop_sequences_within_and_across_steps_match_what_the_driver_did(pair, drafted):
     _, target, draft, _ = pair
     kwargs = dict(max_new_tokens=16, **({"draft_model": draft, "speculation_length": 3} if drafted else {}))
-    steps = list(stream_generate(target, PROMPTS[1:2], **kwargs))
+    steps = list(stream_generate(target, TINY_PROMPTS[1:2], **kwargs))
     full = [token for step in steps for token in step[0]]
     for start, length in [(0, 1), (3, 2), (5, 3), (len(full) - 2, 2)]:
         stop = full[start : start + length]
-        stream = stream_generate(target, PROMPTS[1:2], stop_sequences=[[999], stop], **kwargs)
+        stream = stream_generate(target, TINY_PROMPTS[1:2], stop_sequences=[[999], stop], **kwargs)
         got = [s[0] for s in stream]
         yielded, output = _driver_stops([s[0] for s in steps], [[999], stop])
         # the tokens handed out, not how rounds bunch them (multi-step rounds follow the measured step cost)
@@ -114,15 +110,16 @@ def test_stop_sequences_within_and_across_steps_match_what_the_driver_did(pair, 
 
 def test_a_stopped_row_finishes_while_its_neighbours_go_on(pair):
     _, target, _, _ = pair
-    full = generate(target, PROMPTS[:2], max_new_tokens=8).sequences
-    cut = generate(target, PROMPTS[:2], max_new_tokens=8, stop_sequences=[full[0][2:4]])
+    full = generate(target, TINY_PROMPTS[:2], max_new_tokens=8).sequences
+    cut = generate(target, TINY_PROMPTS[:2], max_new_tokens=8, stop_sequences=[full[0][2:4]])
     assert cut.sequences[0] == full[0][:2] and cut.finish_reasons[0] == "stop"
     if full[0][2:4] not in [full[1][i : i + 2] for i in range(7)]:
         assert cut.sequences[1] == full[1] and cut.finish_reasons[1] == "length"
 
 
 def test_sequence_emit_finishes_on_stop_then_eos_then_length():
-    from cluster.generation.engine import GenerationRequest, _Sequence
+    from cluster.generation.engine import _Sequence
+    from cluster.generation.types import GenerationRequest
 
     def row(**kw):
         return _Sequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, 0)
@@ -151,13 +148,13 @@ def test_bad_requests_are_refused_and_the_model_keeps_serving(pair):
     with pytest.raises(InputError, match="above the largest context bucket 16"):
         generate(target, [list(range(1, 18))], max_new_tokens=4)
     with pytest.raises(InputError, match="does not fit the KV cache"):
-        generate(target, PROMPTS[:1], max_new_tokens=60)
+        generate(target, TINY_PROMPTS[:1], max_new_tokens=60)
     for k in (-1, 5):
         with pytest.raises(InputError, match="speculation_length must be 1..4"):
-            generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=draft, speculation_length=k)
+            generate(target, TINY_PROMPTS[:1], max_new_tokens=4, draft_model=draft, speculation_length=k)
     with pytest.raises(InputError, match="stop sequences"):
-        generate(target, PROMPTS[:1], max_new_tokens=4, stop_sequences=[[-3]])
-    assert generate(target, PROMPTS[:1], max_new_tokens=8).sequences[0] == hf_greedy(hf, PROMPTS[0], 8)
+        generate(target, TINY_PROMPTS[:1], max_new_tokens=4, stop_sequences=[[-3]])
+    assert generate(target, TINY_PROMPTS[:1], max_new_tokens=8).sequences[0] == hf_greedy(hf, TINY_PROMPTS[0], 8)
 
 
 def test_a_draft_with_another_vocabulary_is_refused(pair, tmp_path):
@@ -169,7 +166,7 @@ def test_a_draft_with_another_vocabulary_is_refused(pair, tmp_path):
     with trace_llama(tmp_path / "small-vocab", tp_degree=2, layout=DecoderLayout((1, 4), (8, 16), (32, 64)),
                      backend="eager", progress=False) as odd:
         with pytest.raises(InputError, match="vocabulary of 96.*must share a tokenizer and vocabulary"):
-            generate(target, PROMPTS[:1], max_new_tokens=4, draft_model=odd)
+            generate(target, TINY_PROMPTS[:1], max_new_tokens=4, draft_model=odd)
 
 
 # -- continuous batching: sessions share the cache slots and the steps -------------------------
@@ -196,47 +193,46 @@ def _run_sessions(coordinator, plan, draft=None):
 
 
 def test_sessions_joining_mid_generation_get_the_tokens_they_get_alone(pair):
-    from cluster.generation.engine import GenerationRequest
-    from cluster.generation.sampling import SamplingParams
+    from cluster.generation.types import GenerationRequest, SamplingParams
 
     _, target, draft, _ = pair
     sampled = SamplingParams(temperature=0.9, top_k=30, seed=11)
     plan = [
-        (0, GenerationRequest((tuple(PROMPTS[0]),), 20), False),
-        (3, GenerationRequest((tuple(PROMPTS[1]),), 9, sampled), False),  # joins at step 3, leaves early
-        (5, GenerationRequest((tuple(PROMPTS[2]), tuple(PROMPTS[3])), 16, speculation_length=3), True),
-        (14, GenerationRequest((tuple(PROMPTS[3]),), 6), False),  # takes the slot the second one freed
+        (0, GenerationRequest((tuple(TINY_PROMPTS[0]),), 20), False),
+        (3, GenerationRequest((tuple(TINY_PROMPTS[1]),), 9, sampled), False),  # joins at step 3, leaves early
+        (5, GenerationRequest((tuple(TINY_PROMPTS[2]), tuple(TINY_PROMPTS[3])), 16, speculation_length=3), True),
+        (14, GenerationRequest((tuple(TINY_PROMPTS[3]),), 6), False),  # takes the slot the second one freed
     ]
     together = _run_sessions(target.coordinator, plan, draft.coordinator)
     alone = [_run_sessions(target.coordinator, [(0, request, drafted)], draft.coordinator)[0]
              for _, request, drafted in plan]
     assert together == alone
-    assert together[0] == [generate(target, PROMPTS[:1], max_new_tokens=20).sequences[0]]
+    assert together[0] == [generate(target, TINY_PROMPTS[:1], max_new_tokens=20).sequences[0]]
     assert [len(row) for row in together[1]] == [9]
 
 
 def test_a_full_cache_refuses_new_sessions_until_one_closes(pair):
     from cluster.errors import Overloaded
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.types import GenerationRequest
 
     _, target, _, _ = pair
     coordinator = target.coordinator
-    first = coordinator.generate_open(GenerationRequest(tuple(map(tuple, PROMPTS[:3])), 4))
-    second = coordinator.generate_open(GenerationRequest((tuple(PROMPTS[3]),), 4))
+    first = coordinator.generate_open(GenerationRequest(tuple(map(tuple, TINY_PROMPTS[:3])), 4))
+    second = coordinator.generate_open(GenerationRequest((tuple(TINY_PROMPTS[3]),), 4))
     with pytest.raises(Overloaded, match="slots"):
-        coordinator.generate_open(GenerationRequest((tuple(PROMPTS[0]),), 4))
+        coordinator.generate_open(GenerationRequest((tuple(TINY_PROMPTS[0]),), 4))
     coordinator.generate_close(first)
-    third = coordinator.generate_open(GenerationRequest((tuple(PROMPTS[0]),), 4))
+    third = coordinator.generate_open(GenerationRequest((tuple(TINY_PROMPTS[0]),), 4))
     for session in (second, third):
         coordinator.generate_close(session)
 
 
 def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
-    from cluster.generation.engine import GenerationRequest, SessionSummary
+    from cluster.generation.types import GenerationRequest, SessionSummary
 
     _, target, _, _ = pair
     coordinator = target.coordinator
-    requests = [GenerationRequest((tuple(PROMPTS[0]),), 3), GenerationRequest((tuple(PROMPTS[1]),), 5),
+    requests = [GenerationRequest((tuple(TINY_PROMPTS[0]),), 3), GenerationRequest((tuple(TINY_PROMPTS[1]),), 5),
                 GenerationRequest((), 3)]
     round_ = coordinator.generate_batch([(r, None) for r in requests])
     first, second, refused = round_.opened
@@ -250,19 +246,19 @@ def test_generate_batch_admits_steps_and_closes_finished_sessions(pair):
         summaries.update(round_.summaries)
     assert [len(got[first]), len(got[second])] == [3, 5]
     assert isinstance(summaries[first], SessionSummary) and summaries[first].finish == ["length"]
-    assert summaries[first].generated == [got[first]] and summaries[first].prompt_lengths == [len(PROMPTS[0])]
+    assert summaries[first].generated == [got[first]] and summaries[first].prompt_lengths == [len(TINY_PROMPTS[0])]
     assert summaries[first].speculation.proposed == 0
-    assert got[first] == generate(target, PROMPTS[:1], max_new_tokens=3).sequences[0]
+    assert got[first] == generate(target, TINY_PROMPTS[:1], max_new_tokens=3).sequences[0]
     assert coordinator.generate_batch().steps == {}
 
 
 def test_generate_batch_resync_closes_sessions_a_server_lost_track_of(pair):
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.types import GenerationRequest
 
     _, target, _, _ = pair
     coordinator = target.coordinator
-    kept, lost = coordinator.generate_batch([(GenerationRequest((tuple(PROMPTS[0]),), 30), None),
-                                             (GenerationRequest((tuple(PROMPTS[1]),), 30), None)]).opened
+    kept, lost = coordinator.generate_batch([(GenerationRequest((tuple(TINY_PROMPTS[0]),), 30), None),
+                                             (GenerationRequest((tuple(TINY_PROMPTS[1]),), 30), None)]).opened
     round_ = coordinator.generate_batch(sessions=[kept], resync=True)  # e.g. a gateway restarted, or a round that timed out
     assert lost in round_.summaries and set(round_.steps) == {kept}
     assert round_.summaries[lost].finish == [""]  # closed before it finished
@@ -299,13 +295,13 @@ class _LosingDraft:
 
 @pytest.mark.parametrize("lost_at", ["decode_loop", "forward_bucket"])
 def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, lost_at):
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.types import GenerationRequest
 
     _, target, draft, _ = pair
     coordinator = target.coordinator
     losing = _LosingDraft(draft.coordinator, rounds=2) if lost_at == "decode_loop" else _LosingDraft(draft.coordinator, prefills=0)
-    speculating = GenerationRequest((tuple(PROMPTS[0]), tuple(PROMPTS[2])), 14, speculation_length=3)
-    plain = GenerationRequest((tuple(PROMPTS[1]),), 14)
+    speculating = GenerationRequest((tuple(TINY_PROMPTS[0]), tuple(TINY_PROMPTS[2])), 14, speculation_length=3)
+    plain = GenerationRequest((tuple(TINY_PROMPTS[1]),), 14)
     sessions = [coordinator.generate_open(speculating, losing), coordinator.generate_open(plain)]
     got = {s: [[] for _ in range(2)] for s in sessions}
     steps = 0
@@ -319,7 +315,7 @@ def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, l
             break
         assert steps < 40, "the generation did not finish after its draft was lost"
     summary, other = (coordinator.generate_close(s) for s in sessions)
-    expected = generate(target, [PROMPTS[0], PROMPTS[2], PROMPTS[1]], max_new_tokens=14).sequences
+    expected = generate(target, [TINY_PROMPTS[0], TINY_PROMPTS[2], TINY_PROMPTS[1]], max_new_tokens=14).sequences
     assert got[sessions[0]] == expected[:2] and got[sessions[1]][0] == expected[2]  # greedy: as if undisturbed
     assert summary.finish == ["length", "length"] and summary.generated == expected[:2]
     stats = summary.speculation
@@ -337,11 +333,11 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
     for all their rows in one call (their caches were empty), then propose; greedy output is the
     target's throughout."""
     from cluster.generation import engine
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.types import GenerationRequest
 
     _, target, draft, _ = pair
     coordinator = target.coordinator
-    expected = generate(target, PROMPTS[:2], max_new_tokens=16).sequences
+    expected = generate(target, TINY_PROMPTS[:2], max_new_tokens=16).sequences
     choices = iter([])
     monkeypatch.setattr(engine, "explore", lambda *a, **k: next(choices, 2))  # what each adaptive round picks
     monkeypatch.setattr(engine.DecodeBatch, "_lost_below", lambda self, batch: False)  # whatever earlier tests measured
@@ -350,7 +346,7 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
         nonlocal choices
         choices = iter(picks)
         counting = _LosingDraft(draft.coordinator)
-        session = coordinator.generate_open(GenerationRequest(tuple(map(tuple, PROMPTS[:2])), 16), counting)
+        session = coordinator.generate_open(GenerationRequest(tuple(map(tuple, TINY_PROMPTS[:2])), 16), counting)
         for _ in range(40):
             if coordinator.generate_step(session).done:
                 break
@@ -368,8 +364,7 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
 def test_a_resumed_sequence_continues_the_same_random_stream(pair):
     """A sequence carried on elsewhere (its prompt plus what it had generated, `resumed`) generates what it
     would have: each round's generator comes from the sequence's seed and length."""
-    from cluster.generation.engine import GenerationRequest
-    from cluster.generation.sampling import SamplingParams
+    from cluster.generation.types import GenerationRequest, SamplingParams
 
     _, target, draft, _ = pair
     coordinator = target.coordinator
@@ -384,13 +379,13 @@ def test_a_resumed_sequence_continues_the_same_random_stream(pair):
 
     for k, with_draft in ((0, None), (2, draft.coordinator)):
         sampling = SamplingParams(temperature=0.9, seed=21)
-        whole, ends = run(GenerationRequest((tuple(PROMPTS[0]),), 20, sampling, speculation_length=k), with_draft)
+        whole, ends = run(GenerationRequest((tuple(TINY_PROMPTS[0]),), 20, sampling, speculation_length=k), with_draft)
         for cut in (ends[0], ends[len(ends) // 2]):
-            prompt = tuple(PROMPTS[0]) + tuple(whole[:cut])
+            prompt = tuple(TINY_PROMPTS[0]) + tuple(whole[:cut])
             resumed = GenerationRequest((prompt,), 20, sampling, speculation_length=k, resumed=cut)
             assert run(resumed, with_draft)[0] == whole, (k, cut)
     with pytest.raises(InputError, match="resumed=20"):
-        run(GenerationRequest((tuple(PROMPTS[0]) + tuple(whole),), 20, resumed=20))
+        run(GenerationRequest((tuple(TINY_PROMPTS[0]) + tuple(whole),), 20, resumed=20))
 
 
 def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
@@ -410,16 +405,16 @@ def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
 
     monkeypatch.setattr(RankWorker, "decode_steps", counted)
     sampled = dict(max_new_tokens=20, temperature=0.9, top_k=30, seed=11)
-    multi = generate(target, PROMPTS[:3], **sampled)
-    greedy = generate(target, PROMPTS[:3], max_new_tokens=20)
-    eos = greedy.sequences[0][len(PROMPTS[0]) + 6]  # a token greedy makes 7th for row 0: it ends row 0 there
-    early = generate(target, PROMPTS[:3], max_new_tokens=20, eos_token_id=eos)
+    multi = generate(target, TINY_PROMPTS[:3], **sampled)
+    greedy = generate(target, TINY_PROMPTS[:3], max_new_tokens=20)
+    eos = greedy.sequences[0][len(TINY_PROMPTS[0]) + 6]  # a token greedy makes 7th for row 0: it ends row 0 there
+    early = generate(target, TINY_PROMPTS[:3], max_new_tokens=20, eos_token_id=eos)
     assert calls and max(calls) > 1  # rounds did run several steps in one call
-    assert greedy.sequences == [hf_greedy(hf, p, 20) for p in PROMPTS[:3]]
+    assert greedy.sequences == [hf_greedy(hf, p, 20) for p in TINY_PROMPTS[:3]]
     monkeypatch.setattr(DecodeBatch, "MAX_DECODE_STEPS", 1)
     calls.clear()
-    assert generate(target, PROMPTS[:3], **sampled).sequences == multi.sequences
-    assert generate(target, PROMPTS[:3], max_new_tokens=20, eos_token_id=eos).sequences == early.sequences
+    assert generate(target, TINY_PROMPTS[:3], **sampled).sequences == multi.sequences
+    assert generate(target, TINY_PROMPTS[:3], max_new_tokens=20, eos_token_id=eos).sequences == early.sequences
     assert not calls
     assert early.finish_reasons[0] == "eos" and early.sequences[0][-1] == eos
     assert all(len(s) == 20 for s in multi.sequences)
@@ -427,9 +422,9 @@ def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
 
 def test_decode_steps_plan_rejects_what_it_cannot_run():
     from cluster.generation.plan import DecodeSteps
-    from cluster.generation.sampling import SamplingParams
+    from cluster.generation.types import SamplingParams
 
-    ok = dict(tokens=(4, -1), starts=(3, 0), budgets=(2, 0), layout=LAYOUT, sampling=(SamplingParams(),) * 2,
+    ok = dict(tokens=(4, -1), starts=(3, 0), budgets=(2, 0), layout=TINY_LAYOUT, sampling=(SamplingParams(),) * 2,
               seeds=(1, 0), lengths=(4, 0), eos_ids=(-1, -1))
     assert DecodeSteps(**ok).steps == 2
     with pytest.raises(ValueError, match="every row"):
@@ -444,7 +439,7 @@ def test_ngram_proposer_without_a_draft_model(pair):
     from cluster.generation import NGRAM_DRAFT
 
     _, target, _, _ = pair
-    prompts = [[5, 6, 7, 8, 9] * 3, [1, 2, 3, 1, 2, 3, 1, 2], PROMPTS[2]]
+    prompts = [[5, 6, 7, 8, 9] * 3, [1, 2, 3, 1, 2, 3, 1, 2], TINY_PROMPTS[2]]
     plain = generate(target, prompts, max_new_tokens=24)
     for k in (0, 3):  # adaptive, pinned
         spec = generate(target, prompts, max_new_tokens=24, draft_model=NGRAM_DRAFT, speculation_length=k)

@@ -44,6 +44,7 @@ def test_decoders_generate_transformers_greedy_tokens(checkpoints, arch, tp):
     assert spec.task == "generate" and spec.extra["architecture"] == arch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("variant", ["t5", "t5-v1_1"])  # relu + tied embeddings; gated-gelu, untied
 def test_t5_generates_transformers_greedy_tokens(checkpoints, variant, tp):

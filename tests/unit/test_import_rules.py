@@ -1,5 +1,5 @@
-"""Data flows one way (STYLE.md 1): the package import edges, read from the source, and what the
-`tpcluster` command imports when it only talks to a gateway.
+"""Data flows one way (STYLE.md 1): the package import edges, read from the source, no module that
+imports itself through others, and what the `tpcluster` command imports when it only talks to a gateway.
 
 Static imports only (`import x`, `from x import y`, at any depth, functions included); the CLI
 registry's module strings are deliberately not imports.
@@ -10,10 +10,12 @@ import json
 import pathlib
 import subprocess
 import sys
+from collections import deque
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGES = ("cluster", "actors", "clients")
 
 # actors/ may import only clients.protocol from clients/. These drive a real gateway through the
 # client, which is their job (demo and benchmark); nothing else may join them.
@@ -82,6 +84,92 @@ def test_actors_take_only_the_protocol_from_clients():
         if _top(name) == "clients" and not (name == "clients.protocol" or name.startswith("clients.protocol.")):
             found.setdefault(file, set()).add(".".join(name.split(".")[:2]))  # clients.client.Client -> clients.client
     assert found == ACTORS_USING_THE_CLIENT
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of PACKAGES (a package by its own name, for its __init__.py) -> the modules of
+    PACKAGES it imports, at any depth (functions and `if TYPE_CHECKING:` included).
+
+    `from pkg import name` is the module pkg.name when there is one, else pkg itself (its
+    __init__.py, which may still be initialising: that is the import a cycle breaks). `import a.b`
+    is a.b alone: the packages above it are initialised before any of their modules runs.
+    """
+    modules = {".".join(_module_of(path)): path for folder in PACKAGES for path in sorted((ROOT / folder).rglob("*.py"))}
+
+    def module(name: str) -> str | None:
+        parent = name.rpartition(".")[0]
+        return name if name in modules else parent if parent in modules else None
+
+    return {name: {target for imported_name in imported(path) if (target := module(imported_name)) not in (None, name)}
+            for name, path in modules.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle, as a path back to its start, per group of modules that import each other (Tarjan's
+    strongly connected components); [] when none do."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = set(stack[stack.index(node):])
+            del stack[stack.index(node):]
+            if len(group) > 1 or node in graph.get(node, ()):
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(_shortest_cycle(min(group), group, graph) for group in groups)
+
+
+def _shortest_cycle(start: str, group: set[str], graph: dict[str, set[str]]) -> list[str]:
+    """The shortest path start -> ... -> start within `group` (breadth first)."""
+    came_from: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return [*reversed(path), start]
+            if nxt in group and nxt not in came_from:
+                came_from[nxt] = node
+                queue.append(nxt)
+    raise AssertionError(f"{start} is on no cycle within {sorted(group)}")
+
+
+def test_the_cycle_finder_reports_each_cycle_as_a_path():
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a", "b"}, "d": set(), "e": {"e"}, "f": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"], ["e", "e"]]
+    assert find_cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_the_import_graph_resolves_names_to_modules():
+    graph = import_graph()
+    assert "cluster.trace.state" in graph["cluster.handle"]  # under `if TYPE_CHECKING:`
+    assert "cluster.trace.neuron" in graph["cluster.trace.backends"]  # inside get_backend()
+    assert "cluster.trace.artifact" in graph["cluster.runtime"]  # from cluster.trace import artifact: the module
+    assert "cluster.trace" in graph["cluster.models.llama"]  # from cluster.trace import parallel_model_trace: the package
+    assert not any(name.startswith("torch") for targets in graph.values() for name in targets)
+
+
+def test_no_module_imports_itself_through_others():
+    cycles = find_cycles(import_graph())
+    assert cycles == [], ("modules that import each other (move what they share into a module that imports neither):\n"
+                          + "\n".join(" -> ".join(cycle) for cycle in cycles))
 
 
 CLI_PROBE = """

@@ -183,7 +183,7 @@ def graph_text(path: str, blob: bytes) -> str:
         import io
 
         return str(torch.jit.load(io.BytesIO(blob)).inlined_graph)
-    from cluster.trace.backends import _PROGRAM_KEY, _safetensors_metadata
+    from cluster.trace.cpu import _PROGRAM_KEY, _safetensors_metadata
 
     return _safetensors_metadata(blob)[_PROGRAM_KEY]
 
@@ -246,6 +246,7 @@ def check_no_cpu_collectives(results: list[dict]) -> None:
         assert inside == [], f"CPU collectives ran while the neuron backend traced or served: {inside}"
 
 
+@pytest.mark.slow
 def test_contract_xla_path_trace_decode_save_load_replace(xla):
     """Contract (inf2/trn1, torch-neuronx over torch-xla): values, call order, arguments and environment per rank."""
     check_outputs(xla)
@@ -279,6 +280,7 @@ def test_contract_xla_path_trace_decode_save_load_replace(xla):
         assert result["graph_is_same_on_save"]
 
 
+@pytest.mark.slow
 def test_contract_native_path_trace_decode_save_load_replace(native):
     """Contract (trn2/trn3, native TorchNeuron): the `neuron` process group, functional collectives, torch.compile."""
     check_outputs(native)
@@ -325,9 +327,9 @@ def test_without_torch_2_13s_export_api_cpu_and_native_refuse_and_xla_goes_on(mo
     """On torch 2.9 (the Neuron SDK's torch for inf2/trn1) the cpu backend and the native path say which torch they
     need, before any rank runs; the xla path is built (its contract above runs with those APIs taken away)."""
     from cluster.errors import BackendUnavailable
-    from cluster.trace import backends, neuron
+    from cluster.trace import backends, cpu, neuron
 
-    monkeypatch.setattr(backends, "missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
+    monkeypatch.setattr(cpu, "missing_export_support", lambda: ("torch.utils._pytree.TreeSpec.child",))
     monkeypatch.setattr(torch, "__version__", "2.9.1")
     for call in (lambda: backends.resolve_backend("cpu"), lambda: backends.get_backend("cpu")):
         with pytest.raises(BackendUnavailable, match=r"backend 'cpu' needs torch 2\.13.*torch 2\.9\.1.*TreeSpec\.child"):
@@ -343,7 +345,7 @@ def test_without_torch_2_13s_export_api_cpu_and_native_refuse_and_xla_goes_on(mo
 
 
 def test_this_torch_has_the_export_api_the_cpu_backend_needs():
-    from cluster.trace.backends import missing_export_support
+    from cluster.trace.cpu import missing_export_support
 
     assert missing_export_support() == ()
 

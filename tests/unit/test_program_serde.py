@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize
 
-from cluster.trace.backends import _PROGRAM_KEY, CpuBackend, _FlatCall, _safetensors_metadata
+from cluster.trace.cpu import _PROGRAM_KEY, CpuBackend, _FlatCall, _safetensors_metadata
 from cluster.trace.program_serde import deserialize_program
 
 

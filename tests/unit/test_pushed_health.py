@@ -4,10 +4,11 @@ and the rebuild's end as they happen, and a replaced rank group's late report is
 import threading
 from concurrent import futures
 
-from cluster.coordinator import Coordinator, CoordinatorConfig, ModelState
+from cluster.coordinator import Coordinator, CoordinatorConfig
 from cluster.errors import RankFailure
 from cluster.rank_group import RankGroup
 from cluster.signature import TensorSpec
+from cluster.trace.state import ModelState
 
 
 class _Ranks(RankGroup):

@@ -1,6 +1,7 @@
 """How a rank runs a decoder's cpu graphs: KV-cache writes in place and graphs deserialized on first use,
 with the very outputs and cache state of the program as traced (tiny Llama at TP=1, no cluster)."""
 
+import pytest
 import torch
 from torch.utils._pytree import tree_unflatten
 
@@ -8,7 +9,7 @@ from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.models.llama import llama_from_checkpoint
 from cluster.parallel_layers import parallel_state
 from cluster.rank import RankWorker, collect_weights
-from cluster.trace.backends import CpuBackend, _serving_module
+from cluster.trace.cpu import CpuBackend, _serving_module
 from tests.support import TINY_TARGET, save_random_llama
 
 _LAYOUT = DecoderLayout(batch_buckets=(1, 2), prompt_buckets=(8,), cache_buckets=(16, 32))
@@ -60,6 +61,7 @@ def _worker(graphs, weights, aliases, as_traced):
     return worker
 
 
+@pytest.mark.slow
 def test_cache_writes_in_place_give_the_traced_programs_outputs_and_state(tmp_path):
     graphs, weights, aliases = _traced(tmp_path)
     for rows in (1, 2):

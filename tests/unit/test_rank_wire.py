@@ -1,15 +1,15 @@
 """How a rank call's arguments travel (actors.rank_actor, actors.rank_group): an argument every rank
 gets is serialised once, small ones inside the call (no object-store round trip), and each rank gets
-back what was sent."""
+back what was sent. A large argument's trip through the object store needs a cluster:
+tests/integration/test_rank_wire.py."""
 
-import numpy as np
 import torch
 
 from actors.rank_actor import Pickled, from_wire, to_wire
-from actors.rank_group import _INLINE_BYTES, _shared
+from actors.rank_group import _shared
 from cluster.generation.layout import DecoderLayout
 from cluster.generation.plan import DecodeSteps
-from cluster.generation.sampling import SamplingParams
+from cluster.generation.types import SamplingParams
 
 
 def test_a_small_plan_travels_pickled_once_and_comes_back_equal():
@@ -29,11 +29,3 @@ def test_plain_values_and_small_arrays_go_as_they_are():
     back[0, 0] = 9  # writable and owned: not a view of what was received
     assert ids[0, 0] == 0
 
-
-def test_a_large_argument_goes_through_the_object_store(ray_cluster):
-    import ray
-
-    weights = {"w": np.arange(_INLINE_BYTES // 8 + 1, dtype=np.float64)}
-    sent = _shared(weights)
-    assert isinstance(sent, ray.ObjectRef)
-    assert np.array_equal(ray.get(sent)["w"], weights["w"])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cluster.errors import InputError
-from cluster.generation.sampling import SamplingParams, make_generator, probabilities, sample
+from cluster.generation.sampling import make_generator, probabilities, sample
+from cluster.generation.types import SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_defaults_resolve_wire_zeros_and_are_what_requests_and_the_library_use()
 
     from cluster.generation.api import stream_generate
     from cluster.generation.defaults import DEFAULTS, GenerationDefaults
-    from cluster.generation.engine import GenerationRequest
+    from cluster.generation.types import GenerationRequest
 
     assert (DEFAULTS.max_new_tokens, DEFAULTS.temperature, DEFAULTS.top_k, DEFAULTS.top_p) == (64, 0.0, 0, 1.0)
     assert (DEFAULTS.speculation_length, DEFAULTS.max_new_tokens_limit, DEFAULTS.speculation_length_limit) == (0, 4096, 16)

@@ -20,7 +20,8 @@ from cluster.parallel_layers import shared_memory
 from cluster.parallel_layers.collectives import ProcessGroupCollectives, ThreadCollectives, use_gather
 from tests.support import free_port
 
-pytestmark = pytest.mark.skipif(not shared_memory.supported(), reason="shared-memory collectives need Linux x86-64")
+pytestmark = [pytest.mark.skipif(not shared_memory.supported(), reason="shared-memory collectives need Linux x86-64"),
+              pytest.mark.slow]  # each test starts rank processes: 4-12 s
 
 SHAPES = [(1, 768), (3, 5, 7), (0, 4), (2, 3000)]  # (2, 3000) fp32 spans several 4 KiB slots
 
@@ -45,7 +46,7 @@ def _rank_main(rank, world, port, scenario, results):
             out = [(collectives.all_reduce(t).numpy(), collectives.all_gather(t, -1).numpy()) for t in _inputs(rank)]
             results.put((rank, "values", out))
         elif scenario == "export":
-            from cluster.trace.backends import CpuBackend
+            from cluster.trace.cpu import CpuBackend
 
             weight = torch.full((4, 4), float(rank + 1))
 

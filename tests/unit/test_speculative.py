@@ -4,21 +4,7 @@ import torch
 from cluster.errors import InputError
 from cluster.generation.sampling import make_generator
 from cluster.generation.speculative import SpeculationStats, verify_draft
-
-try:
-    from scipy.stats import chisquare
-except ImportError:  # the tolerance checks still run
-    chisquare = None
-
-
-def random_probs(shape, generator, sharpness=2.0):
-    return torch.softmax(torch.randn(*shape, generator=generator) * sharpness, dim=-1)
-
-
-def draw(probs, generator):
-    """One token per distribution: [..., V] -> [...]."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+from tests.support import check_matches, draw, random_probs
 
 
 def expected_greedy_output(proposals, target_probs):
@@ -128,16 +114,6 @@ def test_token_ids_are_validated():
         verify_draft(torch.tensor([[0, 5]]), draft, target, make_generator(0), greedy=False)
     with pytest.raises(InputError, match="pass integer token ids"):
         verify_draft(torch.tensor([[0.0, 1.0]]), draft, target, make_generator(0), greedy=True)
-
-
-def check_matches(samples, probs, tolerance):
-    vocab = probs.numel()
-    frequencies = torch.bincount(samples, minlength=vocab).double() / samples.numel()
-    assert (frequencies - probs.double()).abs().max() < tolerance, (frequencies.tolist(), probs.tolist())
-    if chisquare is not None:
-        observed = torch.bincount(samples, minlength=vocab).double()
-        expected = probs.double() / probs.double().sum() * samples.numel()
-        assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("seed", [0, 1])
