@@ -150,6 +150,9 @@ class RemoteCoordinator:
     def export(self) -> Exported:
         return self._call("export", timeout=self.config.trace_timeout_s)
 
+    def save(self, path: str) -> None:
+        self._call("save", path, timeout=self.config.trace_timeout_s)
+
     def forward(self, inputs: Any) -> Any:
         return self._call("forward", inputs)
 

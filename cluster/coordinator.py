@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -25,6 +26,7 @@ from cluster.generation.types import GenerationRound
 from cluster.handle import AsyncOverThreads, CoordinatorInfo
 from cluster.rank_group import RankGroup
 from cluster.signature import Signature, as_input_tuple, describe_signature, signature_of
+from cluster.trace import artifact
 from cluster.trace.backends import get_backend, keeps_survivors
 from cluster.trace.config import TraceSpec
 from cluster.trace.state import Exported, ModelState
@@ -453,6 +455,21 @@ class Coordinator:
         if self.state is None:
             raise ClusterError("nothing to save: the coordinator holds no model")
         return Exported(self.state, self.ranks.export(self.config.trace_timeout_s))
+
+    def save(self, path: str) -> None:
+        """Save the model into the folder `path`, each rank writing its own files (its weights never
+        travel: the folder must be reachable at `path` from every rank's node); then the manifest."""
+        if self.state is None:
+            raise ClusterError("nothing to save: the coordinator holds no model")
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan, written = self.ranks.save(str(folder.resolve()), self.config.trace_timeout_s)
+        files = {name: entry for rank in written for name, entry in rank.items()}
+        inline = self.state.inline_weights
+        ranks = [{"graphs": graphs, "weights": None if inline else f"weights/rank_{r:02d}.safetensors"}
+                 for r, graphs in enumerate(plan.graphs)]
+        shared = "weights/shared.safetensors" if plan.shared and not inline else None
+        artifact.write_manifest(folder, self.state, ranks, shared, files)
 
     def model_state(self) -> ModelState:
         if self.state is None:

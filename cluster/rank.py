@@ -6,11 +6,13 @@ NeuronCore, and `cluster.rank_group.InProcessRankGroup` runs several in threads 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import cloudpickle
@@ -28,7 +30,7 @@ from cluster.parallel_layers.collectives import (
 from cluster.parallel_layers.shared_memory import SharedMemoryGroup, form_shared_memory_group
 from cluster.parallel_layers.sharding import partition_dims
 from cluster.trace.backend_base import Backend
-from cluster.trace.artifact import WeightFile, load_weights
+from cluster.trace.artifact import WeightFile, load_weights, tensor_digest, write_graph_file, write_weight_file
 from cluster.trace.backends import get_backend
 from cluster.trace.config import TraceSpec
 
@@ -390,9 +392,34 @@ class RankWorker:
                 feed = [row[step + 1] for row in plan.pending]
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
+    def _graph_blobs(self) -> list[bytes]:
+        return [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]
+
     def export(self) -> RankExport:
-        blobs = [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]
-        return RankExport(blobs, self._weights)
+        return RankExport(self._graph_blobs(), self._weights)
+
+    def shard_digests(self) -> dict[str, Any]:
+        """What `artifact.plan_shards` needs to plan a save where every rank writes its own files:
+        the sha256 of each bucket's graph file and a digest of each weight tensor."""
+        return {"graphs": [hashlib.sha256(blob).hexdigest() for blob in self._graph_blobs()],
+                "weights": None if self._weights is None else {k: tensor_digest(v) for k, v in self._weights.items()}}
+
+    def write_shard(self, folder: str, writes: dict[int, str], shared: list[str], write_shared: bool) -> dict[str, dict[str, Any]]:
+        """Write this rank's part of a saved model into `folder`: the graph files `writes` names (bucket ->
+        file), its own weights (all but `shared`, which every rank holds alike) as weights/rank_RR.safetensors,
+        and with `write_shared` the shared ones as weights/shared.safetensors. Returns the manifest entries
+        of what it wrote."""
+        root, files = Path(folder), {}
+        blobs = self._graph_blobs()
+        for bucket, relpath in writes.items():
+            files.update(write_graph_file(root, relpath, blobs[bucket]))
+        if self._weights is not None:
+            if write_shared and shared:
+                files.update(write_weight_file(root, "weights/shared.safetensors", {k: self._weights[k] for k in shared}))
+            common = set(shared)
+            own = {k: v for k, v in self._weights.items() if k not in common}
+            files.update(write_weight_file(root, f"weights/rank_{self.rank:02d}.safetensors", own))
+        return files
 
     def load(self, backend: str, graphs: list[bytes], weights: dict[str, torch.Tensor] | Sequence[WeightFile] | None,
              threads: int, aliases: dict[str, int] | None = None) -> float:

@@ -19,6 +19,7 @@ from cluster.errors import ClusterError, RankError, RankFailure
 from cluster.parallel_layers import parallel_state
 from cluster.parallel_layers.collectives import ThreadCollectives
 from cluster.rank import RankExport, RankWorker
+from cluster.trace.artifact import ShardPlan, plan_shards
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
@@ -84,6 +85,14 @@ class RankGroup(ABC):
 
     def export(self, timeout: float) -> list[RankExport]:
         return self._same("export", timeout)
+
+    def save(self, folder: str, timeout: float) -> tuple[ShardPlan, list[dict[str, dict[str, Any]]]]:
+        """Every rank writes its own files of a saved model into `folder` (no weight leaves a rank):
+        the plan they followed (artifact.plan_shards) and the manifest entries each wrote."""
+        plan = plan_shards(self._same("shard_digests", timeout))
+        written = self._fan_out("write_shard", [(folder, plan.writes[r], plan.shared, r == 0)
+                                                for r in range(self.world_size)], timeout)
+        return plan, written
 
     def load(self, backend: str, graphs: Sequence[list[bytes]], weights: Sequence[dict | None], threads: int,
              aliases: dict[str, int], timeout: float, ranks: Sequence[int] | None = None) -> None:

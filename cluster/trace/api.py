@@ -6,6 +6,7 @@ import os
 import site
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import cloudpickle
@@ -17,7 +18,6 @@ from cluster.errors import CheckpointError, InputError
 from cluster.parallel_layers.checkpoint import find_rank_file, read_state_dict
 from cluster.parallel_layers.sharding import split_state_dict
 from cluster.signature import as_input_tuple, signature_of
-from cluster.trace import artifact
 from cluster.trace.backends import resolve_backend
 from cluster.trace.config import BucketModelConfig, TraceSpec
 from cluster.trace.model import ParallelModel
@@ -119,8 +119,11 @@ def parallel_model_trace(
 
 
 def parallel_model_save(model: ParallelModel, path: str | os.PathLike) -> None:
-    """Save every rank's shard and the manifest into the folder `path`."""
-    artifact.write(path, model.coordinator.export())
+    """Save every rank's shard and the manifest into the folder `path`. Each rank writes its own
+    graphs and weights there, so no weight passes through this process or the coordinator: `path`
+    must be reachable from every rank's node (the local disk on one machine, shared storage on a
+    cluster)."""
+    model.coordinator.save(str(Path(path).resolve()))
 
 
 def parallel_model_load(path: str | os.PathLike, coordinator_config: CoordinatorConfig | None = None, *,

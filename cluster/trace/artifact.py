@@ -103,7 +103,95 @@ def split_replicated(weights: list[dict[str, torch.Tensor]]) -> tuple[dict[str, 
     return shared, own
 
 
+def _put(folder: Path, relpath: str, data: bytes, files: dict[str, dict[str, Any]]) -> str:
+    """Write `data` at folder/relpath under a new inode (a rank that maps the old file keeps its
+    bytes) and list it in `files`."""
+    target = folder / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_bytes(data)
+    partial.replace(target)
+    files[relpath] = {"sha256": _sha256(data), "bytes": len(data)}
+    return relpath
+
+
+def graph_name(bucket: int, digest: str) -> str:
+    return f"graphs/bucket_{bucket:02d}_{digest[:12]}.graph"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (equal tensors, equal digests; no copy when contiguous)."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(memoryview(data))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Who writes what when every rank saves its own files (`plan_shards`): the graph files each rank
+    names (by bucket) and the ones it writes (the lowest rank holding a graph writes it), and the
+    weights every rank holds identically (written once, by rank 0, as weights/shared.safetensors)."""
+
+    graphs: list[list[str]]
+    writes: list[dict[int, str]]
+    shared: list[str]
+
+
+def plan_shards(digests: Sequence[dict[str, Any]]) -> ShardPlan:
+    """The plan from each rank's `{"graphs": [sha256 per bucket], "weights": {name: tensor_digest} or None}`;
+    the same files, names and split as `write` makes from the tensors."""
+    names: dict[str, str] = {}
+    graphs: list[list[str]] = []
+    writes: list[dict[int, str]] = []
+    for rank in digests:
+        own, writing = [], {}
+        for bucket, digest in enumerate(rank["graphs"]):
+            if digest not in names:
+                names[digest] = writing[bucket] = graph_name(bucket, digest)
+            own.append(names[digest])
+        graphs.append(own)
+        writes.append(writing)
+    weights = [rank["weights"] for rank in digests]
+    shared = [] if weights[0] is None else [
+        name for name, digest in weights[0].items() if all(w is not None and w.get(name) == digest for w in weights[1:])]
+    return ShardPlan(graphs, writes, shared)
+
+
+def write_graph_file(folder: Path, relpath: str, blob: bytes) -> dict[str, dict[str, Any]]:
+    """Write one graph file under a new inode; its manifest entry `{relpath: {sha256, bytes}}`."""
+    files: dict[str, dict[str, Any]] = {}
+    _put(folder, relpath, blob, files)
+    return files
+
+
+def write_weight_file(folder: Path, relpath: str, weights: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Save `weights` as folder/relpath (safetensors, straight from the tensors' memory: a tensor is
+    copied only when not contiguous or when it shares storage with another) under a new inode;
+    returns the file's manifest entry `{relpath: {sha256, bytes}}`."""
+    from safetensors.torch import save_file
+
+    storages: dict[int, int] = {}
+    for tensor in weights.values():
+        key = tensor.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
+    storable = {name: (t.detach().contiguous().clone() if storages[t.untyped_storage().data_ptr()] > 1
+                       else t.detach().contiguous()) for name, t in weights.items()}
+    target = folder / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    save_file(storable, str(partial))
+    digest = hashlib.sha256()
+    with open(partial, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    size = partial.stat().st_size
+    partial.replace(target)
+    return {relpath: {"sha256": digest.hexdigest(), "bytes": size}}
+
+
 def write(path: str | os.PathLike, exported: Exported) -> Path:
+    """Save `exported` (every rank's graphs and weights, in this process) into the folder `path`."""
     from safetensors.torch import save
 
     folder = Path(path)
@@ -112,13 +200,7 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
     files: dict[str, dict[str, Any]] = {}
 
     def put(relpath: str, data: bytes) -> str:
-        target = folder / relpath
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".tmp")
-        partial.write_bytes(data)
-        partial.replace(target)  # a new file: a rank that maps the old one keeps its bytes
-        files[relpath] = {"sha256": _sha256(data), "bytes": len(data)}
-        return relpath
+        return _put(folder, relpath, data, files)
 
     graph_names: dict[str, str] = {}  # sha -> relpath: identical graphs stored once
     ranks = []
@@ -127,7 +209,7 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
         for bucket, blob in enumerate(rank_export.graphs):
             digest = _sha256(blob)
             if digest not in graph_names:
-                graph_names[digest] = put(f"graphs/bucket_{bucket:02d}_{digest[:12]}.graph", blob)
+                graph_names[digest] = put(graph_name(bucket, digest), blob)
             names.append(graph_names[digest])
         ranks.append({"graphs": names, "weights": None})
 
@@ -138,8 +220,16 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
             shared_file = put("weights/shared.safetensors", save(_storable(shared)))
         for rank, weights in enumerate(own):
             ranks[rank]["weights"] = put(f"weights/rank_{rank:02d}.safetensors", save(_storable(weights)))
-    kernel_file = put("bucket_kernel.pt", state.kernel) if state.kernel else None
+    write_manifest(folder, state, ranks, shared_file, files)
+    return folder
 
+
+def write_manifest(folder: Path, state: ModelState, ranks: list[dict[str, Any]], shared_file: str | None,
+                   files: dict[str, dict[str, Any]]) -> None:
+    """The bucket kernel and the manifest (last: a folder without one is not a saved model), for
+    files already written: `ranks` names each rank's graphs and weight file, `files` lists them all."""
+    files = dict(files)
+    kernel_file = _put(folder, "bucket_kernel.pt", state.kernel, files) if state.kernel else None
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -161,7 +251,6 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(folder / MANIFEST)  # the manifest lands last: a half-written folder has none
-    return folder
 
 
 def _storable(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

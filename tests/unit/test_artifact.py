@@ -152,3 +152,36 @@ def test_saving_again_leaves_a_mapped_file_as_it_was(tmp_path):
                                                    {k: v + 1 for k, v in exported.ranks[0].weights.items()})])
     artifact.write(folder, changed)
     assert all(torch.equal(weights[k], before[k]) for k in weights)
+
+
+def test_plan_shards_names_and_splits_as_write_does():
+    digests = [{"graphs": ["g0", "g1"], "weights": {"norm": "n", "q": "q0", "emb": "e"}},
+               {"graphs": ["g0", "g2"], "weights": {"norm": "n", "q": "q1", "emb": "e"}}]
+    plan = artifact.plan_shards(digests)
+    assert plan.graphs == [[artifact.graph_name(0, "g0"), artifact.graph_name(1, "g1")],
+                           [artifact.graph_name(0, "g0"), artifact.graph_name(1, "g2")]]
+    assert plan.writes == [{0: artifact.graph_name(0, "g0"), 1: artifact.graph_name(1, "g1")},
+                           {1: artifact.graph_name(1, "g2")}]  # a graph both ranks hold is written once
+    assert plan.shared == ["norm", "emb"]
+    assert artifact.plan_shards([{"graphs": ["g"], "weights": None}]).shared == []
+
+
+def test_a_rank_writes_the_same_folder_that_write_makes(saved, tmp_path):
+    """The save where each rank writes its own files (Coordinator.save) gives the very files, names
+    and manifest entries of `write` from the exported tensors."""
+    from cluster.rank import RankWorker
+
+    state, graphs, files = artifact.read(saved, mapped=True)
+    rank = RankWorker(0, 1)
+    rank.load(state.backend, graphs[0], files[0], threads=0)
+    plan = artifact.plan_shards([rank.shard_digests()])
+    out = tmp_path / "by-rank"
+    written = rank.write_shard(str(out), plan.writes[0], plan.shared, True)
+    ranks = [{"graphs": plan.graphs[0], "weights": "weights/rank_00.safetensors"}]
+    artifact.write_manifest(out, state, ranks, "weights/shared.safetensors" if plan.shared else None, written)
+    original, again = (json.loads((folder / "manifest.json").read_text()) for folder in (saved, out))
+    assert again["files"] == original["files"] and again["ranks"] == original["ranks"]
+    assert again["shared_weights"] == original["shared_weights"]
+    for name in original["files"]:
+        assert (out / name).read_bytes() == (saved / name).read_bytes()
+    assert not list(out.rglob("*.tmp"))

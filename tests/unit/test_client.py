@@ -204,13 +204,15 @@ def test_nothing_listening_is_reported_at_once_not_retried_until_the_deadline():
         with pytest.raises(Unavailable, match="nothing answers"):
             c.health()
 
+    brief = RetryPolicy(unreachable_s=0.3)
+
     async def unary() -> None:
-        async with AsyncClient(target, timeout=60) as c:
+        async with AsyncClient(target, timeout=60, retry=brief) as c:
             await c.list_models()
 
     with pytest.raises(Unavailable, match="nothing answers"):
         asyncio.run(unary())
-    with Client(target, timeout=60) as c, pytest.raises(Unavailable, match="nothing answers"):
+    with Client(target, timeout=60, retry=brief) as c, pytest.raises(Unavailable, match="nothing answers"):
         c.generate("abc")
 
 
