@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from actors.bench import compile_cache, failover, fronts, sections, serving, step
+from actors.bench import compile_cache, failover, fronts, scale, sections, serving, step
 from actors.bench.inputs import SENTENCES
 from actors.bench.measure import machine
 from actors.bench.report import chart, summary
@@ -31,6 +31,7 @@ SECTIONS = {
     "gateway": serving.bench_gateway,
     "generate": serving.bench_generate, "batch": serving.bench_batch, "soak": serving.bench_soak,
     "fronts": fronts.bench_fronts, "compile": compile_cache.bench_compile, "failover": failover.bench_failover,
+    "scale": scale.bench_scale,
 }
 
 

@@ -7,6 +7,12 @@ from typing import Any
 
 def summary(results: dict[str, Any]) -> str:
     parts = []
+    if "scale" in results:
+        s, m = results["scale"], results["scale"]["model"]
+        parts.append(f"{s['shape']} TP=2 {s['dtype']} ({m['checkpoint_gb']:.2f} GB): host memory over the checkpoint, less "
+                     "the processes' fixed cost: " + ", ".join(f"{phase} x{m[phase]['over_checkpoint']:.2f}" for phase in
+                                                               ("compile", "ready", "generate", "rebuild"))
+                     + f"; decode x{s['decode_ratio_to_transformers']:.2f} of transformers")
     if "core" in results:
         c = results["core"]
         parts.append(f"eager {c['eager_in_process']['p50_ms']:.1f} ms, TP1 x{c['tp1']['ratio_to_eager']:.2f}, TP2 x{c['tp2']['ratio_to_eager']:.2f}")

@@ -26,6 +26,7 @@ ACTORS_USING_THE_CLIENT = {
     "actors/bench/step.py": {"clients.client"},
     "actors/bench/fronts.py": {"clients.client"},
     "actors/bench/failover.py": {"clients.client", "clients.errors"},
+    "actors/bench/scale.py": {"clients.client", "clients.errors"},
 }
 
 
