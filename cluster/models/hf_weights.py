@@ -9,10 +9,13 @@ Every error is a CheckpointError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -138,6 +141,56 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def assign_whole(model: nn.Module, state: dict[str, torch.Tensor], source: str, rank: int, world_size: int) -> None:
-    """Load a whole state dict into this rank's model: parallel layers take their slices."""
-    local = split_state_dict(state, partition_dims(model), rank, world_size)
+    """Load a whole state dict into this rank's model: parallel layers take their slices, copied
+    straight from `state` (a memory-mapped checkpoint: only this rank's slices are ever read)."""
+    local = split_state_dict(state, partition_dims(model), rank, world_size, views=True)
     check_and_assign(model, local, f"{source} (rank {rank} of {world_size})")
+
+
+_meta_lock = threading.Lock()
+_meta_users = 0
+_meta_local = threading.local()
+_register_parameter = nn.Module.register_parameter
+
+
+def _register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _register_parameter(module, name, param)
+    if param is not None and getattr(_meta_local, "active", False) and not param.is_meta:
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build a model without its parameters' memory or initialisation: parameters registered inside
+    (in this thread) are moved to the meta device as they are made, buffers are made as usual (RoPE
+    frequencies, caches, a rank's vocabulary offset). `materialize` then gives the parameters
+    storage, for a checkpoint to fill."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            nn.Module.register_parameter = _register_on_meta
+        _meta_users += 1
+    _meta_local.active = True
+    try:
+        yield
+    finally:
+        _meta_local.active = False
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                nn.Module.register_parameter = _register_parameter
+
+
+def materialize(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give `model`'s meta parameters uninitialised CPU storage, floating ones in `dtype` (a parameter
+    shared by several modules stays shared)."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in made:
+                kind = dtype if param.is_floating_point() else param.dtype
+                made[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=kind), requires_grad=param.requires_grad)
+            module._parameters[name] = made[id(param)]
+    return model

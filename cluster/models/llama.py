@@ -304,12 +304,16 @@ def llama_from_checkpoint(folder: str | os.PathLike, max_batch: int = 4, max_cac
     The cache outputs are the batch bucket's rows only, unless `full_cache_outputs` (the whole
     cache, for backends whose aliasing needs the state's shape). `dtype` ("bfloat16", ...) casts the
     weights and the cache; default float32."""
-    from cluster.models.hf_weights import assign_whole
+    from cluster.models.hf_weights import assign_whole, materialize, parameters_on_meta
     from cluster.parallel_layers import load
 
     folder = Path(folder)
     shape = LlamaShape.from_folder(folder)
-    model = LlamaForCausalLM(shape, max_batch, max_cache).eval()
+    # the parameters are made in the weights' dtype with no initial values: the checkpoint fills them
+    # (a float32 model cast afterwards would hold 3x a bf16 shard at its peak)
+    with parameters_on_meta():
+        model = LlamaForCausalLM(shape, max_batch, max_cache).eval()
+    materialize(model, getattr(torch, dtype) if dtype is not None else torch.float32)
     for layer in model.model.layers:
         layer.self_attn.full_cache_outputs = full_cache_outputs
     if checkpoint is not None or sharded:

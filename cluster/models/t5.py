@@ -344,11 +344,13 @@ def t5_from_checkpoint(folder: str | os.PathLike, max_batch: int = 4, max_cache:
     """(model, io_aliases) for this rank from a transformers T5ForConditionalGeneration folder."""
     import json
 
-    from cluster.models.hf_weights import assign_whole
+    from cluster.models.hf_weights import assign_whole, materialize, parameters_on_meta
 
     folder = Path(folder)
     shape = T5Shape.from_config(json.loads((folder / "config.json").read_text()))
-    model = T5ForConditionalGeneration(shape, max_batch, max_cache, max_encoder).eval()
+    with parameters_on_meta():  # made in the weights' dtype, filled from the checkpoint (as for the decoders)
+        model = T5ForConditionalGeneration(shape, max_batch, max_cache, max_encoder).eval()
+    materialize(model, getattr(torch, dtype) if dtype is not None else torch.float32)
     model.full_state_outputs = full_state_outputs
     assign_whole(model, t5_state_dict(folder, shape), str(folder), parallel_state.get_tensor_model_parallel_rank(),
                  parallel_state.get_tensor_model_parallel_size())

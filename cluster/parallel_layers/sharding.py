@@ -18,10 +18,15 @@ def divide(numerator: int, world_size: int, what: str) -> int:
     return numerator // world_size
 
 
+def shard_view(full: torch.Tensor, rank: int, world_size: int, dim: int) -> torch.Tensor:
+    """Rank `rank`'s slice of `full` along `dim`, as a view of it (no copy)."""
+    size = divide(full.shape[dim], world_size, f"tensor of shape {tuple(full.shape)} along dim {dim}")
+    return full.narrow(dim, rank * size, size)
+
+
 def shard_tensor(full: torch.Tensor, rank: int, world_size: int, dim: int) -> torch.Tensor:
     """Rank `rank`'s contiguous slice of `full` along `dim` (NxD's create_local_weight)."""
-    size = divide(full.shape[dim], world_size, f"tensor of shape {tuple(full.shape)} along dim {dim}")
-    return full.narrow(dim, rank * size, size).clone()
+    return shard_view(full, rank, world_size, dim).clone()
 
 
 def unshard_tensors(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -42,10 +47,9 @@ def partition_dims(model: nn.Module) -> dict[str, int]:
 
 
 def split_state_dict(
-    full: dict[str, torch.Tensor], dims: dict[str, int], rank: int, world_size: int
+    full: dict[str, torch.Tensor], dims: dict[str, int], rank: int, world_size: int, views: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s state dict from a whole one: partitioned keys sliced, the rest shared."""
-    return {
-        key: shard_tensor(value, rank, world_size, dims[key]) if key in dims else value
-        for key, value in full.items()
-    }
+    """Rank `rank`'s state dict from a whole one: partitioned keys sliced, the rest shared. With
+    `views` the slices are views of `full` (for copying into a model: no second copy of the shard)."""
+    cut = shard_view if views else shard_tensor
+    return {key: cut(value, rank, world_size, dims[key]) if key in dims else value for key, value in full.items()}
