@@ -88,6 +88,54 @@ def decoder_layout(info: CheckpointInfo, options: CompileOptions) -> Any:
     return DecoderLayout(tuple(batch), tuple(prompt), tuple(cache), 0 if info.is_seq2seq else options.verify_tokens)
 
 
+@dataclass(frozen=True)
+class DecoderMemory:
+    """What a compiled decoder replica holds in host memory: its weights (in the compile's dtype) and
+    each rank's KV cache, which has a slot per sequence decoded together (the largest batch bucket)
+    at the largest cache length."""
+
+    weights_bytes: int
+    cache_bytes_per_sequence: int
+    sequences: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.cache_bytes_per_sequence * self.sequences
+
+    def describe(self) -> str:
+        return (f"host memory: weights {self.weights_bytes / 2**30:.2f} GiB + KV cache "
+                f"{self.cache_bytes_per_sequence / 2**20:.1f} MiB a sequence x {self.sequences} sequences "
+                f"= {self.total_bytes / 2**30:.2f} GiB for the replica (all ranks)")
+
+
+def decoder_memory(info: CheckpointInfo, layout: Any, dtype: str, parameters: int) -> DecoderMemory:
+    """The memory a Llama-family decoder compiled with `layout` holds (T5 keeps other state: not sized here)."""
+    config = info.config
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    width = 4 if dtype == "float32" else 2
+    per_sequence = 2 * int(config["num_hidden_layers"]) * kv_heads * head_dim * max(layout.cache_buckets) * width
+    return DecoderMemory(parameters * width, per_sequence, max(layout.batch_buckets))
+
+
+def check_memory(memory: DecoderMemory, host_bytes: int, share: float = 0.9) -> None:
+    """CheckpointError when the replica would not fit `share` of the host's memory, saying what fits."""
+    budget = int(host_bytes * share)
+    if memory.total_bytes <= budget:
+        return
+    fits = (budget - memory.weights_bytes) // memory.cache_bytes_per_sequence if memory.cache_bytes_per_sequence else 0
+    advice = (f"at most {fits} sequences fit (--max-sequences {fits}), or use shorter --cache-buckets" if fits >= 1
+              else "the weights alone do not fit: use a larger machine or a smaller --dtype")
+    raise CheckpointError(f"{memory.describe()}, more than {share:.0%} of this machine's {host_bytes / 2**30:.1f} GiB; "
+                          f"{advice}")
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory (where a local cluster's ranks run)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def encoder_buckets(info: CheckpointInfo, options: CompileOptions) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(batch buckets, sequence buckets) of an encoder compile."""
     seq = options.seq_buckets or _capped(ENCODER_DEFAULTS["seq_buckets"], info.max_positions)
@@ -118,6 +166,11 @@ def trace_checkpoint(src: str | os.PathLike, tp_degree: int = 2, options: Compil
 
         layout = decoder_layout(info, options)
         extra["parameters"] = check_checkpoint(info, tp_degree, layout.max_cache)
+        if info.is_decoder:  # before any rank starts: a replica that cannot fit is refused here
+            memory = decoder_memory(info, layout, options.dtype, extra["parameters"])
+            _say(progress, memory.describe())
+            check_memory(memory, host_memory_bytes())
+            extra["kv_cache_bytes_per_sequence"] = memory.cache_bytes_per_sequence
         trace = trace_t5 if info.is_seq2seq else trace_llama
         model = trace(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype, backend=backend)
         return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout.prompt_buckets), extra=extra)

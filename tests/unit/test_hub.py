@@ -281,3 +281,28 @@ def test_the_compile_command_parses_buckets_and_the_summary_reads_well(tmp_path)
     assert "LlamaForCausalLM, task generate, tp 2, float32, 1.50M parameters" in text
     assert "6 graphs: batch_buckets [1, 4], verify_tokens 0" in text
     assert f"tpcluster serve --model NAME={tmp_path / 'out'}" in text
+
+
+def test_a_replica_that_cannot_fit_is_refused_before_any_rank_starts(llama, monkeypatch):
+    """KV-cache bytes a sequence and the replica's total are said first; --max-sequences x cache past
+    the machine's memory is refused naming the bytes and what fits, and no rank is started."""
+    from cluster.models import hub
+
+    info = inspect_checkpoint(llama)
+    layout = hub.decoder_layout(info, CompileOptions(cache_buckets=(256,), max_sequences=8))
+    memory = hub.decoder_memory(info, layout, "bfloat16", parameters=1000)
+    # DECODER_SHAPE: 2 layers, 2 KV heads of 16 dims; k and v; 256 positions; 2 bytes
+    assert memory.cache_bytes_per_sequence == 2 * 2 * 2 * 16 * 256 * 2 and memory.sequences == 8
+    assert memory.total_bytes == 2000 + 8 * memory.cache_bytes_per_sequence
+    hub.check_memory(memory, host_bytes=10**9)  # fits
+    with pytest.raises(CheckpointError, match=r"KV cache 0.1 MiB a sequence x 8 sequences.*more than 90% of this "
+                                              r"machine's .*at most 6 sequences fit \(--max-sequences 6\)"):
+        hub.check_memory(memory, host_bytes=int((2000 + 6.5 * memory.cache_bytes_per_sequence) / 0.9))
+    with pytest.raises(CheckpointError, match="the weights alone do not fit"):
+        hub.check_memory(memory, host_bytes=1000)
+
+    monkeypatch.setattr(hub, "host_memory_bytes", lambda: 4096)
+    monkeypatch.setattr("cluster.trace.parallel_model_trace",
+                        lambda *a, **k: pytest.fail("a rank was started for a replica that cannot fit"))
+    with pytest.raises(CheckpointError, match="this machine's 0.0 GiB"):
+        trace_checkpoint(llama, 1, CompileOptions(cache_buckets=(256,), max_sequences=8), progress=False)
