@@ -300,32 +300,9 @@ class RankWorker:
         """Several decode steps of the target in one call (multi-step decoding): the contract is in
         `cluster.generation.plan.DecodeSteps`. Every rank samples the same tokens from the same
         logits and generators; rank 0 returns the tokens [B, steps] (-1 past each row's last)."""
-        from cluster.generation.layout import step_inputs
-        from cluster.generation.sampling import position_generator, probabilities, sample
+        from cluster.generation.steps import decode_steps
 
-        rows = len(plan.tokens)
-        feed, starts = list(plan.tokens), list(plan.starts)
-        made = [[] for _ in range(rows)]
-        for step in range(plan.steps):
-            bucket, inputs = step_inputs(plan.layout, "decode", [[t] for t in feed], starts)
-            logits = self._run(bucket, inputs)[0][:rows, 0]
-            live = [r for r in range(rows) if feed[r] >= 0]
-            greedy = logits.argmax(-1).tolist() if any(plan.sampling[r].greedy for r in live) else []
-            starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
-            for r in live:
-                params = plan.sampling[r]
-                if params.greedy:
-                    token = greedy[r]
-                else:
-                    generator = position_generator(plan.seeds[r], plan.lengths[r] + step)
-                    token = int(sample(probabilities(logits[r : r + 1].float(), params), generator)[0])
-                made[r].append(token)
-                done = len(made[r]) >= plan.budgets[r] or token == plan.eos_ids[r]
-                feed[r] = -1 if done else token
-            if all(t < 0 for t in feed):
-                break
-        width = max(map(len, made))
-        out = torch.tensor([m + [-1] * (width - len(m)) for m in made], dtype=torch.int64)
+        out = decode_steps(self._run, plan)
         return out if self.rank == 0 else None
 
     def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -339,58 +316,24 @@ class RankWorker:
         return out if self.rank == 0 else None
 
     def speculate(self, plan: FusedRound) -> Any:
-        """One fused round: the draft's proposals (on this rank's copy of the draft), then the target's
-        verify forward over each row's fed token and its proposals, in one call.
+        """One fused round (cluster.generation.steps.fused_round) on this rank's copy of the draft and
+        its shard of the target. Rank 0 returns (proposals [B, steps], draft probs or None, target
+        logits [B, verify_tokens, V], seconds in the draft); the other ranks None."""
+        from cluster.generation.steps import fused_round
 
-        Every rank runs the same draft on the same inputs and seeds; rank 0's proposals are
-        all-gathered so every rank verifies the same tokens whatever the arithmetic. Rank 0 returns
-        (proposals [B, steps], draft probs or None, target logits [B, verify_tokens, V], seconds in
-        the draft); the other ranks None.
-        """
-        from cluster.generation.layout import step_inputs
+        out = fused_round(lambda bucket, inputs: self._run(bucket, inputs, draft=True), self._run, self._gather, plan)
+        return out if self.rank == 0 else None
 
-        started = time.perf_counter()
-        proposals, probs = self._decode_loop(plan.draft, draft=True)
+    def _gather(self, proposals: torch.Tensor) -> torch.Tensor:
+        """Rank 0's proposals on every rank (so all verify the same tokens whatever the arithmetic)."""
         if self.world_size > 1 and self._collectives is not None:
-            proposals = self._collectives.all_gather(proposals.unsqueeze(0).contiguous(), 0)[0]
-        draft_s = time.perf_counter() - started
-        fed = [list(tokens) + (proposals[slot, :k].tolist() if k else [])
-               for slot, (tokens, k) in enumerate(zip(plan.tokens, plan.proposals))]
-        bucket, inputs = step_inputs(plan.layout, "verify", fed, list(plan.starts))
-        logits = self._run(bucket, inputs)[0][:, : plan.layout.verify_tokens]
-        return (proposals, probs, logits, draft_s) if self.rank == 0 else None
+            return self._collectives.all_gather(proposals.unsqueeze(0).contiguous(), 0)[0]
+        return proposals
 
     def _decode_loop(self, plan: DraftPlan, draft: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from cluster.generation.layout import step_inputs
-        from cluster.generation.sampling import make_generator, probabilities, sample
+        from cluster.generation.steps import draft_loop
 
-        params, rows = plan.sampling, len(plan.starts)
-        starts = list(plan.starts)
-        generators = [make_generator(seed) for seed in plan.seeds]
-        all_greedy = all(p.greedy for p in params)
-        width = len(plan.pending[0])  # rows are right-aligned: all feed their last pending token at width - 1
-        active = [any(t >= 0 for t in row) for row in plan.pending]  # idle rows keep writing to the scratch slot
-        tokens, probs = [], []
-        feed = [row[0] for row in plan.pending]
-        for step in range(width + plan.steps - 1):  # the last proposal is never fed
-            bucket, inputs = step_inputs(plan.layout, "decode", [[t] for t in feed], starts)
-            logits = self._run(bucket, inputs, draft)[0][:rows, 0].float()
-            starts = [s + (1 if t >= 0 else 0) for s, t in zip(starts, feed)]
-            if step >= width - 1:
-                if all_greedy and not plan.want_probs:  # the argmax of the logits is the argmax of the probabilities
-                    picked = logits.argmax(-1)
-                else:
-                    p = torch.cat([probabilities(logits[r : r + 1], params[r]) for r in range(rows)])
-                    picked = torch.stack([
-                        p[r].argmax() if params[r].greedy else sample(p[r : r + 1], generators[r])[0] for r in range(rows)
-                    ])
-                    if plan.want_probs:
-                        probs.append(p)
-                tokens.append(picked)
-                feed = [t if on else -1 for t, on in zip(picked.tolist(), active)]
-            else:
-                feed = [row[step + 1] for row in plan.pending]
-        return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
+        return draft_loop(lambda bucket, inputs: self._run(bucket, inputs, draft), plan)
 
     def _graph_blobs(self) -> list[bytes]:
         return [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]
