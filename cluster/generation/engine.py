@@ -26,8 +26,6 @@ An adaptive row's draft is not prefilled at admission: the first round that has 
 prefills the draft over its sequence so far (`_catch_up_drafts`, which also serves a draft that
 lags by more than stepping through costs), so a busy batch that never speculates never pays for
 its draft. Speculation that lost at a batch size is not measured at a larger one (`_lost_below`).
-Each draft is judged on its own calls (`_use_draft`), and a graph's first run, which loads it on
-the ranks, is not counted as its cost (`_observe`).
 A request that pins k keeps it. Greedy output is the target's whatever k each round takes;
 sampled output is an exact sample of the target either way, but only a pinned k makes a seeded
 request's tokens independent of the rounds' choices.
@@ -49,8 +47,7 @@ import torch
 
 from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloaded
 from cluster.generation.adaptive import (DECODE_CALL, DRAFT_PREFILL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
-                                         SpeculatingRow, acceptance_estimate, catch_up_s, explore, rates, recheck_due,
-                                         round_cost)
+                                         SpeculatingRow, acceptance_estimate, catch_up_s, explore, rates)
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
 from cluster.generation.plan import (DECODE, VERIFY, DecodeSteps, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
                                      plan_round)
@@ -60,8 +57,6 @@ from cluster.generation.speculative import SpeculationStats, verify_draft
 from cluster.generation.types import GenerationRequest, SamplingParams, SessionSummary, StepResult
 
 log = logging.getLogger("tpcluster.generation")
-
-DRAFT_CALLS = (VERIFY_CALL, DRAFT_STEP, DRAFT_PREFILL)  # the calls of speculation: they cost what its draft costs
 
 
 @dataclass
@@ -236,7 +231,6 @@ class DecodeBatch:
     # 0.7 ms.
     MAX_DECODE_STEPS = 8
     MULTI_STEP_S = 0.064
-    PRIOR_ACCEPTANCE = 0.6  # a draft's acceptance before any of its rounds is measured
 
     def __init__(self, target: DecoderEndpoint) -> None:
         self.target = target
@@ -245,13 +239,10 @@ class DecodeBatch:
         self.sessions: dict[int, list[_Sequence]] = {}
         self._last_session = 0
         self.costs = CallCosts()
-        self.acceptance = self.PRIOR_ACCEPTANCE  # the prior of a new sequence's acceptance; follows the pair's measured rate
+        self.acceptance = 0.6  # the prior of a new sequence's acceptance; follows the pair's measured rate
         self._adaptive_rounds = 0
         self._last_taken: dict[tuple[bool, int], int] = {}  # (speculated?, batch bucket) -> adaptive round
         self._paid: dict[int, bool] = {}  # batch bucket -> whether its last choice from measured costs speculated
-        self._measured_draft: str | None = None  # the key of the draft whose calls `costs`, `_paid`, `acceptance` hold
-        self._other_drafts: dict[str, tuple[dict, dict[int, bool], float]] = {}  # other drafts' keys -> the same of theirs
-        self._first_runs: set[tuple[str, int, str]] = set()  # (kind, bucket, draft key) of calls that ran once
         self._last_step: tuple[float, float] | None = None  # (when the last step began, seconds in its model calls)
         self._calls_s = 0.0  # seconds in model calls during this step
 
@@ -278,7 +269,7 @@ class DecodeBatch:
         if len(free) < rows:
             raise Overloaded(f"all {self.capacity} sequence slots of {self.target.name!r} are generating; retry shortly")
         if draft is not None:
-            self._use_draft(draft)
+            self.draft = draft
         self._last_session += 1
         session = self._last_session
         generator = make_generator(request.sampling.seed)
@@ -293,22 +284,6 @@ class DecodeBatch:
 
     def _speculating(self) -> bool:
         return any(s.k for s in self.slots.values())
-
-    def _use_draft(self, draft: DecoderEndpoint) -> None:
-        """Make `draft` the batch's draft, with what was measured of it. Speculation's calls cost what
-        its draft costs: a fused draft steps on the target's ranks inside the call that verifies (2-5 ms
-        a step at batch 1 here), a separate one calls its own ranks first (4-13 ms a step, its round
-        trip included), n-gram lookup calls no model. Deciding from a fused draft's costs, a separate
-        one speculated where it lost (x0.82 of target-only with fused rounds in between, none of them
-        once apart). So the samples of speculation's calls (`DRAFT_CALLS`), where speculation paid
-        (`_paid`) and the acceptance prior are kept per draft; plain decoding's are the target's alone."""
-        if self._measured_draft not in (None, draft.key):
-            held = {key: self.costs.samples.pop(key) for key in list(self.costs.samples) if key[0] in DRAFT_CALLS}
-            self._other_drafts[self._measured_draft] = (held, self._paid, self.acceptance)
-            samples, self._paid, self.acceptance = self._other_drafts.pop(draft.key, ({}, {}, self.PRIOR_ACCEPTANCE))
-            self.costs.samples.update(samples)
-        self._measured_draft = draft.key
-        self.draft = draft
 
     def close(self, session: int) -> SessionSummary | None:
         """Free the session's slots; its summary, or None when it is not open."""
@@ -424,7 +399,7 @@ class DecodeBatch:
         made = self.target.decode_steps(call).tolist()
         elapsed = time.perf_counter() - started
         self._called(elapsed)
-        self._observe(DECODE_CALL, self.target.layout.batch_bucket(width), elapsed / max(1, len(made[0])))
+        self.costs.observe(DECODE_CALL, self.target.layout.batch_bucket(width), elapsed / max(1, len(made[0])))
         for row in rows:
             tokens = [t for t in made[row.slot] if t >= 0]
             row.advance(tokens, target=len(tokens))
@@ -460,8 +435,8 @@ class DecodeBatch:
             try:
                 proposals, q = self._on_draft(self.draft.decode_loop, draft_plan)
                 self._called(time.perf_counter() - started)
-                self._observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width),
-                              (time.perf_counter() - started) / steps)
+                self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width),
+                                   (time.perf_counter() - started) / steps)
             except DraftUnavailable as exc:
                 # The target's feed is the same in a decode round: this round still makes every row's token.
                 self._lose_draft(exc)
@@ -523,8 +498,8 @@ class DecodeBatch:
             found[row.slot] = row.ngrams.propose(row.sequence, row.round_k)
             row.round_k = len(found[row.slot])
         steps = max(map(len, found.values()), default=0)
-        self._observe(DRAFT_STEP, self.draft.layout.batch_bucket(max(found, default=0) + 1),
-                      (time.perf_counter() - started) / max(1, steps))
+        self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(max(found, default=0) + 1),
+                           (time.perf_counter() - started) / max(1, steps))
         if not steps:
             return None
         out = torch.zeros(max(found) + 1, steps, dtype=torch.int64)
@@ -539,8 +514,8 @@ class DecodeBatch:
         started = time.perf_counter()
         logits = self.target.forward_bucket(bucket, inputs)[0]
         self._called(time.perf_counter() - started)
-        self._observe(DECODE_CALL if kind == DECODE else VERIFY_CALL, self.target.layout.batch_bucket(len(tokens)),
-                      time.perf_counter() - started)
+        self.costs.observe(DECODE_CALL if kind == DECODE else VERIFY_CALL, self.target.layout.batch_bucket(len(tokens)),
+                           time.perf_counter() - started)
         return logits[:, :n].float()
 
     def _time_round(self) -> None:
@@ -551,19 +526,6 @@ class DecodeBatch:
             if now - began < 1.0:  # back to back; a longer gap was idle time
                 self.costs.observe(ROUND_OVERHEAD, 0, max(0.0, now - began - calls))
         self._last_step, self._calls_s = (now, 0.0), 0.0
-
-    def _observe(self, kind: str, batch: int, seconds: float, graph: int | None = None) -> None:
-        """Count a model call's seconds into `costs`, unless it was the first run of its graph: the
-        ranks deserialize a bucket's graph on its first run (`cluster.rank.Rank._bound`), which cost a
-        verify forward 0.6-1.1 s here against 10-24 ms after, and a draft prefill 0.4-0.65 s. That one
-        sample was the whole estimate until the option ran again, which, that far behind, it did not.
-        `graph` names the graph when the bucket is known here (a prefill's, by its prompt length too);
-        else the kind and batch bucket stand for it."""
-        first = (kind, batch if graph is None else -1 - graph, self.draft.key if kind in DRAFT_CALLS else "")
-        if first not in self._first_runs:
-            self._first_runs.add(first)
-            return
-        self.costs.observe(kind, batch, seconds)
 
     def _called(self, seconds: float) -> None:
         self._calls_s += seconds
@@ -581,8 +543,8 @@ class DecodeBatch:
             draft_plan, plan.target.tokens, plan.target.starts, tuple(ks), self.target.layout))
         elapsed = time.perf_counter() - started
         self._called(elapsed)
-        self._observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width), draft_s / steps)
-        self._observe(VERIFY_CALL, self.target.layout.batch_bucket(len(plan.target.tokens)), max(0.0, elapsed - draft_s))
+        self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width), draft_s / steps)
+        self.costs.observe(VERIFY_CALL, self.target.layout.batch_bucket(len(plan.target.tokens)), max(0.0, elapsed - draft_s))
         return proposals, q, logits.float()
 
     # -- adaptive speculation -----------------------------------------------------------------
@@ -616,17 +578,14 @@ class DecodeBatch:
             rows = [SpeculatingRow(acceptance_estimate(s.stats.accepted, s.trials, self.acceptance),
                                    0 if s.adaptive else s.k, s.k, len(s.sequence) - s.draft_cached) for s in drafted]
             prefilling = any(not s.started and not s.finish for s in self.slots.values())
-            costs = (decode_s, verify_s, step_s, self.costs.get(ROUND_OVERHEAD, 0) or 0.0,
-                     self._multi_steps(width, prefilling), self._draft_prefill_s(draft_batch))
-            plain = len(running) - len(drafted)
-            by_k = rates(rows, plain, *costs)
+            by_k = rates(rows, len(running) - len(drafted), decode_s, verify_s, step_s,
+                         self.costs.get(ROUND_OVERHEAD, 0) or 0.0, self._multi_steps(width, prefilling),
+                         self._draft_prefill_s(draft_batch))
             k = max(range(len(by_k)), key=lambda j: (by_k[j], -j))
             other = max(range(1, len(by_k)), key=lambda j: (by_k[j], -j)) if k == 0 else 0
             self._adaptive_rounds += 1
-            since = self._adaptive_rounds - self._last_taken.get((other > 0, target_batch), 0)
-            if (since >= self.RECHECK_ROUNDS and by_k[other] >= self.RECHECK_SHARE * by_k[k]
-                    and recheck_due(since, round_cost(rows, plain, k, *costs),
-                                    round_cost(rows, plain, other, *costs, catch_up_rounds=1))):
+            last = self._last_taken.get((other > 0, target_batch), 0)
+            if self._adaptive_rounds - last >= self.RECHECK_ROUNDS and by_k[other] >= self.RECHECK_SHARE * by_k[k]:
                 k = other  # and what it costs is measured afresh: the old samples are as stale as the choice
                 for kind, batch in ([(VERIFY_CALL, target_batch), (DRAFT_STEP, draft_batch)] if k
                                     else [(DECODE_CALL, target_batch)]):
@@ -675,16 +634,15 @@ class DecodeBatch:
         prompts: list[tuple[int, ...] | None] = [None] * (max(row.slot for row in rows) + 1)
         for row in rows:
             prompts[row.slot] = tuple(row.sequence[:-1])
-        bucket, inputs = prefill_inputs(self.draft.layout, prompts)
         started = time.perf_counter()
         try:
-            self._on_draft(self.draft.forward_bucket, bucket, inputs)
+            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, prompts))
         except DraftUnavailable as exc:
             self._lose_draft(exc)
             return
         elapsed = time.perf_counter() - started
         self._called(elapsed)
-        self._observe(DRAFT_PREFILL, self.draft.layout.batch_bucket(len(prompts)), elapsed, graph=bucket)
+        self.costs.observe(DRAFT_PREFILL, self.draft.layout.batch_bucket(len(prompts)), elapsed)
         for row in rows:
             row.draft_cached = len(row.sequence) - 1
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from cluster.generation.adaptive import (CATCH_UP_ROUNDS, RECHECK_BUDGET, CallCosts, SpeculatingRow, acceptance_estimate,
-                                         catch_up_s, choose_k, expected_tokens, explore, rates, recheck_due, round_cost,
-                                         round_plan_k)
+from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, catch_up_s, choose_k,
+                                         expected_tokens, explore, rates, round_plan_k)
 from cluster.generation.engine import DecodeBatch, DecoderEndpoint
 from cluster.generation.layout import DecoderLayout
 from cluster.generation.sampling import make_generator
@@ -229,64 +228,3 @@ def test_a_batch_size_is_not_measured_when_speculation_lost_at_a_smaller_one():
         row.started, row.cached = True, len(row.sequence) - 1
     batch._choose_round_k()
     assert [row.round_k for row in batch.slots.values()] == [2, 2, 2]
-
-
-# What the shipped pair's calls cost at batch 1 on this CPU (TP=2 target, plain rounds of 5 decode steps),
-# with the draft loaded as its own model (each step a call to its ranks) and with it fused into the target.
-SEPARATE_DRAFT = dict(decode_s=12.7e-3, verify_s=20.7e-3, draft_step_s=12.8e-3, overhead_s=2.0e-3, decode_steps=5,
-                      draft_prefill_s=42.7e-3)
-FUSED_DRAFT = dict(SEPARATE_DRAFT, verify_s=10.5e-3, draft_step_s=2.2e-3)
-
-
-def test_a_separate_draft_at_batch_one_decodes_plainly_where_the_same_draft_fused_speculates():
-    for pending in (1, 2, 40):  # speculating, just after a full acceptance, and after plain rounds
-        rows = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=pending)]
-        assert choose_k(rows, 0, **SEPARATE_DRAFT) == 0
-        assert max(rates(rows, 0, **SEPARATE_DRAFT)[1:]) < 0.65 * rates(rows, 0, **SEPARATE_DRAFT)[0]
-        assert choose_k(rows, 0, **FUSED_DRAFT) >= 2
-
-
-def test_re_measuring_speculation_pays_its_whole_catch_up_within_the_budget():
-    behind = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=40)]
-    costs = dict(SEPARATE_DRAFT, draft_prefill_s=165e-3)  # a draft prefill over 40 tokens (its 128-token bucket)
-    plain = round_cost(behind, 0, 0, **costs)
-    assert plain == pytest.approx((5.0, 5 * 12.7e-3 + 2.0e-3))
-    again = round_cost(behind, 0, 1, **costs, catch_up_rounds=1)
-    assert again[1] == pytest.approx(20.7e-3 + 12.8e-3 + 165e-3 + 2.0e-3)  # the round that re-measures pays it all
-    lost = again[1] - again[0] * plain[1] / plain[0]
-    assert not any(recheck_due(n * DecodeBatch.RECHECK_ROUNDS, plain, again) for n in (1, 2))
-    rounds = int(lost / (RECHECK_BUDGET * plain[1])) + 1
-    assert recheck_due(rounds, plain, again) and not recheck_due(rounds - 1, plain, again)
-    caught_up = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=1)]
-    assert recheck_due(DecodeBatch.RECHECK_ROUNDS, plain, round_cost(caught_up, 0, 1, **costs, catch_up_rounds=1))
-
-
-def test_each_draft_is_judged_on_its_own_calls_and_a_graphs_first_run_is_not_a_cost():
-    batch, fused = _batch()
-    separate = DecoderEndpoint(fused.forward_bucket, fused.decode_loop, fused.layout, 128, "draft", "separate")
-
-    def adaptive_row(draft):
-        session = batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
-        row = batch.sessions[session][0]
-        row.started, row.cached, row.draft_cached = True, 2, 2
-        batch._choose_round_k()
-        return session, row
-
-    batch.acceptance = 0.69
-    session, row = adaptive_row(fused)
-    for kind, seconds in (("decode", 12.7e-3), ("verify", 10.5e-3), ("draft_step", 2.2e-3)):
-        batch._observe(kind, 1, 1.0)  # the first run of a graph deserializes it on the ranks: not counted
-        batch._observe(kind, 1, seconds)
-    assert batch.costs.get("verify", 1) == 10.5e-3
-    batch._choose_round_k()
-    assert row.round_k > 0
-    batch.close(session)
-    session, row = adaptive_row(separate)  # the fused draft's steps say nothing of this one's: measured first
-    assert row.round_k == 2 and batch.costs.get("draft_step", 1) is None and batch.costs.get("decode", 1) == 12.7e-3
-    for kind, seconds in (("verify", 1.0), ("verify", 20.7e-3), ("draft_step", 1.0), ("draft_step", 12.8e-3)):
-        batch._observe(kind, 1, seconds)
-    batch._choose_round_k()
-    assert row.round_k == 0
-    batch.close(session)
-    session, row = adaptive_row(fused)  # and back: the fused draft's own costs and acceptance
-    assert row.round_k > 0 and batch.costs.get("draft_step", 1) == 2.2e-3 and batch.acceptance == 0.69
