@@ -369,8 +369,9 @@ class RankWorker:
         """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took.
 
         `weights` are tensors, or this rank's weight files (cluster.trace.artifact.WeightFile), which
-        the rank checks and memory-maps itself: the weights then exist once, here, backed by the
-        file's pages (a rebuilt rank maps them again, usually from the page cache).
+        the rank checks and reads itself (memory-mapped, each tensor copied once): the weights then
+        exist once, here, and nowhere on the way (a rebuilt rank reads them again, usually from the
+        page cache).
 
         With a backend that `loads_lazily` (cpu), a graph is deserialized on its bucket's first run
         instead: ~0.3 s of CPU per graph, ~5-8 s for the shipped target's 18 when a rank is rebuilt,

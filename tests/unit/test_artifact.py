@@ -107,8 +107,8 @@ def _mapped_ranges(path: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_mapped_read_names_the_files_and_a_rank_maps_them(saved):
-    """No tensor leaves the folder on a mapped read; the rank's tensors are the file's pages."""
+def test_mapped_read_names_the_files_and_a_rank_reads_them(saved):
+    """No tensor leaves the folder on a mapped read; the rank reads its files itself, into its own memory."""
     from cluster.rank import RankWorker
 
     state, graphs, files = artifact.read(saved, mapped=True)
@@ -116,15 +116,16 @@ def test_mapped_read_names_the_files_and_a_rank_maps_them(saved):
     assert [f.path for f in files[0]] == [str((saved / "weights" / name).resolve())
                                           for name in ("shared.safetensors", "rank_00.safetensors")]
     _, _, read = artifact.read(saved)
-    weights = artifact.load_weights(files[0])
+    weights = artifact.load_weights(files[0], copy=False)
     assert weights.keys() == read[0].keys() and all(torch.equal(weights[k], read[0][k]) for k in weights)
     ranges = _mapped_ranges(files[0][0].path)  # a TP=1 model's weights are all shared
     assert weights and ranges and all(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in weights.values())
 
     rank = RankWorker(0, 1)
     rank.load(state.backend, graphs[0], files[0], threads=0)
-    held = rank._weights
-    assert all(any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(files[0][0].path)) for t in held.values())
+    held = rank._weights  # copied out of the mapping: anonymous memory, aligned for the kernels
+    assert held.keys() == read[0].keys() and all(torch.equal(held[k], read[0][k]) for k in held)
+    assert not any(any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(files[0][0].path)) for t in held.values())
 
 
 def test_a_mapped_file_is_checked_where_it_is_opened(saved):
@@ -146,7 +147,7 @@ def test_saving_again_leaves_a_mapped_file_as_it_was(tmp_path):
     exported, _, _ = _exported(False)
     folder = artifact.write(tmp_path / "m", exported)
     _, _, files = artifact.read(folder, mapped=True)
-    weights = artifact.load_weights(files[0])
+    weights = artifact.load_weights(files[0], copy=False)
     before = {k: v.clone() for k, v in weights.items()}
     changed = Exported(exported.state, [RankExport(exported.ranks[0].graphs,
                                                    {k: v + 1 for k, v in exported.ranks[0].weights.items()})])
