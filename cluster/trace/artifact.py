@@ -65,6 +65,21 @@ class WeightFile:
     bytes: int
 
 
+def _file_sha256(path: Path) -> str:
+    """A file's sha256, read in blocks (no copy of the file is held)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_size(target: Path, expected: int) -> None:
+    size = target.stat().st_size
+    if size != expected:
+        raise ArtifactError(f"{target}: {size} bytes, the manifest says {expected}: the file is truncated or was replaced")
+
+
 def load_weights(files: Sequence[WeightFile], copy: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of `files` (later files' names win), each file checked against its size and sha256
     (a streaming digest: no copy of it is held), memory-mapped, and each tensor copied out of the
@@ -78,14 +93,8 @@ def load_weights(files: Sequence[WeightFile], copy: bool = True) -> dict[str, to
             raise ArtifactError(f"{target}: missing, or not readable on this node ({platform.node()}); a rank opens "
                                 "its own weight files, so the model folder must be at the same path on every node "
                                 "that runs its ranks (shared storage, or a copy per node)")
-        size = target.stat().st_size
-        if size != file.bytes:
-            raise ArtifactError(f"{target}: {size} bytes, the manifest says {file.bytes}: the file is truncated or was replaced")
-        digest = hashlib.sha256()
-        with open(target, "rb") as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != file.sha256:
+        _check_size(target, file.bytes)
+        if _file_sha256(target) != file.sha256:
             raise ArtifactError(f"{target}: checksum mismatch: the file was modified or corrupted since it was saved")
         try:
             mapped = load_file(str(target))
@@ -184,19 +193,13 @@ def write_weight_file(folder: Path, relpath: str, weights: dict[str, torch.Tenso
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".tmp")
     save_file(storable, str(partial))
-    digest = hashlib.sha256()
-    with open(partial, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    size = partial.stat().st_size
+    entry = {"sha256": _file_sha256(partial), "bytes": partial.stat().st_size}
     partial.replace(target)
-    return {relpath: {"sha256": digest.hexdigest(), "bytes": size}}
+    return {relpath: entry}
 
 
 def write(path: str | os.PathLike, exported: Exported) -> Path:
     """Save `exported` (every rank's graphs and weights, in this process) into the folder `path`."""
-    from safetensors.torch import save
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = exported.state
@@ -220,9 +223,11 @@ def write(path: str | os.PathLike, exported: Exported) -> Path:
     if not state.inline_weights:
         shared, own = split_replicated([r.weights for r in exported.ranks])
         if shared:
-            shared_file = put("weights/shared.safetensors", save(_storable(shared)))
+            shared_file = "weights/shared.safetensors"
+            files.update(write_weight_file(folder, shared_file, shared))
         for rank, weights in enumerate(own):
-            ranks[rank]["weights"] = put(f"weights/rank_{rank:02d}.safetensors", save(_storable(weights)))
+            ranks[rank]["weights"] = f"weights/rank_{rank:02d}.safetensors"
+            files.update(write_weight_file(folder, ranks[rank]["weights"], weights))
     write_manifest(folder, state, ranks, shared_file, files)
     return folder
 
@@ -256,10 +261,6 @@ def write_manifest(folder: Path, state: ModelState, ranks: list[dict[str, Any]],
     tmp.replace(folder / MANIFEST)  # the manifest lands last: a half-written folder has none
 
 
-def _storable(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in weights.items()}
-
-
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     folder = Path(path)
     manifest_path = folder / MANIFEST
@@ -288,17 +289,23 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def _read_checked(folder: Path, manifest: dict[str, Any], relpath: str) -> bytes:
+def _listed(folder: Path, manifest: dict[str, Any], relpath: str) -> WeightFile:
+    """The file `relpath` of a saved folder as its manifest lists it, present and of its listed size."""
     entry = manifest["files"].get(relpath)
     target = folder / relpath
     if entry is None:
         raise ArtifactError(f"{target}: referenced but not listed in {MANIFEST}; the manifest was edited")
     if not target.is_file():
         raise ArtifactError(f"{target}: missing from the model folder")
+    _check_size(target, int(entry["bytes"]))
+    return WeightFile(str(target.resolve()), entry["sha256"], int(entry["bytes"]))
+
+
+def _read_checked(folder: Path, manifest: dict[str, Any], relpath: str) -> bytes:
+    listed = _listed(folder, manifest, relpath)
+    target = folder / relpath
     data = target.read_bytes()
-    if len(data) != entry["bytes"]:
-        raise ArtifactError(f"{target}: {len(data)} bytes, the manifest says {entry['bytes']}: the file is truncated or was replaced")
-    if _sha256(data) != entry["sha256"]:
+    if _sha256(data) != listed.sha256:
         raise ArtifactError(f"{target}: checksum mismatch: the file was modified or corrupted since it was saved")
     return data
 
@@ -347,20 +354,8 @@ def read(path: str | os.PathLike, *, mapped: bool = False
         except Exception as exc:
             raise ArtifactError(f"{folder / relpath}: not a readable safetensors file ({exc})") from exc
 
-    def listed(relpath: str) -> WeightFile:
-        entry = manifest["files"].get(relpath)
-        target = folder / relpath
-        if entry is None:
-            raise ArtifactError(f"{target}: referenced but not listed in {MANIFEST}; the manifest was edited")
-        if not target.is_file():
-            raise ArtifactError(f"{target}: missing from the model folder")
-        if target.stat().st_size != entry["bytes"]:
-            raise ArtifactError(f"{target}: {target.stat().st_size} bytes, the manifest says {entry['bytes']}: "
-                                "the file is truncated or was replaced")
-        return WeightFile(str(target.resolve()), entry["sha256"], int(entry["bytes"]))
-
     if mapped:
-        shared_files = (listed(manifest["shared_weights"]),) if manifest.get("shared_weights") else ()
+        shared_files = (_listed(folder, manifest, manifest["shared_weights"]),) if manifest.get("shared_weights") else ()
     shared = tensors(manifest["shared_weights"]) if manifest.get("shared_weights") and not mapped else {}
     graphs, weights = [], []
     for entry in rank_entries:
@@ -370,7 +365,7 @@ def read(path: str | os.PathLike, *, mapped: bool = False
         if state.inline_weights:
             weights.append(None)
         elif mapped:
-            weights.append(shared_files + ((listed(entry["weights"]),) if entry.get("weights") else ()))
+            weights.append(shared_files + ((_listed(folder, manifest, entry["weights"]),) if entry.get("weights") else ()))
         else:
             own = tensors(entry["weights"]) if entry.get("weights") else {}
             weights.append({**shared, **own})
