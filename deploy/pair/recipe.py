@@ -58,6 +58,17 @@ TARGET_SHAPE = Shape(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=704
 DRAFT_SHAPE = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384)
 
 
+def shape_with_layers(config: LlamaConfig, layers: int) -> Shape:
+    """The width of ``config`` with ``layers`` decoder layers (``distill.py``'s drafts)."""
+    return Shape(
+        hidden=config.hidden_size,
+        layers=layers,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        intermediate=config.intermediate_size,
+    )
+
+
 def build_model(shape: Shape, seed: int) -> LlamaForCausalLM:
     """A freshly initialised fp32 model of ``shape`` with the pair's generation defaults."""
     torch.manual_seed(seed)
