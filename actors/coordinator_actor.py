@@ -156,11 +156,8 @@ class RemoteCoordinator:
     def forward(self, inputs: Any) -> Any:
         return self._call("forward", inputs)
 
-    def forward_bucket(self, bucket: int, inputs: tuple) -> Any:
-        return self._call("forward_bucket", bucket, inputs)
-
-    def decode_loop(self, plan: Any) -> Any:
-        return self._call("decode_loop", plan)
+    def run(self, call: Any) -> Any:
+        return self._call("run", call)
 
     def generate_open(self, request: Any, draft: Any = None) -> int:
         return self._call("generate_open", request, draft)

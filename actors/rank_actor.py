@@ -14,7 +14,7 @@ from cluster.rank import RankWorker
 
 
 #: the rank calls on every generated token, sent through a Ray Compiled Graph (actors.rank_group)
-SERVING_METHODS = ("forward", "decode_loop", "decode_steps", "draft_forward", "draft_decode_loop", "speculate")
+SERVING_METHODS = ("run",)
 #: the compiled graph's first execution, run when it is compiled (actors.step_graph)
 WARM_UP = "warm-up"
 

@@ -196,23 +196,8 @@ class RayRankGroup(RankGroup):
         super().load(backend, graphs, weights, threads, aliases, timeout, ranks)
         self._compile(timeout)
 
-    def forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
-        return self._serve("forward", (bucket, inputs), timeout)
-
-    def decode_loop(self, plan: Any, timeout: float) -> Any:
-        return self._serve("decode_loop", (plan,), timeout)
-
-    def decode_steps(self, plan: Any, timeout: float) -> Any:
-        return self._serve("decode_steps", (plan,), timeout)
-
-    def draft_forward(self, bucket: int, inputs: tuple, timeout: float) -> Any:
-        return self._serve("draft_forward", (bucket, inputs), timeout)
-
-    def draft_decode_loop(self, plan: Any, timeout: float) -> Any:
-        return self._serve("draft_decode_loop", (plan,), timeout)
-
-    def speculate(self, plan: Any, timeout: float) -> Any:
-        return self._serve("speculate", (plan,), timeout)
+    def run(self, call: Any, timeout: float) -> Any:
+        return self._serve("run", (call,), timeout)
 
     def describe(self, timeout: float) -> list[dict[str, Any]]:
         infos = super().describe(timeout)

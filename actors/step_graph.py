@@ -1,8 +1,8 @@
 """The per-step rank calls of a replica through a Ray Compiled Graph.
 
-A replica calls its ranks on every generated token (`SERVING_METHODS`: forward, decode_steps,
-speculate, ...). As ordinary actor calls each fan-out costs a task submission per rank and a wait
-through the object store (~1.2 ms for two ranks on a 2-core node); through a compiled graph, whose
+A replica calls its ranks on every generated token (`SERVING_METHODS`: `run`, with one of the
+cluster.generation.plan call types). As ordinary actor calls each fan-out costs a task submission
+per rank and a wait through the object store (~1.2 ms for two ranks on a 2-core node); through a compiled graph, whose
 channels are shared memory between the coordinator and ranks, the same fan-out costs ~0.4 ms
 (measured here with a [1, 256] int64 input; Ray documents < 50 us on idle machines). Control calls (trace, load,
 replace_weights, describe, health) stay ordinary actor calls: a rank actor answers them while the

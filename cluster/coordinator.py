@@ -21,6 +21,7 @@ from cluster.backoff import Backoff
 from cluster.buckets import run_kernel
 from cluster.errors import ClusterError, InputError, ModelUnavailable
 from cluster.generation.ngram import NGRAM_DRAFT
+from cluster.generation.plan import Call, Forward
 from cluster.generation.rounds import RoundStreams
 from cluster.generation.types import GenerationRound
 from cluster.handle import AsyncOverThreads, CoordinatorInfo
@@ -179,36 +180,24 @@ class Coordinator(Recovery):
         else:
             bucket = 0
             self._check_signature(inputs, self.state.buckets[0])
-        return self._serving(lambda: self.ranks.forward(bucket, inputs, self.config.call_timeout_s))
+        return self._serving(lambda: self.ranks.run(Forward(bucket, inputs), self.config.call_timeout_s))
 
-    def forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """Run one named bucket with inputs already shaped for it (the decoder's steps)."""
-        if self.state is None or not 0 <= bucket < len(self.state.buckets):
-            raise InputError(f"bucket {bucket} does not exist")
-        self._check_signature(inputs, self.state.buckets[bucket])
-        return self._serving(lambda: self.ranks.forward(bucket, inputs, self.config.call_timeout_s))
+    def run(self, call: Call) -> Any:
+        """One call of the decoder's steps on every rank (cluster.generation.plan: a bucket graph with
+        inputs already shaped for it, several decode steps, a draft's proposals, a fused round)."""
+        if self.state is None:
+            raise ClusterError("the coordinator holds no model; trace or load one first")
+        if isinstance(call, Forward):
+            buckets = self._draft_buckets if call.draft else self.state.buckets
+            if not 0 <= call.bucket < len(buckets):
+                raise InputError("this model holds no fused draft" if call.draft and not buckets
+                                 else f"{'fused draft ' if call.draft else ''}bucket {call.bucket} does not exist")
+            self._check_signature(call.inputs, buckets[call.bucket])
+        return self._serving(lambda: self.ranks.run(call, self.config.call_timeout_s))
 
-    def decode_loop(self, plan: Any) -> Any:  # a cluster.generation.plan.DraftPlan
-        return self._serving(lambda: self.ranks.decode_loop(plan, self.config.call_timeout_s))
-
-    def decode_steps(self, plan: Any) -> Any:  # a cluster.generation.plan.DecodeSteps
-        """Several decode steps in one call to the ranks: multi-step decoding of plain rows."""
-        return self._serving(lambda: self.ranks.decode_steps(plan, self.config.call_timeout_s))
-
-    def draft_forward_bucket(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """forward_bucket on the fused draft every rank holds."""
-        if not 0 <= bucket < len(self._draft_buckets):
-            raise InputError(f"fused draft bucket {bucket} does not exist" if self._draft_buckets
-                             else "this model holds no fused draft")
-        self._check_signature(inputs, self._draft_buckets[bucket])
-        return self._serving(lambda: self.ranks.draft_forward(bucket, inputs, self.config.call_timeout_s))
-
-    def draft_decode_loop(self, plan: Any) -> Any:
-        return self._serving(lambda: self.ranks.draft_decode_loop(plan, self.config.call_timeout_s))
-
-    def speculate(self, plan: Any) -> Any:  # a cluster.generation.plan.FusedRound
-        """One fused round: the draft's proposals and the target's verify forward in one call to the ranks."""
-        return self._serving(lambda: self.ranks.speculate(plan, self.config.call_timeout_s))
+    def _run_fused_draft(self, call: Call) -> Any:
+        """`run` on the fused draft every rank holds (its prefills)."""
+        return self.run(dataclasses.replace(call, draft=True) if isinstance(call, Forward) else call)
 
     # -- generation (the target/draft loop runs here) ----------------------------------------
     def endpoint(self) -> Any:
@@ -218,9 +207,8 @@ class Coordinator(Recovery):
         decoder = (self.state.extra if self.state else {}).get("decoder")
         if not decoder:
             raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
-        return DecoderEndpoint(self.forward_bucket, self.decode_loop, DecoderLayout.from_json(decoder["layout"]),
-                               int(decoder["vocab_size"]), decoder.get("name", "model"), key=f"local-{id(self)}",
-                               speculate=self.speculate, decode_steps=self.decode_steps)
+        return DecoderEndpoint(self.run, DecoderLayout.from_json(decoder["layout"]), int(decoder["vocab_size"]),
+                               decoder.get("name", "model"), key=f"local-{id(self)}", multi_step=True)
 
     def _decode_batch(self) -> Any:
         from cluster.generation.engine import DecodeBatch
@@ -249,8 +237,8 @@ class Coordinator(Recovery):
             raise InputError("the draft model is not a decoder traced for generation")
         if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
             raise InputError("draft and target were traced with different tokenizers: they must share one")
-        return DecoderEndpoint(draft.forward_bucket, draft.decode_loop, DecoderLayout.from_json(info["layout"]),
-                               int(info["vocab_size"]), info.get("name", "draft"), key=key)
+        return DecoderEndpoint(draft.run, DecoderLayout.from_json(info["layout"]), int(info["vocab_size"]),
+                               info.get("name", "draft"), key=key)
 
     def _ngram_endpoint(self) -> Any:
         """Proposals by n-gram lookup (cluster.generation.ngram): no draft model, the target's own calls."""
@@ -258,7 +246,7 @@ class Coordinator(Recovery):
         batch = self._batch
         if batch.draft is not None and batch.draft.ngram:
             return batch.draft
-        return dataclasses.replace(target, name=NGRAM_DRAFT, key=f"ngram-{id(self)}", speculate=None, decode_steps=None,
+        return dataclasses.replace(target, name=NGRAM_DRAFT, key=f"ngram-{id(self)}", multi_step=False,
                                    ngram=True)
 
     def _fused_endpoint(self, name: str) -> Any:
@@ -274,8 +262,8 @@ class Coordinator(Recovery):
         batch = self._batch
         if batch is not None and batch.draft is not None and batch.draft.fused:
             return batch.draft
-        return DecoderEndpoint(self.draft_forward_bucket, self.draft_decode_loop, DecoderLayout.from_json(fused["layout"]),
-                               int(fused["vocab_size"]), name, key=f"fused-{id(self)}", fused=True)
+        return DecoderEndpoint(self._run_fused_draft, DecoderLayout.from_json(fused["layout"]), int(fused["vocab_size"]),
+                               name, key=f"fused-{id(self)}", fused=True)
 
     def generate_open(self, request: Any, draft: Any = None) -> int:
         """Admit a request's prompts into the model's batch (one KV-cache slot each); returns a session id.

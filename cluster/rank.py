@@ -35,7 +35,7 @@ from cluster.trace.backends import get_backend
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
+    from cluster.generation.plan import Call
 
 
 def _held(weights: dict[str, torch.Tensor] | Sequence[WeightFile] | None) -> dict[str, torch.Tensor] | None:
@@ -281,47 +281,13 @@ class RankWorker:
         kept = set(aliases.values())
         return tuple(o for i, o in enumerate(outputs) if i not in kept)
 
-    def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """Run one bucket's graph; rank 0 returns the outputs, the others None."""
-        outputs = self._run(bucket, inputs)
-        return outputs if self.rank == 0 else None
+    def run(self, call: Call) -> Any:
+        """One call of the serving path (a cluster.generation.plan type: one graph, several decode
+        steps, a draft's proposals, a fused round), run by `cluster.generation.steps.execute` over
+        this rank's graphs. Rank 0 returns the answer; the other ranks None."""
+        from cluster.generation.steps import execute
 
-    def decode_loop(self, plan: DraftPlan) -> Any:
-        """Several decode steps in one call (a draft's k proposals cost one round trip).
-
-        Feeds each row's pending tokens, then samples plan.steps tokens, each but the last fed back:
-        the feeding contract in `cluster.generation.plan.DraftPlan`. Rank 0 returns
-        (tokens [B, steps], probs [B, steps, V] or None); the other ranks None.
-        """
-        out = self._decode_loop(plan, draft=False)
-        return out if self.rank == 0 else None
-
-    def decode_steps(self, plan: DecodeSteps) -> Any:
-        """Several decode steps of the target in one call (multi-step decoding): the contract is in
-        `cluster.generation.plan.DecodeSteps`. Every rank samples the same tokens from the same
-        logits and generators; rank 0 returns the tokens [B, steps] (-1 past each row's last)."""
-        from cluster.generation.steps import decode_steps
-
-        out = decode_steps(self._run, plan)
-        return out if self.rank == 0 else None
-
-    def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """`forward` on the fused draft (its prefill); rank 0 returns the outputs."""
-        outputs = self._run(bucket, inputs, draft=True)
-        return outputs if self.rank == 0 else None
-
-    def draft_decode_loop(self, plan: DraftPlan) -> Any:
-        """`decode_loop` on the fused draft."""
-        out = self._decode_loop(plan, draft=True)
-        return out if self.rank == 0 else None
-
-    def speculate(self, plan: FusedRound) -> Any:
-        """One fused round (cluster.generation.steps.fused_round) on this rank's copy of the draft and
-        its shard of the target. Rank 0 returns (proposals [B, steps], draft probs or None, target
-        logits [B, verify_tokens, V], seconds in the draft); the other ranks None."""
-        from cluster.generation.steps import fused_round
-
-        out = fused_round(lambda bucket, inputs: self._run(bucket, inputs, draft=True), self._run, self._gather, plan)
+        out = execute(call, self._run, self._gather)
         return out if self.rank == 0 else None
 
     def _gather(self, proposals: torch.Tensor) -> torch.Tensor:
@@ -329,11 +295,6 @@ class RankWorker:
         if self.world_size > 1 and self._collectives is not None:
             return self._collectives.all_gather(proposals.unsqueeze(0).contiguous(), 0)[0]
         return proposals
-
-    def _decode_loop(self, plan: DraftPlan, draft: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from cluster.generation.steps import draft_loop
-
-        return draft_loop(lambda bucket, inputs: self._run(bucket, inputs, draft), plan)
 
     def _graph_blobs(self) -> list[bytes]:
         return [blob if blob is not None else self._backend.dump(graph) for blob, graph in zip(self._blobs, self._graphs)]

@@ -23,7 +23,7 @@ from cluster.trace.artifact import ShardPlan, plan_shards
 from cluster.trace.config import TraceSpec
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
+    from cluster.generation.plan import Call
 
 
 def rank_exception(rank: int, exc: BaseException, remote_traceback: str) -> ClusterError:
@@ -80,8 +80,9 @@ class RankGroup(ABC):
     def finish_trace(self, timeout: float) -> None:
         self._same("finish_trace", timeout)
 
-    def forward(self, bucket: int, inputs: tuple[torch.Tensor, ...], timeout: float) -> Any:
-        return self._same("forward", timeout, bucket, inputs)[0]
+    def run(self, call: Call, timeout: float) -> Any:
+        """One serving call (a cluster.generation.plan type) on every rank; rank 0's answer."""
+        return self._same("run", timeout, call)[0]
 
     def export(self, timeout: float) -> list[RankExport]:
         return self._same("export", timeout)
@@ -100,29 +101,11 @@ class RankGroup(ABC):
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         self._fan_out("load", [(backend, graphs[r], weights[r], threads, aliases) for r in ranks], timeout, ranks)
 
-    def decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
-        """The draft's proposals (see cluster.generation.plan.DraftPlan); rank 0's answer."""
-        return self._same("decode_loop", timeout, plan)[0]
-
-    def decode_steps(self, plan: DecodeSteps, timeout: float) -> Any:
-        """Several target decode steps in one call (see cluster.generation.plan.DecodeSteps); rank 0's answer."""
-        return self._same("decode_steps", timeout, plan)[0]
-
     def load_draft(self, graphs: list[bytes], weights: dict | None, aliases: dict[str, int], timeout: float,
                    ranks: Sequence[int] | None = None) -> None:
         """The same whole (TP=1) draft onto every rank (or `ranks`), beside its shard (fused speculation)."""
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         self._fan_out("load_draft", [(graphs, weights, aliases)] * len(ranks), timeout, ranks)
-
-    def draft_forward(self, bucket: int, inputs: tuple[torch.Tensor, ...], timeout: float) -> Any:
-        return self._same("draft_forward", timeout, bucket, inputs)[0]
-
-    def draft_decode_loop(self, plan: DraftPlan, timeout: float) -> Any:
-        return self._same("draft_decode_loop", timeout, plan)[0]
-
-    def speculate(self, plan: FusedRound, timeout: float) -> Any:
-        """One fused draft/verify round (cluster.rank.RankWorker.speculate); rank 0's answer."""
-        return self._same("speculate", timeout, plan)[0]
 
     def timings(self, reset: bool, timeout: float) -> list[dict[str, float]]:
         return self._same("timings", timeout, reset)

@@ -119,6 +119,7 @@ def _rank_main(backend: str, rank: int, port: int, queue: Any) -> None:
         import cloudpickle
         import torch
 
+        from cluster.generation.plan import Forward
         from cluster.rank import RankWorker
         from cluster.signature import signature_of
         from cluster.trace.config import TraceSpec
@@ -131,7 +132,7 @@ def _rank_main(backend: str, rank: int, port: int, queue: Any) -> None:
                              bucket_signatures=(signature_of(example),), spmd_mode=False)
             worker.build(spec)
             worker.trace_bucket(0, example, return_graph=False)
-            out = worker.forward(0, example)
+            out = worker.run(Forward(0, example))
             results[name] = out.tolist() if out is not None else None
         queue.put((rank, "ok", results))
     except BaseException as exc:  # noqa: BLE001 - reported in the table, not as a child's traceback

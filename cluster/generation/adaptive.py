@@ -1,7 +1,7 @@
 """Adaptive speculation: how many proposals a round asks of the draft, from what was measured.
 
 A round over B running rows either decodes one token per row (one target decode forward) or
-speculates (the draft proposes k tokens per speculating row in one `decode_loop` call, the target
+speculates (the draft proposes k tokens per speculating row in one `DraftPlan` call, the target
 verifies them in one verify forward). Which pays depends on the batch: at batch 1 a cheap draft
 that the target agrees with often wins; in a busy batch the verify forward costs several decode
 forwards and the draft's steps are not free, so plain decoding wins. `choose_k` decides per round

@@ -14,7 +14,7 @@ generates does not depend on what else shares the batch. The generator is drawn 
 round from the sequence's seed and its length (`position_generator`), so a sequence carried on
 elsewhere (`GenerationRequest.resumed`: another replica prefills the prompt plus what was already
 generated) continues the same random stream. A round is one round trip per model: the
-draft proposes k tokens in one `decode_loop` call on its ranks, the target verifies them in one
+draft proposes k tokens in one call on its ranks (`DraftPlan`), the target verifies them in one
 `verify` forward. Rolling back rejected tokens is free, because what a query may attend to is
 decided by the lengths kept here, not by the cache contents.
 
@@ -49,8 +49,8 @@ from cluster.errors import ClusterError, DraftUnavailable, InputError, Overloade
 from cluster.generation.adaptive import (DECODE_CALL, DRAFT_PREFILL, DRAFT_STEP, ROUND_OVERHEAD, VERIFY_CALL, CallCosts,
                                          SpeculatingRow, acceptance_estimate, catch_up_s, explore, rates)
 from cluster.generation.layout import DecoderLayout, prefill_inputs, step_inputs
-from cluster.generation.plan import (DECODE, VERIFY, DecodeSteps, DraftPlan, FusedRound, RoundPlan, RowState, draft_tokens_kept,
-                                     plan_round)
+from cluster.generation.plan import (DECODE, VERIFY, Call, DecodeSteps, DraftPlan, Forward, FusedRound, RoundPlan, RowState,
+                                     draft_tokens_kept, plan_round)
 from cluster.generation.ngram import NgramIndex
 from cluster.generation.sampling import make_generator, position_generator, probabilities, sample
 from cluster.generation.speculative import SpeculationStats, verify_draft
@@ -61,23 +61,21 @@ log = logging.getLogger("tpcluster.generation")
 
 @dataclass
 class DecoderEndpoint:
-    """What the loop needs of one model: its layout and vocabulary, and two calls to its ranks.
+    """What the loop needs of one model: its layout and vocabulary, and one call to its ranks,
+    `run(call)`, where call is one of the cluster.generation.plan call types.
 
-    With `decode_steps`, a round of plain rows runs several decode steps in one call to the ranks.
-
-    A target that holds a fused draft also has `speculate` (one call: the draft's proposals and the
-    verify forward); that draft's own endpoint is `fused` (its calls go to the target's ranks).
+    multi_step: its ranks run `DecodeSteps` (several decode steps in one call). A draft fused into
+    the target (its ranks run `FusedRound`) has an endpoint of its own that is `fused`: its calls go
+    to the target's ranks.
     """
 
-    forward_bucket: Callable[[int, tuple], Any]
-    decode_loop: Callable[[DraftPlan], Any]
+    run: Callable[[Call], Any]
     layout: DecoderLayout
     vocab_size: int
     name: str = "model"
     key: str = ""  # identifies the replica (and so its KV cache) behind the calls
-    speculate: Callable[[FusedRound], Any] | None = None
     fused: bool = False
-    decode_steps: Callable[[DecodeSteps], Any] | None = None  # several decode steps in one call (multi-step)
+    multi_step: bool = False
     ngram: bool = False  # no draft model: proposals by n-gram lookup in each row's own tokens (cluster.generation.ngram)
 
 
@@ -342,10 +340,10 @@ class DecodeBatch:
 
     def _prefill_round(self, plan: RoundPlan) -> None:
         bucket, inputs = prefill_inputs(self.target.layout, list(plan.prompts))
-        logits = self.target.forward_bucket(bucket, inputs)[0][:, 0].float()
+        logits = self.target.run(Forward(bucket, inputs))[0][:, 0].float()
         if plan.draft_prompts and self.draft is not None and not self.draft.ngram:  # None: lost earlier in this step
             try:
-                self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, list(plan.draft_prompts)))
+                self._on_draft(Forward(*prefill_inputs(self.draft.layout, list(plan.draft_prompts))))
             except DraftUnavailable as exc:
                 self._lose_draft(exc)
         for slot in plan.prefill:
@@ -373,7 +371,7 @@ class DecodeBatch:
         wait to be prefilled, else what fits in MULTI_STEP_S at the measured cost of a step (one
         step first, to measure it). Rows with a draft that the round does not speculate take part:
         the adaptive choice weighs a decode step at what it costs as run."""
-        if self.target.decode_steps is None or prefilling or self._pinned_ngram():
+        if not self.target.multi_step or prefilling or self._pinned_ngram():
             return 1
         step_s = self.costs.get(DECODE_CALL, self.target.layout.batch_bucket(width))
         if not step_s:
@@ -396,7 +394,7 @@ class DecodeBatch:
         call = DecodeSteps(tuple(t[0] for t in plan.target.tokens), plan.target.starts, tuple(budgets),
                            self.target.layout, tuple(sampling), tuple(seeds), tuple(lengths), tuple(eos))
         started = time.perf_counter()
-        made = self.target.decode_steps(call).tolist()
+        made = self.target.run(call).tolist()
         elapsed = time.perf_counter() - started
         self._called(elapsed)
         self.costs.observe(DECODE_CALL, self.target.layout.batch_bucket(width), elapsed / max(1, len(made[0])))
@@ -433,7 +431,7 @@ class DecodeBatch:
         else:
             started = time.perf_counter()
             try:
-                proposals, q = self._on_draft(self.draft.decode_loop, draft_plan)
+                proposals, q = self._on_draft(draft_plan)
                 self._called(time.perf_counter() - started)
                 self.costs.observe(DRAFT_STEP, self.draft.layout.batch_bucket(plan.draft.width),
                                    (time.perf_counter() - started) / steps)
@@ -512,7 +510,7 @@ class DecodeBatch:
         bucket, inputs = step_inputs(self.target.layout, kind, [list(t) for t in tokens], list(starts))
         n = 1 if kind == DECODE else self.target.layout.verify_tokens
         started = time.perf_counter()
-        logits = self.target.forward_bucket(bucket, inputs)[0]
+        logits = self.target.run(Forward(bucket, inputs))[0]
         self._called(time.perf_counter() - started)
         self.costs.observe(DECODE_CALL if kind == DECODE else VERIFY_CALL, self.target.layout.batch_bucket(len(tokens)),
                            time.perf_counter() - started)
@@ -539,7 +537,7 @@ class DecodeBatch:
         for slot in plan.running:
             ks[slot] = self.slots[slot].round_k
         started = time.perf_counter()
-        proposals, q, logits, draft_s = self.target.speculate(FusedRound(
+        proposals, q, logits, draft_s = self.target.run(FusedRound(
             draft_plan, plan.target.tokens, plan.target.starts, tuple(ks), self.target.layout))
         elapsed = time.perf_counter() - started
         self._called(elapsed)
@@ -636,7 +634,7 @@ class DecodeBatch:
             prompts[row.slot] = tuple(row.sequence[:-1])
         started = time.perf_counter()
         try:
-            self._on_draft(self.draft.forward_bucket, *prefill_inputs(self.draft.layout, prompts))
+            self._on_draft(Forward(*prefill_inputs(self.draft.layout, prompts)))
         except DraftUnavailable as exc:
             self._lose_draft(exc)
             return
@@ -663,13 +661,13 @@ class DecodeBatch:
         log.warning("%s: %s; %d sequence(s) go on without speculation", self.target.name, str(exc).splitlines()[0],
                     len(rows))
 
-    def _on_draft(self, call: Callable[..., Any], *args: Any) -> Any:
+    def _on_draft(self, call: Call) -> Any:
         """A call to the draft's ranks; its failure is the draft's, not this (target) model's (a fused
         draft's ranks are the target's: its failure is the target's)."""
         if self.draft.fused:
-            return call(*args)
+            return self.draft.run(call)
         try:
-            return call(*args)
+            return self.draft.run(call)
         except (InputError, Overloaded):
             raise
         except ClusterError as exc:

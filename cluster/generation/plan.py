@@ -14,15 +14,19 @@ The rules:
 - the draft runs k_max = the largest k of the running rows proposals for every speculating row;
 - finished rows take no part.
 
-`DraftPlan` is the one call that round makes to the draft's ranks, and its docstring is the
-feeding contract between this package and `cluster.rank.RankWorker.decode_loop`;
-`draft_tokens_kept` is the rule the update step derives from it.
+The calls a round makes to a model's ranks are values too: `Forward` (one bucket graph),
+`DraftPlan` (a draft's proposals), `DecodeSteps` (several decode steps) and `FusedRound` (a fused
+draft/verify round). Each goes down one verb, `run(call)`, through the coordinator and its rank
+group to every rank, which runs it with `cluster.generation.steps.execute`: a new kind of call is
+a new plan type here and one rank-side function there. `DraftPlan`'s docstring is the feeding
+contract between this package and `cluster.generation.steps.draft_loop`; `draft_tokens_kept` is
+the rule the update step derives from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar, Union
 
 if TYPE_CHECKING:  # types only: the plan itself needs no torch
     from cluster.generation.layout import DecoderLayout
@@ -125,10 +129,21 @@ def plan_round(rows: Sequence[RowState]) -> RoundPlan:
 
 
 @dataclass(frozen=True)
-class DraftPlan:
-    """One `decode_loop` call on the draft's ranks: `steps` proposals per row in one round trip.
+class Forward:
+    """One bucket graph's call on every rank, with inputs already shaped for bucket `bucket`; rank 0
+    returns the graph's outputs. `draft`: the fused draft's graphs (the whole draft every rank holds
+    beside its shard, cluster.trace.fused) rather than the model's own."""
 
-    The feeding contract (`cluster.rank.RankWorker.decode_loop` implements it; `draft_tokens_kept`
+    bucket: int
+    inputs: tuple[Any, ...]
+    draft: bool = False
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """One call on the draft's ranks: `steps` proposals per row in one round trip.
+
+    The feeding contract (`cluster.generation.steps.draft_loop` implements it; `draft_tokens_kept`
     relies on it):
 
     1. Row r feeds pending[r] one token per decode call from position starts[r]. Rows are
@@ -164,7 +179,7 @@ class DraftPlan:
 
 @dataclass(frozen=True)
 class FusedRound:
-    """One fused speculation round on the target's ranks (`cluster.rank.RankWorker.speculate`): the
+    """One fused speculation round on the target's ranks (`cluster.generation.steps.fused_round`): the
     draft call `draft` on each rank's copy of the draft, then the target's verify forward, where row
     (slot) r feeds tokens[r] followed by its first proposals[r] proposals from starts[r]."""
 
@@ -183,7 +198,7 @@ class FusedRound:
 
 @dataclass(frozen=True)
 class DecodeSteps:
-    """Several target decode steps in one call to its ranks (`cluster.rank.RankWorker.decode_steps`):
+    """Several target decode steps in one call to its ranks (`cluster.generation.steps.decode_steps`):
     the decode round of plain (non-speculating) rows, run `steps` times with each token fed back.
 
     Row (slot) r feeds tokens[r] from position starts[r] (-1: the row is idle) and makes up to
@@ -216,6 +231,10 @@ class DecodeSteps:
         return max(self.budgets)
 
 
+# What `run(call)` takes, on every layer from the coordinator down to the rank.
+Call = Union[Forward, DraftPlan, DecodeSteps, FusedRound]
+
+
 def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     """How many tokens a row's draft cache gains in a round where the target accepted `accepted`
     of its proposals: its pending tokens, and the accepted proposals the draft fed back (only
@@ -223,4 +242,4 @@ def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     return sum(1 for t in pending if t >= 0) + min(accepted, steps - 1)
 
 
-__all__ = ["DECODE", "VERIFY", "DecodeSteps", "DraftPlan", "Feed", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]
+__all__ = ["DECODE", "VERIFY", "Call", "DecodeSteps", "DraftPlan", "Feed", "Forward", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]

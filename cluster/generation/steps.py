@@ -1,10 +1,12 @@
-"""The loops a rank runs inside one call, over its bucket graphs: several decode steps of the target
-(`decode_steps`), a draft's proposals (`draft_loop`), and a fused draft/verify round (`fused_round`).
+"""What a rank runs for one call (`execute`), over its bucket graphs: one graph (`Forward`), several
+decode steps of the target (`decode_steps`), a draft's proposals (`draft_loop`), and a fused
+draft/verify round (`fused_round`).
 
 Each is a function of the plan type that defines its contract (cluster.generation.plan) and of
 `run(bucket, inputs) -> outputs`, the rank's graph call (its collectives inside), so the loops are
-tested with a fake `run` and no rank; the rank (cluster.rank.RankWorker) binds them to its graphs.
-Every rank runs the same loop on the same inputs and seeds, so every rank feeds the same tokens.
+tested with a fake `run` and no rank; the rank (cluster.rank.RankWorker.run) binds them to its
+graphs. Every rank runs the same loop on the same inputs and seeds, so every rank feeds the same
+tokens. A new kind of call is a plan type and a function here: `execute` dispatches on the type.
 """
 
 from __future__ import annotations
@@ -15,12 +17,29 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from cluster.generation.layout import step_inputs
+from cluster.generation.plan import DecodeSteps, DraftPlan, Forward, FusedRound
 from cluster.generation.sampling import make_generator, position_generator, probabilities, sample
 
 if TYPE_CHECKING:
-    from cluster.generation.plan import DecodeSteps, DraftPlan, FusedRound
+    from cluster.generation.plan import Call
 
 Run = Callable[[int, tuple], Any]
+GraphRun = Callable[[int, tuple, bool], Any]  # (bucket, inputs, the fused draft's graphs?) -> outputs
+
+
+def execute(call: Call, run: GraphRun, gather: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """One call on a rank: `run(bucket, inputs, draft)` is its graph call, `gather` makes rank 0's
+    proposals every rank's (a fused round). What rank 0 returns to the caller."""
+    own: Run = lambda bucket, inputs: run(bucket, inputs, False)  # noqa: E731
+    if isinstance(call, Forward):
+        return run(call.bucket, call.inputs, call.draft)
+    if isinstance(call, DecodeSteps):
+        return decode_steps(own, call)
+    if isinstance(call, DraftPlan):
+        return draft_loop(own, call)
+    if isinstance(call, FusedRound):
+        return fused_round(lambda bucket, inputs: run(bucket, inputs, True), own, gather, call)
+    raise TypeError(f"a rank runs Forward, DecodeSteps, DraftPlan or FusedRound calls, not {type(call).__name__}")
 
 
 def decode_steps(run: Run, plan: DecodeSteps) -> torch.Tensor:
@@ -101,4 +120,4 @@ def fused_round(run_draft: Run, run_target: Run, gather: Callable[[torch.Tensor]
     return proposals, probs, logits, draft_s
 
 
-__all__ = ["decode_steps", "draft_loop", "fused_round"]
+__all__ = ["decode_steps", "draft_loop", "execute", "fused_round"]

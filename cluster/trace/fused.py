@@ -8,8 +8,8 @@ stays its own saved model (traced at tp_degree=1) and is copied into the target'
 
 `parallel_model_load` (and `tpcluster serve`) then load the draft's graphs onto every rank of the
 target beside its shard. Each rank runs the draft's k steps on its own copy and then the
-target's verify forward, in one call (`cluster.rank.RankWorker.speculate`); a request asks for
-it by naming the draft (`draft_model="pair-draft"`, its traced name), with no draft replica to
+target's verify forward, in one call (a `FusedRound`, cluster.generation.steps.fused_round); a
+request asks for it by naming the draft (`draft_model="pair-draft"`, its traced name), with no draft replica to
 borrow. A draft too large to copy to every rank stays a separate model (`draft_model=` a loaded
 model, or another served model's name), as before.
 """

@@ -80,8 +80,8 @@ def test_unmeasured_costs_are_measured_first_and_averages_move():
 def _batch(verify_tokens=5):
     layout = DecoderLayout((1, 4), (8, 16), (32, 64), verify_tokens)
     never = lambda *a: pytest.fail("no model call expected")  # noqa: E731
-    target = DecoderEndpoint(never, never, layout, 128, "target", "t")
-    draft = DecoderEndpoint(never, never, DecoderLayout((1, 4), (8, 16), (32, 64)), 128, "draft", "d")
+    target = DecoderEndpoint(never, layout, 128, "target", "t")
+    draft = DecoderEndpoint(never, DecoderLayout((1, 4), (8, 16), (32, 64)), 128, "draft", "d")
     return DecodeBatch(target), draft
 
 

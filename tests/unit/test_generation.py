@@ -272,7 +272,7 @@ class _LosingDraft:
 
     def __init__(self, coordinator, rounds=10**6, prefills=10**6):
         self.inner, self.rounds, self.prefills = coordinator, rounds, prefills
-        self.calls = {"decode_loop": 0, "forward_bucket": 0}
+        self.calls = {"DraftPlan": 0, "Forward": 0}
 
     def info(self):
         return self.inner.info()
@@ -284,22 +284,19 @@ class _LosingDraft:
 
             raise RankFailure(1, f"the draft's rank process died during {method}")
 
-    def forward_bucket(self, *args):
-        self._lost("forward_bucket", self.prefills)
-        return self.inner.forward_bucket(*args)
-
-    def decode_loop(self, plan):
-        self._lost("decode_loop", self.rounds)
-        return self.inner.decode_loop(plan)
+    def run(self, call):
+        kind = type(call).__name__  # Forward: a prefill; DraftPlan: a round's proposals
+        self._lost(kind, self.prefills if kind == "Forward" else self.rounds)
+        return self.inner.run(call)
 
 
-@pytest.mark.parametrize("lost_at", ["decode_loop", "forward_bucket"])
+@pytest.mark.parametrize("lost_at", ["DraftPlan", "Forward"])
 def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, lost_at):
     from cluster.generation.types import GenerationRequest
 
     _, target, draft, _ = pair
     coordinator = target.coordinator
-    losing = _LosingDraft(draft.coordinator, rounds=2) if lost_at == "decode_loop" else _LosingDraft(draft.coordinator, prefills=0)
+    losing = _LosingDraft(draft.coordinator, rounds=2) if lost_at == "DraftPlan" else _LosingDraft(draft.coordinator, prefills=0)
     speculating = GenerationRequest((tuple(TINY_PROMPTS[0]), tuple(TINY_PROMPTS[2])), 14, speculation_length=3)
     plain = GenerationRequest((tuple(TINY_PROMPTS[1]),), 14)
     sessions = [coordinator.generate_open(speculating, losing), coordinator.generate_open(plain)]
@@ -320,10 +317,10 @@ def test_a_lost_draft_costs_no_token_and_speculation_goes_on_target_only(pair, l
     assert summary.finish == ["length", "length"] and summary.generated == expected[:2]
     stats = summary.speculation
     assert stats.draft_lost and other.speculation.target_only_steps == 0
-    if lost_at == "decode_loop":  # two verify rounds of 2 rows x 3 proposals, then target-only
-        assert losing.calls["decode_loop"] == 3 and (stats.proposed, stats.steps) == (12, 4)
+    if lost_at == "DraftPlan":  # two verify rounds of 2 rows x 3 proposals, then target-only
+        assert losing.calls["DraftPlan"] == 3 and (stats.proposed, stats.steps) == (12, 4)
     else:  # lost at the prefill: never proposed anything, every decode round target-only
-        assert losing.calls == {"decode_loop": 0, "forward_bucket": 1} and stats.proposed == 0
+        assert losing.calls == {"DraftPlan": 0, "Forward": 1} and stats.proposed == 0
         assert stats.target_only_steps == 2 * 13
 
 
@@ -354,11 +351,11 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
 
     summary, calls = run([0] * 40)
     assert summary.generated == expected and summary.speculation.proposed == 0
-    assert calls == {"decode_loop": 0, "forward_bucket": 0}
+    assert calls == {"DraftPlan": 0, "Forward": 0}
     monkeypatch.setattr(engine.DecodeBatch, "MAX_DECODE_STEPS", 1)  # so the rows still fit the draft's prompt bucket (16)
     summary, calls = run([0, 0, 0])  # three plain rounds, then k = 2 from the fourth on
     assert summary.generated == expected and summary.speculation.proposed > 0
-    assert calls["forward_bucket"] == 1 and calls["decode_loop"] >= 1
+    assert calls["Forward"] == 1 and calls["DraftPlan"] >= 1
 
 
 def test_a_resumed_sequence_continues_the_same_random_stream(pair):
@@ -388,22 +385,29 @@ def test_a_resumed_sequence_continues_the_same_random_stream(pair):
         run(GenerationRequest((tuple(TINY_PROMPTS[0]) + tuple(whole),), 20, resumed=20))
 
 
+def _count_decode_steps(monkeypatch) -> list[int]:
+    """The steps of every multi-step call (DecodeSteps) the ranks run from now on."""
+    from cluster.generation.plan import DecodeSteps
+    from cluster.rank import RankWorker
+
+    steps, real = [], RankWorker.run
+
+    def counted(self, call):
+        if self.rank == 0 and isinstance(call, DecodeSteps):
+            steps.append(call.steps)
+        return real(self, call)
+
+    monkeypatch.setattr(RankWorker, "run", counted)
+    return steps
+
+
 def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
     """Plain rows decode several steps per call to the ranks (DecodeSteps); greedy and seeded sampled
     output, eos and max_new_tokens are what one-step rounds give."""
     from cluster.generation.engine import DecodeBatch
-    from cluster.rank import RankWorker
 
     hf, target, _, _ = pair
-    calls = []
-    real = RankWorker.decode_steps
-
-    def counted(self, plan):
-        if self.rank == 0:
-            calls.append(plan.steps)
-        return real(self, plan)
-
-    monkeypatch.setattr(RankWorker, "decode_steps", counted)
+    calls = _count_decode_steps(monkeypatch)
     sampled = dict(max_new_tokens=20, temperature=0.9, top_k=30, seed=11)
     multi = generate(target, TINY_PROMPTS[:3], **sampled)
     greedy = generate(target, TINY_PROMPTS[:3], max_new_tokens=20)
@@ -453,17 +457,9 @@ def test_ngram_proposer_without_a_draft_model(pair):
 
 def test_ngram_rounds_without_a_match_decode_several_steps_in_one_call(pair, monkeypatch):
     from cluster.generation import NGRAM_DRAFT
-    from cluster.rank import RankWorker
 
     _, target, _, _ = pair
-    steps, real = [], RankWorker.decode_steps
-
-    def counted(self, plan):
-        if self.rank == 0:
-            steps.append(plan.steps)
-        return real(self, plan)
-
-    monkeypatch.setattr(RankWorker, "decode_steps", counted)
+    steps = _count_decode_steps(monkeypatch)
     prompt = [[40, 41, 42, 43, 44, 45, 46, 47]]  # nothing repeats until the model repeats itself
     plain = generate(target, prompt, max_new_tokens=24)
     steps.clear()

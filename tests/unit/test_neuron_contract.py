@@ -87,6 +87,7 @@ def run_rank(path: str, rank: int, port: int, out_dir: str) -> None:
     import cloudpickle
     import torch.distributed as dist
 
+    from cluster.generation.plan import Forward
     from cluster.parallel_layers import collectives
     from cluster.rank import RankWorker
     from cluster.signature import signature_of
@@ -124,7 +125,7 @@ def run_rank(path: str, rank: int, port: int, out_dir: str) -> None:
     outputs = []
     mark("decode")
     for _ in range(STEPS):
-        outputs.append(worker.forward(0, EXAMPLE))
+        outputs.append(worker.run(Forward(0, EXAMPLE)))
     mark("export")
     exported = worker.export()
     weights = {k: v.clone() for k, v in exported.weights.items()}
@@ -134,11 +135,11 @@ def run_rank(path: str, rank: int, port: int, out_dir: str) -> None:
     loaded.load("neuron", exported.graphs, weights, 1, {"cache": 1})
     mark("decode-loaded")
     for _ in range(STEPS):
-        outputs.append(loaded.forward(0, EXAMPLE))
+        outputs.append(loaded.run(Forward(0, EXAMPLE)))
     mark("replace")
     loaded.replace_weights({k: v * 2 for k, v in weights.items() if k != "cache"})
     mark("decode-replaced")
-    outputs.append(loaded.forward(0, EXAMPLE))
+    outputs.append(loaded.run(Forward(0, EXAMPLE)))
     group = getattr(collectives_of_rank(), "group", None)
     result = {
         "record": standins.RECORD,
