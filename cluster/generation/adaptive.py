@@ -23,8 +23,9 @@ draft prefill over its whole sequence; the catch-up is paid once for the rounds 
 counts 1/`CATCH_UP_ROUNDS` of its cost. `choose_k` returns the k with
 the most expected tokens per second (`rates` gives them all). Rows that pin k keep it; an
 unmeasured kind of call is measured first (`explore`), and the engine re-measures the option it
-has not taken for a while when that option's rate is close. Pure functions and plain values: no
-torch, no model.
+has not taken for a while when that option's rate is close and that one round, a lagging draft's
+catch-up paid whole, loses at most `RECHECK_BUDGET` of the time since (`recheck_due`). Pure
+functions and plain values: no torch, no model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ DRAFT_STEP = "draft_step"
 DRAFT_PREFILL = "draft_prefill"  # a draft prefill over rows' whole sequences: a lagging draft's catch-up
 ROUND_OVERHEAD = "round_overhead"  # a round's time outside its model calls (planning, sampling, handing tokens over)
 CATCH_UP_ROUNDS = 8  # rounds a lagging draft's catch-up is spread over
+RECHECK_BUDGET = 0.03  # the share of a batch's time that re-running the option not taken may lose
 
 
 @dataclass
@@ -103,6 +105,22 @@ def catch_up_s(pending: int, draft_step_s: float, draft_prefill_s: float | None 
     return stepped if draft_prefill_s is None else min(stepped, draft_prefill_s)
 
 
+def round_cost(rows: Sequence[SpeculatingRow], plain_rows: int, k: int, decode_s: float, verify_s: float,
+               draft_step_s: float, overhead_s: float = 0.0, decode_steps: int = 1,
+               draft_prefill_s: float | None = None, catch_up_rounds: int = CATCH_UP_ROUNDS) -> tuple[float, float]:
+    """(expected tokens, seconds) of one round that offers the adaptive rows k (see `rates`); a
+    lagging draft's catch-up counts 1/`catch_up_rounds` of its cost (1: all of it, as the round that
+    pays it does)."""
+    ks = round_plan_k(rows, k)
+    tokens = plain_rows + sum(expected_tokens(row.acceptance, rk) for row, rk in zip(rows, ks))
+    longest = max(ks, default=0)
+    if not longest:
+        steps = max(1, decode_steps)
+        return tokens * steps, steps * decode_s + overhead_s
+    catch_up = max(catch_up_s(row.pending, draft_step_s, draft_prefill_s) for row, rk in zip(rows, ks) if rk)
+    return tokens, verify_s + longest * draft_step_s + catch_up / catch_up_rounds + overhead_s
+
+
 def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, verify_s: float,
           draft_step_s: float, overhead_s: float = 0.0, decode_steps: int = 1,
           draft_prefill_s: float | None = None) -> list[float]:
@@ -113,15 +131,9 @@ def rates(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, veri
     draft prefill's cost (a lagging row's catch-up when cheaper than stepping; `catch_up_s`)."""
     out = []
     for k in range(0, max((row.cap for row in rows), default=0) + 1):
-        ks = round_plan_k(rows, k)
-        tokens = plain_rows + sum(expected_tokens(row.acceptance, rk) for row, rk in zip(rows, ks))
-        longest = max(ks, default=0)
-        if longest:
-            catch_up = max(catch_up_s(row.pending, draft_step_s, draft_prefill_s) for row, rk in zip(rows, ks) if rk)
-            cost = verify_s + longest * draft_step_s + catch_up / CATCH_UP_ROUNDS + overhead_s
-        else:
-            cost = decode_s + overhead_s / max(1, decode_steps)
-        out.append(tokens / max(cost, 1e-9))
+        tokens, seconds = round_cost(rows, plain_rows, k, decode_s, verify_s, draft_step_s, overhead_s, decode_steps,
+                                     draft_prefill_s)
+        out.append(tokens / max(seconds, 1e-9))
     return out
 
 
@@ -135,6 +147,21 @@ def choose_k(rows: Sequence[SpeculatingRow], plain_rows: int, decode_s: float, v
     return next(k for k, rate in enumerate(by_k) if rate >= best * (1.0 - 1e-9))
 
 
+def recheck_due(rounds_since: int, chosen: tuple[float, float], other: tuple[float, float],
+                budget: float = RECHECK_BUDGET) -> bool:
+    """Whether the option not taken may run once more, to be measured afresh, `rounds_since` rounds
+    after it last ran: when what that one round loses against the chosen option is at most `budget`
+    of those rounds' time. `chosen` and `other` are their (tokens, seconds) from `round_cost`, the
+    other's with a lagging draft's catch-up whole (the round that re-measures speculation pays it).
+    A separate draft's catch-up after plain rounds is a draft prefill, 40-165 ms at batch 1 here
+    against 50-65 ms for a plain round of 4-5 tokens; re-measured every few rounds whatever it cost,
+    it took a share of the batch's time however far behind speculation was."""
+    tokens, seconds = chosen
+    other_tokens, other_seconds = other
+    lost = other_seconds - other_tokens * seconds / max(tokens, 1e-9)
+    return lost <= budget * rounds_since * seconds
+
+
 def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float | None, cap: int) -> int | None:
     """The k to run when a cost is not yet measured at this batch size (so the round measures it);
     None when all three are known. Speculation (both of its costs) is measured first."""
@@ -145,5 +172,6 @@ def explore(decode_s: float | None, verify_s: float | None, draft_step_s: float 
     return None
 
 
-__all__ = ["CATCH_UP_ROUNDS", "DRAFT_PREFILL", "ROUND_OVERHEAD", "CallCosts", "SpeculatingRow", "acceptance_estimate", "catch_up_s",
-           "choose_k", "expected_tokens", "explore", "rates", "round_plan_k"]
+__all__ = ["CATCH_UP_ROUNDS", "DRAFT_PREFILL", "RECHECK_BUDGET", "ROUND_OVERHEAD", "CallCosts", "SpeculatingRow",
+           "acceptance_estimate", "catch_up_s", "choose_k", "expected_tokens", "explore", "rates", "recheck_due", "round_cost",
+           "round_plan_k"]

@@ -1,16 +1,23 @@
 """What one generation round does, decided once from the sequences' state: a pure plan step.
 
-`plan_round(rows)` reads each sequence's `RowState` (its cache slot, its tokens, how many of them
-each model has cached, its speculation length) and returns a `RoundPlan`: which rows are
-prefilled, whether the running rows decode one token or run a draft/verify round, and what every
-row feeds the target and the draft. `DecodeBatch.step` (cluster.generation.engine) executes the
+`plan_round(rows, decode_steps)` reads each sequence's `RowState` (its cache slot, its tokens, how
+many of them each model has cached, this round's speculation length, whether its draft cache is
+caught up first) and returns a `RoundPlan`: which rows are prefilled, whether the running rows
+decode (and how many steps in one call) or run a draft/verify round, which draft caches a prefill
+catches up first, and what every row feeds the target and the draft. The decisions it takes as
+input (k per row, the steps a plain call may run, the rows to catch up) are the speculation
+policy's and the proposer's (cluster.generation.policy, cluster.generation.proposers). `DecodeBatch.step` (cluster.generation.engine) executes the
 plan on the models and applies the results; the split follows vLLM's `schedule()` /
 `update_from_output()`. No torch here, and no model: the rules are tested on plain values.
 
 The rules:
 - a row that has not been prefilled is prefilled (its whole prompt); every other live row runs;
+- a round of plain rows runs `decode_steps` steps in one call, one while rows wait to be prefilled
+  (a new row joins at the next round, not after several steps);
 - one running row that speculates (k > 0) makes the round a verify round for every running row:
   rows with k = 0 ride along in the same verify forward with their one token;
+- a speculating row marked `catch_up` has its draft cache refilled first, by one draft prefill of
+  all its tokens but the last, which the round feeds;
 - the draft runs k_max = the largest k of the running rows proposals for every speculating row;
 - finished rows take no part.
 
@@ -53,6 +60,12 @@ class RowState:
     finished: bool = False
     cached: int = 0
     draft_cached: int = 0
+    catch_up: bool = False
+
+    @property
+    def draft_fed(self) -> int:
+        """Tokens of the row in its draft cache when its draft proposes: after the catch-up, if any."""
+        return len(self.tokens) - 1 if self.catch_up else self.draft_cached
 
 
 @dataclass(frozen=True)
@@ -79,8 +92,10 @@ class RoundPlan:
     prompts / draft_prompts: the prefill's rows for the target / the draft, by slot (None: not
     prefilled); the draft prefills only the new rows that speculate, and `draft_prompts` is ()
     when there are none. target: each running row's one uncached token (in a verify round each
-    speculating row's `proposals[slot]` draft tokens follow it). draft (verify rounds): each
-    speculating row's pending tokens, right-aligned as `DraftPlan` wants them.
+    speculating row's `proposals[slot]` draft tokens follow it). decode_steps: a decode round's
+    steps in one call. catch_up: the draft prefill before a verify round, by slot (None: not caught
+    up), () when none. draft (verify rounds): each speculating row's pending tokens, right-aligned
+    as `DraftPlan` wants them.
     """
 
     prefill: tuple[int, ...] = ()
@@ -92,6 +107,8 @@ class RoundPlan:
     proposals: tuple[int, ...] = ()
     k_max: int = 0
     draft: Feed | None = None
+    decode_steps: int = 1
+    catch_up: tuple[tuple[int, ...] | None, ...] = ()
 
 
 def _by_slot(rows: Sequence[RowState], value: Callable[[RowState], T], empty: T) -> tuple[T, ...]:
@@ -102,7 +119,7 @@ def _by_slot(rows: Sequence[RowState], value: Callable[[RowState], T], empty: T)
     return tuple(out)
 
 
-def plan_round(rows: Sequence[RowState]) -> RoundPlan:
+def plan_round(rows: Sequence[RowState], decode_steps: int = 1) -> RoundPlan:
     """The round the live rows take next (see the module docstring for the rules)."""
     live = [r for r in rows if not r.finished]
     new = [r for r in live if not r.started]
@@ -119,13 +136,15 @@ def plan_round(rows: Sequence[RowState]) -> RoundPlan:
     plan = replace(plan, step=DECODE, running=tuple(r.slot for r in running), target=target)
     speculating = [r for r in running if r.k]
     if not speculating:
-        return plan
-    pending = _by_slot(speculating, lambda r: r.tokens[r.draft_cached:], (-1,))
+        return replace(plan, decode_steps=1 if new else max(1, decode_steps))
+    lagging = [r for r in speculating if r.catch_up]
+    pending = _by_slot(speculating, lambda r: r.tokens[r.draft_fed:], (-1,))
     longest = max(map(len, pending))
     draft = Feed(tuple((-1,) * (longest - len(p)) + p for p in pending),  # right-aligned: see DraftPlan
-                 _by_slot(speculating, lambda r: r.draft_cached, 0))
+                 _by_slot(speculating, lambda r: r.draft_fed, 0))
     return replace(plan, step=VERIFY, proposals=_by_slot(running, lambda r: r.k, 0),
-                   k_max=max(r.k for r in speculating), draft=draft)
+                   k_max=max(r.k for r in speculating), draft=draft,
+                   catch_up=_by_slot(lagging, lambda r: r.tokens[:-1], None) if lagging else ())
 
 
 @dataclass(frozen=True)

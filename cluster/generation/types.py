@@ -76,8 +76,8 @@ class GenerationRequest:
     """One request's prompts (one sequence each) and how to generate their continuations.
 
     A sequence finishes at eos_token_id (kept), at max_new_tokens, or when its generated tokens
-    end with one of stop_sequences (dropped: neither kept nor handed out, see `_Sequence.emit` in
-    cluster.generation.engine). speculation_length is the draft's proposals per round when the
+    end with one of stop_sequences (dropped: neither kept nor handed out, see `LiveSequence.emit` in
+    cluster.generation.sequence). speculation_length is the draft's proposals per round when the
     request comes with a draft; 0:
     adaptive (each round picks, up to the target's largest k). resumed: the last `resumed` tokens of
     every prompt were generated (by a replica that was lost): they count toward max_new_tokens and

@@ -1,12 +1,16 @@
-"""Adaptive speculation: the choice of k from costs and acceptance, on plain values; the engine's use of it."""
+"""Adaptive speculation: the choice of k from costs and acceptance, on plain values and through the
+speculation policy's public face (cluster.generation.policy)."""
 
 import pytest
 import torch
 
-from cluster.generation.adaptive import (CATCH_UP_ROUNDS, CallCosts, SpeculatingRow, acceptance_estimate, catch_up_s, choose_k,
-                                         expected_tokens, explore, rates, round_plan_k)
-from cluster.generation.engine import DecodeBatch, DecoderEndpoint
+from cluster.generation.adaptive import (CATCH_UP_ROUNDS, RECHECK_BUDGET, CallCosts, SpeculatingRow, acceptance_estimate,
+                                         catch_up_s, choose_k, expected_tokens, explore, rates, recheck_due, round_cost,
+                                         round_plan_k)
+from cluster.generation.engine import DecodeBatch
+from cluster.generation.endpoint import DecoderEndpoint
 from cluster.generation.layout import DecoderLayout
+from cluster.generation.policy import SpeculationPolicy
 from cluster.generation.sampling import make_generator
 from cluster.generation.speculative import verify_draft
 from cluster.generation.types import GenerationRequest
@@ -77,7 +81,7 @@ def test_unmeasured_costs_are_measured_first_and_averages_move():
     assert costs.get("decode", 4) == 3.0
 
 
-def _batch(verify_tokens=5):
+def _batch(verify_tokens=5):  # a batch whose models must not be called
     layout = DecoderLayout((1, 4), (8, 16), (32, 64), verify_tokens)
     never = lambda *a: pytest.fail("no model call expected")  # noqa: E731
     target = DecoderEndpoint(never, layout, 128, "target", "t")
@@ -85,32 +89,29 @@ def _batch(verify_tokens=5):
     return DecodeBatch(target), draft
 
 
-def test_the_batch_picks_each_rounds_k_from_its_measured_costs():
-    batch, draft = _batch()
-    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)  # speculation_length 0: adaptive, up to 4
-    batch.open(GenerationRequest(((4, 5),), 8, speculation_length=2), draft)  # pinned
-    rows = list(batch.slots.values())
-    assert [(r.adaptive, r.k) for r in rows] == [(True, 4), (False, 2)]
-    for row in rows:
-        row.started, row.cached, row.draft_cached = True, len(row.sequence) - 1, len(row.sequence) - 1
-    batch._choose_round_k()  # nothing measured at batch bucket 4: speculation is measured first
-    assert [r.round_k for r in rows] == [2, 2]
-    batch.costs.observe("decode", 4, 10e-3)
-    batch.costs.observe("verify", 4, 11e-3)
-    batch.costs.observe("draft_step", 4, 0.2e-3)
-    batch.acceptance = 0.9
-    batch._choose_round_k()
-    assert [r.round_k for r in rows] == [4, 2]
-    batch.costs.set("draft_step", 4, 50e-3)  # the draft became expensive...
-    batch._choose_round_k()
-    assert [r.round_k for r in rows] == [2, 2]  # ...but the pinned row pays for two draft steps anyway
-    batch.close(2)
-    batch._choose_round_k()
-    assert rows[0].round_k == 2  # one row: batch bucket 1, not measured yet
-    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 50e-3)):
-        batch.costs.observe(kind, 1, seconds)
-    batch._choose_round_k()
-    assert rows[0].round_k == 0  # alone, the adaptive row decodes plainly
+def _policy(acceptance=0.6):
+    policy = SpeculationPolicy()
+    policy.use_draft("draft")
+    policy.draft.acceptance = acceptance
+    return policy
+
+
+def _observe(policy, batch, **seconds):
+    for kind, value in seconds.items():
+        policy.observe(kind, batch, value)
+
+
+def test_the_policy_picks_each_rounds_k_from_its_measured_costs():
+    policy = _policy()
+    adaptive, pinned = SpeculatingRow(0.9, pinned=0, cap=4), SpeculatingRow(0.9, pinned=2, cap=2)
+    assert policy.choose([adaptive, pinned], 0, 4, 4) == 2  # nothing measured at batch bucket 4: speculation first
+    _observe(policy, 4, decode=10e-3, verify=11e-3, draft_step=0.2e-3)
+    assert policy.choose([adaptive, pinned], 0, 4, 4) == 4
+    policy.draft.costs.set("draft_step", 4, 50e-3)  # the draft became expensive...
+    assert policy.choose([adaptive, pinned], 0, 4, 4) == 2  # ...but the pinned row pays for two draft steps anyway
+    assert policy.choose([adaptive], 0, 1, 1) == 2  # one row: batch bucket 1, not measured yet
+    _observe(policy, 1, decode=10e-3, verify=11e-3, draft_step=50e-3)
+    assert policy.choose([adaptive], 0, 1, 1) == 0  # alone, the adaptive row decodes plainly
 
 
 def test_adaptive_and_pinned_k_check_the_targets_verification_bucket():
@@ -155,29 +156,25 @@ def test_sampling_stays_lossless_when_each_rounds_k_follows_the_history():
 
 
 def test_the_option_not_taken_is_run_again_when_it_comes_close():
-    batch, draft = _batch()
-    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
-    row = next(iter(batch.slots.values()))
-    row.started, row.cached, row.draft_cached = True, 2, 2
-    batch.acceptance = 0.2  # a draft that rarely agrees: speculating is a little slower than decoding
+    policy = _policy(acceptance=0.2)  # a draft that rarely agrees: speculating is a little slower than decoding
+    row = SpeculatingRow(0.2, pinned=0, cap=4)
     costs = {"decode": 10e-3, "verify": 11e-3, "draft_step": 2e-3}
 
     def rounds(n):
         """n rounds, each measuring the calls it would make, as DecodeBatch.step does."""
         picked = []
         for _ in range(n):
-            batch._choose_round_k()
-            picked.append(row.round_k)
-            for kind in ("verify", "draft_step") if row.round_k else ("decode",):
-                batch.costs.observe(kind, 1, costs[kind])
+            picked.append(policy.choose([row], 0, 1, 1))
+            for kind in ("verify", "draft_step") if picked[-1] else ("decode",):
+                policy.observe(kind, 1, costs[kind])
         return picked
 
     rounds(1)
-    picked = rounds(2 * batch.RECHECK_ROUNDS)
+    picked = rounds(2 * policy.RECHECK_ROUNDS)
     assert picked.count(0) >= len(picked) - 2 and any(picked)  # plain decoding, and speculation re-measured
     costs["draft_step"] = 50e-3  # far slower: once measured, never re-run
-    rounds(batch.RECHECK_ROUNDS + 1)
-    assert not any(rounds(2 * batch.RECHECK_ROUNDS))
+    rounds(policy.RECHECK_ROUNDS + 1)
+    assert not any(rounds(2 * policy.RECHECK_ROUNDS))
 
 
 def test_a_rounds_fixed_overhead_favours_fewer_longer_rounds():
@@ -203,28 +200,74 @@ def test_multi_step_rounds_and_a_draft_prefill_enter_the_costs():
 
 
 def test_a_batch_size_is_not_measured_when_speculation_lost_at_a_smaller_one():
-    batch, draft = _batch()
-    batch.open(GenerationRequest(((1, 2, 3),), 8), draft)
-    first = next(iter(batch.slots.values()))
-    first.started, first.cached = True, 2
-    for kind, seconds in (("decode", 10e-3), ("verify", 11e-3), ("draft_step", 50e-3)):
-        batch.costs.observe(kind, 1, seconds)
-    batch._choose_round_k()
-    assert first.round_k == 0  # alone, a slow draft does not pay
-    for prompt in ((4, 5), (6, 7, 8)):
-        batch.open(GenerationRequest((prompt,), 8), draft)
-    for row in batch.slots.values():
-        row.started, row.cached = True, len(row.sequence) - 1
-    batch._choose_round_k()  # batch bucket 4: nothing measured, but speculation lost at 1
-    assert [row.round_k for row in batch.slots.values()] == [0, 0, 0]
-    batch.costs.set("draft_step", 1, 0.1e-3)  # the draft got cheap: alone, it speculates again...
-    batch.close(2)
-    batch.close(3)
-    batch._choose_round_k()
-    assert first.round_k > 0
-    for session in (4, 5):  # ...and a bigger batch measures speculation before deciding
-        batch.open(GenerationRequest(((9, 9),), 8), draft)
-    for row in batch.slots.values():
-        row.started, row.cached = True, len(row.sequence) - 1
-    batch._choose_round_k()
-    assert [row.round_k for row in batch.slots.values()] == [2, 2, 2]
+    policy = _policy()
+    row = SpeculatingRow(0.6, pinned=0, cap=4)
+    _observe(policy, 1, decode=10e-3, verify=11e-3, draft_step=50e-3)
+    assert policy.choose([row], 0, 1, 1) == 0  # alone, a slow draft does not pay
+    assert policy.choose([row] * 3, 0, 4, 4) == 0  # batch bucket 4: nothing measured, but speculation lost at 1
+    policy.draft.costs.set("draft_step", 1, 0.1e-3)  # the draft got cheap: alone, it speculates again...
+    assert policy.choose([row], 0, 1, 1) > 0
+    assert policy.choose([row] * 3, 0, 4, 4) == 2  # ...and a bigger batch measures speculation before deciding
+
+
+# What the shipped pair's calls cost at batch 1 on this CPU (TP=2 target, plain rounds of 5 decode steps),
+# with the draft loaded as its own model (each step a call to its ranks) and with it fused into the target.
+SEPARATE_DRAFT = dict(decode_s=12.7e-3, verify_s=20.7e-3, draft_step_s=12.8e-3, overhead_s=2.0e-3, decode_steps=5,
+                      draft_prefill_s=42.7e-3)
+FUSED_DRAFT = dict(SEPARATE_DRAFT, verify_s=10.5e-3, draft_step_s=2.2e-3)
+
+
+def test_a_separate_draft_at_batch_one_decodes_plainly_where_the_same_draft_fused_speculates():
+    for pending in (1, 2, 40):  # speculating, just after a full acceptance, and after plain rounds
+        rows = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=pending)]
+        assert choose_k(rows, 0, **SEPARATE_DRAFT) == 0
+        assert max(rates(rows, 0, **SEPARATE_DRAFT)[1:]) < 0.65 * rates(rows, 0, **SEPARATE_DRAFT)[0]
+        assert choose_k(rows, 0, **FUSED_DRAFT) >= 2
+
+
+def test_re_measuring_speculation_pays_its_whole_catch_up_within_the_budget():
+    behind = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=40)]
+    costs = dict(SEPARATE_DRAFT, draft_prefill_s=165e-3)  # a draft prefill over 40 tokens (its 128-token bucket)
+    plain = round_cost(behind, 0, 0, **costs)
+    assert plain == pytest.approx((5.0, 5 * 12.7e-3 + 2.0e-3))
+    again = round_cost(behind, 0, 1, **costs, catch_up_rounds=1)
+    assert again[1] == pytest.approx(20.7e-3 + 12.8e-3 + 165e-3 + 2.0e-3)  # the round that re-measures pays it all
+    lost = again[1] - again[0] * plain[1] / plain[0]
+    assert not any(recheck_due(n * SpeculationPolicy.RECHECK_ROUNDS, plain, again) for n in (1, 2))
+    rounds = int(lost / (RECHECK_BUDGET * plain[1])) + 1
+    assert recheck_due(rounds, plain, again) and not recheck_due(rounds - 1, plain, again)
+    caught_up = [SpeculatingRow(acceptance=0.69, pinned=0, cap=6, pending=1)]
+    assert recheck_due(SpeculationPolicy.RECHECK_ROUNDS, plain, round_cost(caught_up, 0, 1, **costs, catch_up_rounds=1))
+
+
+def test_the_policy_chooses_plain_decoding_where_a_separate_draft_loses():
+    """Measured costs of a separate draft at batch 1 (each proposal a call to its own ranks): the
+    policy never speculates, once its calls are measured, however many rounds run."""
+    policy = _policy(acceptance=0.69)
+    row = SpeculatingRow(0.69, pinned=0, cap=6)
+    costs = {"decode": SEPARATE_DRAFT["decode_s"], "verify": SEPARATE_DRAFT["verify_s"],
+             "draft_step": SEPARATE_DRAFT["draft_step_s"]}
+    picked = []
+    for _ in range(200):
+        picked.append(policy.choose([row], 0, 1, 1, decode_steps=5))
+        for kind in ("verify", "draft_step") if picked[-1] else ("decode",):
+            policy.observe(kind, 1, costs[kind])
+    assert picked[0] > 0 and not any(picked[2:])  # measured once, then plain decoding throughout
+
+
+def test_each_draft_is_judged_on_its_own_calls_and_a_graphs_first_run_is_not_a_cost():
+    policy = _policy(acceptance=0.69)
+    row = SpeculatingRow(0.69, pinned=0, cap=6)
+    for kind, seconds in (("decode", 12.7e-3), ("verify", 10.5e-3), ("draft_step", 2.2e-3)):
+        policy.observe(kind, 1, 1.0, graph=0)  # the first run of a graph deserializes it on the ranks: not counted
+        policy.observe(kind, 1, seconds, graph=0)
+    assert policy.cost("verify", 1) == 10.5e-3 and policy.choose([row], 0, 1, 1) > 0
+    policy.use_draft("separate")  # the fused draft's steps say nothing of this one's: measured first
+    assert policy.cost("draft_step", 1) is None and policy.cost("decode", 1) == 12.7e-3
+    assert policy.choose([row], 0, 1, 1) == 2
+    for kind, seconds in (("verify", 1.0), ("verify", 20.7e-3), ("draft_step", 1.0), ("draft_step", 12.8e-3)):
+        policy.observe(kind, 1, seconds, graph=0)
+    assert policy.choose([row], 0, 1, 1) == 0
+    policy.use_draft("draft")  # and back: the first draft's own costs and acceptance
+    assert policy.cost("draft_step", 1) == 2.2e-3 and policy.draft.acceptance == 0.69
+    assert policy.choose([row], 0, 1, 1) > 0

@@ -118,11 +118,11 @@ def test_a_stopped_row_finishes_while_its_neighbours_go_on(pair):
 
 
 def test_sequence_emit_finishes_on_stop_then_eos_then_length():
-    from cluster.generation.engine import _Sequence
+    from cluster.generation.sequence import LiveSequence
     from cluster.generation.types import GenerationRequest
 
     def row(**kw):
-        return _Sequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, 0)
+        return LiveSequence(0, 1, [1, 2], 2, GenerationRequest(((1, 2),), **kw), 0, 0)
 
     seq = row(max_new_tokens=5, stop_sequences=((2, 7),))
     seq.emit([7])  # the stop may not reach into the prompt
@@ -329,15 +329,15 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
     never calls the draft; rounds that start speculating after plain ones first prefill the draft
     for all their rows in one call (their caches were empty), then propose; greedy output is the
     target's throughout."""
-    from cluster.generation import engine
+    from cluster.generation import policy
     from cluster.generation.types import GenerationRequest
 
     _, target, draft, _ = pair
     coordinator = target.coordinator
     expected = generate(target, TINY_PROMPTS[:2], max_new_tokens=16).sequences
     choices = iter([])
-    monkeypatch.setattr(engine, "explore", lambda *a, **k: next(choices, 2))  # what each adaptive round picks
-    monkeypatch.setattr(engine.DecodeBatch, "_lost_below", lambda self, batch: False)  # whatever earlier tests measured
+    monkeypatch.setattr(policy, "explore", lambda *a, **k: next(choices, 2))  # what each adaptive round picks
+    monkeypatch.setattr(policy.SpeculationPolicy, "_lost_below", lambda self, batch: False)  # whatever earlier tests measured
 
     def run(picks):
         nonlocal choices
@@ -352,7 +352,7 @@ def test_an_adaptive_rows_draft_is_prefilled_only_when_a_round_speculates(pair, 
     summary, calls = run([0] * 40)
     assert summary.generated == expected and summary.speculation.proposed == 0
     assert calls == {"DraftPlan": 0, "Forward": 0}
-    monkeypatch.setattr(engine.DecodeBatch, "MAX_DECODE_STEPS", 1)  # so the rows still fit the draft's prompt bucket (16)
+    monkeypatch.setattr(policy.SpeculationPolicy, "MAX_DECODE_STEPS", 1)  # so the rows still fit the draft's prompt bucket (16)
     summary, calls = run([0, 0, 0])  # three plain rounds, then k = 2 from the fourth on
     assert summary.generated == expected and summary.speculation.proposed > 0
     assert calls["Forward"] == 1 and calls["DraftPlan"] >= 1
@@ -404,7 +404,7 @@ def _count_decode_steps(monkeypatch) -> list[int]:
 def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
     """Plain rows decode several steps per call to the ranks (DecodeSteps); greedy and seeded sampled
     output, eos and max_new_tokens are what one-step rounds give."""
-    from cluster.generation.engine import DecodeBatch
+    from cluster.generation.policy import SpeculationPolicy
 
     hf, target, _, _ = pair
     calls = _count_decode_steps(monkeypatch)
@@ -415,7 +415,7 @@ def test_multi_step_rounds_make_what_one_step_rounds_make(pair, monkeypatch):
     early = generate(target, TINY_PROMPTS[:3], max_new_tokens=20, eos_token_id=eos)
     assert calls and max(calls) > 1  # rounds did run several steps in one call
     assert greedy.sequences == [hf_greedy(hf, p, 20) for p in TINY_PROMPTS[:3]]
-    monkeypatch.setattr(DecodeBatch, "MAX_DECODE_STEPS", 1)
+    monkeypatch.setattr(SpeculationPolicy, "MAX_DECODE_STEPS", 1)
     calls.clear()
     assert generate(target, TINY_PROMPTS[:3], **sampled).sequences == multi.sequences
     assert generate(target, TINY_PROMPTS[:3], max_new_tokens=20, eos_token_id=eos).sequences == early.sequences

@@ -65,6 +65,24 @@ def test_draft_pending_is_right_aligned_with_its_starts():
     assert plan.draft == Feed(((4, 5, 6), (-1, -1, 9)), (3, 2))
 
 
+def test_plain_rounds_run_their_steps_in_one_call_unless_a_row_waits_to_be_prefilled():
+    rows = [running(0, [5, 6, 7]), running(1, [1, 2])]
+    assert plan_round(rows, decode_steps=5).decode_steps == 5
+    assert plan_round(rows + [RowState(2, (9, 9))], decode_steps=5).decode_steps == 1  # it joins at the next round
+    assert plan_round([running(0, [5, 6, 7], k=2)], decode_steps=5).step == VERIFY
+
+
+def test_a_lagging_draft_is_caught_up_by_a_prefill_before_it_proposes():
+    # row 0's draft holds 2 of its 6 tokens, row 2's none (never prefilled): both are caught up to all but
+    # the last token, which the round feeds; row 1's draft is current
+    rows = [RowState(0, (1, 2, 3, 4, 5, 6), 2, True, cached=5, draft_cached=2, catch_up=True),
+            running(1, [7, 8, 9], k=2), RowState(2, (3, 3, 3), 2, True, cached=2, draft_cached=0, catch_up=True)]
+    plan = plan_round(rows)
+    assert plan.catch_up == ((1, 2, 3, 4, 5), None, (3, 3))
+    assert plan.draft == Feed(((6,), (9,), (3,)), (5, 2, 2))  # one pending token each, from the caught-up length
+    assert plan_round([RowState(0, (1, 2, 3), 0, True, cached=2, catch_up=True)]).catch_up == ()  # it does not speculate
+
+
 def test_draft_tokens_kept_counts_pending_and_the_fed_back_accepted_proposals():
     # the draft feeds its pending tokens and its first steps - 1 proposals (DraftPlan's contract)
     assert [draft_tokens_kept((9,), a, 3) for a in range(4)] == [1, 2, 3, 3]
