@@ -9,8 +9,10 @@ class TextStream:
     """Token ids to streamed text: each token carries the text that became final with it.
 
     Text that could still be the start of a stop sequence, or half a multi-byte character, is held
-    back until the next token decides it, so a client never receives part of a stop sequence. The
-    last token is held until the next one (or the end) so that it can carry what is still held.
+    back until the next token decides it, so a client never receives part of a stop sequence. A
+    token whose text leaves something held is itself held until the next one (or the end), so that
+    the end can hand out what is still held with it; every other token goes out at once (a stream's
+    first token the moment it is made, not with the second).
     """
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
@@ -36,7 +38,7 @@ class TextStream:
         out = [tuple(self._last)] if self._last is not None else []
         self._last = [token, self._text[self._sent : safe]]
         self._sent = safe
-        if self.stopped:
+        if self.stopped or safe == len(self._text):  # nothing held: the token's text is final
             out.append(tuple(self._last))
             self._last = None
         return out

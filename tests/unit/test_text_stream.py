@@ -38,3 +38,14 @@ def test_a_stop_sequence_spanning_tokens_is_never_sent_in_part():
 def test_text_that_only_looks_like_a_stop_start_is_released():
     stream, events = _stream(("over the top",))  # "over the " is held, then released: no stop
     assert not stream.stopped and "".join(p for _, p in events) == TOKENIZER.decode(IDS)
+
+
+def test_a_token_goes_out_as_it_is_pushed_unless_it_leaves_text_held():
+    stream = TextStream(TOKENIZER, ("over the top",))
+    sent = [stream.push(token) for token in IDS]
+    assert [t for t, _ in sent[0]] == [IDS[0]]  # the first token at once, not with the second
+    held = TOKENIZER.decode(IDS).index("over")
+    assert all(len(events) == 1 for events in sent[:3])
+    # "over" (and " the") could begin the stop: its token waits for the next one to decide
+    holding = next(i for i in range(len(IDS)) if len(TOKENIZER.decode(IDS[: i + 1])) > held)
+    assert sent[holding] == []
