@@ -286,7 +286,8 @@ class AsyncRemoteCoordinator(AsyncCalls):
         return _AsyncRounds(rounds, timeout)
 
     async def watch_health(self, version: int, wait_s: float, *, timeout: float) -> tuple[int, str | None]:
-        """RemoteCoordinator.watch_health, awaited: the pool's long poll of one replica."""
+        """RemoteCoordinator.watch_health, awaited: the pool's long poll of one replica. The actor's own
+        method, not `call`: the poll waits beside the serving calls, outside the coordinator's lock."""
         if self._remote._actor is None:
             raise ClusterError("this model was closed; load it again")
         return await self._wait(self._remote._actor.watch_health.remote(version, wait_s), "watch_health", timeout)

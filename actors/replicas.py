@@ -18,7 +18,7 @@ import ray
 from actors.coordinator_actor import RemoteCoordinator, launch_coordinator
 from actors.placement import pick_node, rank_nodes
 from actors.runtime import NAMESPACE, ensure_ray
-from cluster.coordinator import CoordinatorConfig
+from cluster.coordinator_config import CoordinatorConfig
 from cluster.trace import artifact
 from cluster.trace.fused import read_fused_draft
 

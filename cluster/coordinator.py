@@ -1,29 +1,28 @@
 """The coordinator: forms a TP group, traces or loads its shards, picks buckets, serves calls.
 
 A plain class over a RankGroup, so it runs in-process in tests; `actors.coordinator_actor`
-hosts it in a Ray actor for the cluster. Only inputs and rank 0's outputs pass through it.
+hosts it in a Ray actor for the cluster. Only inputs and rank 0's outputs pass through it. It
+drives its rank group and nothing else: generation serving (the decode batch, the generate_*
+calls) is cluster.generation_service over `run`; a lost rank, the rebuild and hot spares are
+cluster.recovery; its bounds are cluster.coordinator_config.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from cluster.backoff import Backoff
 from cluster.buckets import run_kernel
-from cluster.errors import ClusterError, InputError, ModelUnavailable
-from cluster.generation.ngram import NGRAM_DRAFT
+from cluster.coordinator_config import CoordinatorConfig
+from cluster.errors import ClusterError, InputError
 from cluster.generation.plan import Call, Forward
-from cluster.generation.rounds import RoundStreams
 from cluster.generation.types import GenerationRound
+from cluster.generation_service import GenerationService
 from cluster.handle import AsyncOverThreads, CoordinatorInfo
 from cluster.rank_group import RankGroup
 from cluster.recovery import Recovery
@@ -34,41 +33,6 @@ from cluster.trace.config import TraceSpec
 from cluster.trace.state import Exported, ModelState
 
 
-RANK_CALLS = ("auto", "graph", "actor")
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    """Every bound on a replica's waits, in one place (the gateway and batch jobs read them too)."""
-
-    call_timeout_s: float = 120.0  # one serving call on the ranks (a forward, a generation step)
-    trace_timeout_s: float = 1800.0  # build, trace, load, export (Neuron compilation takes minutes)
-    rendezvous_timeout_s: float = 60.0  # forming the collective group, and every collective
-    health_timeout_s: float = 10.0  # a health check or status call on the ranks
-    placement_timeout_s: float = 30.0  # NeuronCores for the ranks: else CapacityError, never a pending actor
-    close_timeout_s: float = 10.0  # a coordinator's orderly close, before it is killed
-    threads_per_rank: int = 0  # 0: this node's CPUs divided among the ranks
-    # How the per-step calls reach the ranks (actors.rank_group): "graph" (a Ray Compiled Graph),
-    # "actor" (ordinary actor calls), "auto" (actor calls on the cpu backend, the graph otherwise).
-    rank_calls: str = "auto"
-    # Hot spare rank processes per replica, started beside its ranks, each holding a NeuronCore of its
-    # own: a rank lost takes a spare's process, already started, instead of starting one (the spare is
-    # then replaced in the background). Used where the backend keeps the surviving ranks (cpu, eager).
-    spare_ranks: int = 0
-    verify_tolerance: float = 1e-4
-    rebuild_backoff: Backoff = Backoff()  # between attempts to rebuild a lost replica
-
-    def __post_init__(self) -> None:
-        for name in ("call_timeout_s", "trace_timeout_s", "rendezvous_timeout_s", "health_timeout_s",
-                     "placement_timeout_s", "close_timeout_s", "verify_tolerance"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"CoordinatorConfig.{name} must be positive")
-        if self.spare_ranks < 0:
-            raise ValueError(f"CoordinatorConfig.spare_ranks must be 0 or more, got {self.spare_ranks}")
-        if self.rank_calls not in RANK_CALLS:
-            raise ValueError(f"CoordinatorConfig.rank_calls must be one of {RANK_CALLS}, got {self.rank_calls!r}")
-
-
 class Coordinator(Recovery):
     """Drives one TP group. With `rank_group_factory`, a replica that loses a rank rebuilds itself
     (cluster.recovery): new rank actors, a new rendezvous, the shards reloaded from what it was
@@ -76,26 +40,17 @@ class Coordinator(Recovery):
 
     def __init__(self, ranks: RankGroup, config: CoordinatorConfig | None = None,
                  rank_group_factory: Callable[[], RankGroup] | None = None) -> None:
+        super().__init__(rank_group_factory)
         self.ranks = ranks
         self.config = config or CoordinatorConfig()
         self.state: ModelState | None = None
         self._kernel = None
         self._spec: TraceSpec | None = None
         self._started = False
-        self._factory = rank_group_factory
-        # (graphs, weights, draft) the ranks were loaded from, to load a replacement rank: a served
-        # model's weights are its files (artifact.WeightFile), which the new rank maps itself, not tensors
-        self._payload: tuple | None = None
-        self._broken: str | None = None
-        self._rebuilding: threading.Thread | None = None
-        self._failing = threading.Lock()  # a serving call and the rank watch may both see a loss
-        self._health = threading.Condition()  # notified on every change of `_broken` (watch_health)
-        self._health_version = 0
-        self._rebuild_phases: dict[str, float] = {}
-        self._batch = None  # the decoder's sequences (cluster.generation.engine.DecodeBatch)
         self._draft_buckets: list[Signature] = []  # a fused draft's bucket signatures
-        self.rebuilds = 0
-        self.streams = RoundStreams(self.generate_batch, lambda: self._batch is not None and self._batch.has_work())
+        self.generation = GenerationService(self.run, lambda: self.state.extra if self.state else {},
+                                            self._serving, self._check_serving)
+        self.streams = self.generation.streams  # its lock serialises every call (actors.coordinator_actor)
         self.aio = AsyncOverThreads(self)
 
     def start(self) -> list[dict[str, Any]]:
@@ -195,141 +150,29 @@ class Coordinator(Recovery):
             self._check_signature(call.inputs, buckets[call.bucket])
         return self._serving(lambda: self.ranks.run(call, self.config.call_timeout_s))
 
-    def _run_fused_draft(self, call: Call) -> Any:
-        """`run` on the fused draft every rank holds (its prefills)."""
-        return self.run(dataclasses.replace(call, draft=True) if isinstance(call, Forward) else call)
-
-    # -- generation (the target/draft loop runs here) ----------------------------------------
+    # -- generation (cluster.generation_service) ---------------------------------------------
     def endpoint(self) -> Any:
-        from cluster.generation.engine import DecoderEndpoint
-        from cluster.generation.layout import DecoderLayout
-
-        decoder = (self.state.extra if self.state else {}).get("decoder")
-        if not decoder:
-            raise InputError("this model is not a decoder traced for generation (see cluster.models.llama.trace_llama)")
-        return DecoderEndpoint(self.run, DecoderLayout.from_json(decoder["layout"]), int(decoder["vocab_size"]),
-                               decoder.get("name", "model"), key=f"local-{id(self)}", multi_step=True)
-
-    def _decode_batch(self) -> Any:
-        from cluster.generation.engine import DecodeBatch
-
-        if self._broken is not None:
-            raise ModelUnavailable(f"replica unavailable ({self._broken}); it is rebuilding, retry shortly")
-        if self._batch is None:
-            self._batch = DecodeBatch(self.endpoint())
-        return self._batch
-
-    def _draft_endpoint(self, draft: Any) -> Any:
-        """The draft's endpoint: calls into another model's coordinator (a handle, remote or local)."""
-        from cluster.generation.engine import DecoderEndpoint
-        from cluster.generation.layout import DecoderLayout
-
-        if draft == NGRAM_DRAFT:
-            return self._ngram_endpoint()
-        if isinstance(draft, str):
-            return self._fused_endpoint(draft)
-        key = getattr(draft, "group_name", "") or f"local-{id(draft)}"
-        batch = self._batch
-        if batch is not None and batch.draft is not None and batch.draft.key == key:
-            return batch.draft
-        info = draft.info().decoder
-        if not info:
-            raise InputError("the draft model is not a decoder traced for generation")
-        if info.get("tokenizer_sha") != (self.state.extra.get("decoder") or {}).get("tokenizer_sha"):
-            raise InputError("draft and target were traced with different tokenizers: they must share one")
-        return DecoderEndpoint(draft.run, DecoderLayout.from_json(info["layout"]), int(info["vocab_size"]),
-                               info.get("name", "draft"), key=key)
-
-    def _ngram_endpoint(self) -> Any:
-        """Proposals by n-gram lookup (cluster.generation.ngram): no draft model, the target's own calls."""
-        target = self._decode_batch().target
-        batch = self._batch
-        if batch.draft is not None and batch.draft.ngram:
-            return batch.draft
-        return dataclasses.replace(target, name=NGRAM_DRAFT, key=f"ngram-{id(self)}", multi_step=False,
-                                   ngram=True)
-
-    def _fused_endpoint(self, name: str) -> Any:
-        """The draft fused into this model, asked for by its name."""
-        from cluster.generation.engine import DecoderEndpoint
-        from cluster.generation.layout import DecoderLayout
-
-        fused = (self.state.extra if self.state else {}).get("fused_draft")
-        if not fused or fused["name"] != name:
-            held = f"its fused draft is {fused['name']!r}" if fused else "it holds no fused draft"
-            raise InputError(f"draft {name!r} is not fused into this model ({held}): name a loaded draft model, "
-                             "or fuse the draft into the target's folder (cluster.trace.fuse_draft)")
-        batch = self._batch
-        if batch is not None and batch.draft is not None and batch.draft.fused:
-            return batch.draft
-        return DecoderEndpoint(self._run_fused_draft, DecoderLayout.from_json(fused["layout"]), int(fused["vocab_size"]),
-                               name, key=f"fused-{id(self)}", fused=True)
+        return self.generation.endpoint()
 
     def generate_open(self, request: Any, draft: Any = None) -> int:
-        """Admit a request's prompts into the model's batch (one KV-cache slot each); returns a session id.
-
-        Sessions share decode steps: a step taken for one advances every open sequence. The
-        session belongs to the caller, who closes it.
-        """
-        batch = self._decode_batch()
-        return batch.open(request, self._draft_endpoint(draft) if draft is not None else None)
+        return self.generation.generate_open(request, draft)
 
     def generate_step(self, session_id: int) -> Any:
-        """The session's tokens since its last step: steps the batch when it has none waiting."""
-        batch = self._decode_batch()
-        if not batch.has_output(session_id) and not batch.finished(session_id):
-            self._serving(batch.step)
-        return batch.take(session_id)
+        return self.generation.generate_step(session_id)
 
     def generate_close(self, session_id: int) -> Any:
-        """Free the session's slots; its summary (None when it was not open)."""
-        return self._batch.close(session_id) if self._batch is not None else None
+        return self.generation.generate_close(session_id)
 
     def generate_batch(self, opens: Sequence[tuple[Any, Any]] = (), closes: Sequence[int] = (),
                        sessions: Sequence[int] = (), resync: bool = False) -> GenerationRound:
-        """One scheduling round for a server: close sessions, admit requests, take one step.
-
-        `sessions` are the caller's open sessions: the round returns their new tokens (and those of
-        the sessions it admits). With `resync`, every other open session is closed too (a caller
-        that lost track of a round, or a new gateway on an adopted replica). Sessions that finish
-        in this step are closed, with summaries.
-        """
-        batch = self._decode_batch()
-        owned = set(sessions)
-        if resync:
-            closes = [*closes, *(s for s in batch.sessions if s not in owned)]
-        round_ = GenerationRound()
-        for session in closes:
-            owned.discard(session)
-            summary = self.generate_close(session)
-            if summary is not None:
-                round_.summaries[session] = summary
-        for request, draft in opens:
-            try:
-                session = self.generate_open(request, draft)
-                owned.add(session)
-                round_.opened.append(session)
-            except ClusterError as exc:
-                round_.opened.append(exc)
-        if batch.has_work():
-            self._serving(batch.step)
-        for session in sorted(owned):
-            if session not in batch.sessions:
-                continue
-            round_.steps[session] = step = batch.take(session)
-            if step.done:
-                round_.summaries[session] = self.generate_close(session)
-        return round_
+        return self.generation.generate_batch(opens, closes, sessions, resync)
 
     def generate_rounds(self, stream: Any, opens: Sequence[tuple[Any, Any, Any]] = (), closes: Sequence[int] = (),
                         sessions: Sequence[int] = (), resync: bool = False) -> Iterator[GenerationRound]:
-        """Rounds run back to back for the consumer `stream` (see cluster.generation.rounds):
-        `opens` are (tag, request, draft); later admissions go through `generate_admit`."""
-        return self.streams.rounds(stream, opens, closes, sessions, resync)
+        return self.generation.generate_rounds(stream, opens, closes, sessions, resync)
 
     def generate_admit(self, stream: Any, opens: Sequence[tuple[Any, Any, Any]] = (), closes: Sequence[int] = ()) -> None:
-        """Admissions (tag, request, draft) and closes for `stream`'s next round."""
-        self.streams.admit(stream, opens, closes)
+        self.generation.generate_admit(stream, opens, closes)
 
     @staticmethod
     def _check_signature(inputs: tuple[torch.Tensor, ...], expected: Signature) -> None:
@@ -389,11 +232,6 @@ class Coordinator(Recovery):
 
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._serving(lambda: self.ranks.describe(self.config.call_timeout_s))
-
-    def describe_spares(self) -> list[dict[str, Any]]:
-        """The hot spare rank processes (`CoordinatorConfig.spare_ranks`) that answer now: pid, node, cores."""
-        spares = getattr(self.ranks, "describe_spares", None)
-        return spares(self.config.health_timeout_s) if spares is not None else []
 
     def health(self) -> list[int]:
         """Every rank answers, or ModelUnavailable (a rank lost now starts the rebuild)."""

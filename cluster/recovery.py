@@ -5,11 +5,12 @@ breaks the replica: the loss is pushed to every `watch_health` caller at once, a
 brings the replica back (a new process for each lost rank beside the ranks that live, where the
 backend allows it, else a whole new group; then a new rendezvous and the shards loaded again from
 what the replica was loaded with: its files, which each new rank maps itself). Retried with backoff
-until it serves; `rebuild_phases` says where the last rebuild's time went.
+until it serves; `rebuild_phases` says where the last rebuild's time went. Hot spare rank
+processes, where the rank group keeps them, stand in for lost ranks (`describe_spares`).
 
-The state it reads and writes (`ranks`, `config`, `state`, `_payload`, `_factory`, `_broken`,
-`_rebuilding`, `_failing`, `_health`, `_health_version`, `_rebuild_phases`, `_batch`, `rebuilds`)
-is made by the Coordinator's constructor.
+Of the coordinator it reads `ranks` (and replaces it), `config`, `state`, `_threads()`, and
+`generation` (cluster.generation_service: its sessions are dropped with the caches); `_payload`
+is what `load` loaded the ranks from.
 """
 
 from __future__ import annotations
@@ -26,15 +27,43 @@ from cluster.trace.backends import keeps_survivors
 class Recovery:
     """Failure and recovery of a replica's rank group (see the module docstring)."""
 
-    def _serving(self, call: Callable[[], Any]) -> Any:
-        """Run a call on the ranks; a lost or failing rank breaks the replica and starts its rebuild."""
+    def __init__(self, rank_group_factory: Callable[[], RankGroup] | None) -> None:
+        self._factory = rank_group_factory
+        # (graphs, weights, draft) the ranks were loaded from, to load a replacement rank: a served
+        # model's weights are its files (artifact.WeightFile), which the new rank maps itself, not tensors
+        self._payload: tuple | None = None
+        self._broken: str | None = None
+        self._rebuilding: threading.Thread | None = None
+        self._failing = threading.Lock()  # a serving call and the rank watch may both see a loss
+        self._health = threading.Condition()  # notified on every change of `_broken` (watch_health)
+        self._health_version = 0
+        self._rebuild_phases: dict[str, float] = {}
+        self._in_serving = threading.local()  # this thread is inside `_serving` (its `active`)
+        self.rebuilds = 0
+
+    def _check_serving(self) -> None:
+        """ModelUnavailable while the replica is broken (it is rebuilding)."""
         if self._broken is not None:
             raise ModelUnavailable(f"replica unavailable ({self._broken}); it is rebuilding, retry shortly")
+
+    def _serving(self, call: Callable[[], Any]) -> Any:
+        """Run a call on the ranks; a lost or failing rank breaks the replica and starts its rebuild.
+
+        Re-entrant: a call made inside another on the same thread (each of a generation step's calls
+        to the ranks, through `run`) is refused while the replica is broken, but its failure is
+        reported by the outermost call alone, so the error says once that the replica is rebuilding.
+        """
+        self._check_serving()
+        if getattr(self._in_serving, "active", False):
+            return call()
+        self._in_serving.active = True
         try:
             return call()
         except RankError as exc:  # peers may be stuck in a collective with it: the group is unusable
             self._fail(exc)
             raise RankFailure(exc.rank, f"{exc.message}; the replica is rebuilding") from exc
+        finally:
+            self._in_serving.active = False
 
     def rank_lost(self, ranks: RankGroup, exc: Exception) -> None:
         """A rank of `ranks` died, seen by the group's own watch rather than a call: the replica breaks
@@ -46,7 +75,7 @@ class Recovery:
         with self._failing:
             if self._broken is None:
                 self._set_broken(str(exc).split("\n", 1)[0])
-            self._batch = None  # the caches are gone with the ranks
+            self.generation.drop()  # the caches are gone with the ranks
             if self._factory is not None and self._payload is not None and self._rebuilding is None:
                 self._rebuilding = threading.Thread(target=self._rebuild, name="rebuild", daemon=True)
                 self._rebuilding.start()
@@ -120,6 +149,11 @@ class Recovery:
         if replace is None or not keeps_survivors(self.state.backend):
             return []
         return replace(self.config.health_timeout_s)
+
+    def describe_spares(self) -> list[dict[str, Any]]:
+        """The hot spare rank processes (`CoordinatorConfig.spare_ranks`) that answer now: pid, node, cores."""
+        spares = getattr(self.ranks, "describe_spares", None)
+        return spares(self.config.health_timeout_s) if spares is not None else []
 
     def rebuild_phases(self) -> dict[str, float]:
         """Seconds in each step of the last completed rebuild: close, placement (a whole new group) or

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from actors.coordinator_actor import RemoteCoordinator
 from actors.replicas import Placement, adopt_or_launch, launch_replica, replica_name, resident_replicas
-from cluster.coordinator import CoordinatorConfig
+from cluster.coordinator_config import CoordinatorConfig
 from cluster.errors import ClusterTimeout, CoordinatorLost, ModelUnavailable, RankFailure
-from cluster.handle import AsyncCoordinatorHandle, CoordinatorInfo
+from cluster.handle import AsyncCoordinatorHandle, CoordinatorHandle, CoordinatorInfo
 from cluster.trace import artifact
 
 log = logging.getLogger("tpcluster.gateway")
@@ -37,7 +36,7 @@ def first_line(exc: BaseException) -> str:
 @dataclass(eq=False)
 class Replica:
     index: int
-    coordinator: RemoteCoordinator
+    coordinator: CoordinatorHandle  # a RemoteCoordinator on the cluster
     ready: bool = True
     in_flight: int = 0
     error: str = ""

@@ -12,11 +12,9 @@ A speculating request borrows a replica of its draft model for the scheduler's b
 cache rows mirror the target's slots), so the draft replica serves no generations of its own until
 the last speculating sequence leaves; a draft fused into the target needs no borrowing.
 
-A replica lost mid-generation costs its streams nothing when another replica is ready: each of its
-generations goes on there (`Generation.carried_on`: the prompt plus the tokens already streamed,
-prefilled, then the same rounds), so the client's stream continues without a gap, with the same
-greedy tokens, and a seeded sampled one with the same tokens too (each round's random draws come
-from the sequence's seed and length, cluster.generation.engine).
+A scheduler knows its own replica only. What lies across replicas (where a new generation goes,
+where the generations of a lost replica go on, which draft replica is lent) is the router's
+(actors.gateway.router), which the scheduler reaches through the `Router` interface below.
 """
 
 from __future__ import annotations
@@ -28,10 +26,14 @@ import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol
 
 from cluster.errors import ClusterError, ModelUnavailable, RankFailure
-from cluster.generation.types import GenerationRound
+from cluster.generation.types import GenerationRequest, GenerationRound, SessionSummary, StepResult
+
+if TYPE_CHECKING:
+    from actors.coordinator_actor import RemoteCoordinator
+    from actors.gateway.pool import Replica, ReplicaPool
 
 log = logging.getLogger("tpcluster.gateway")
 
@@ -40,27 +42,30 @@ log = logging.getLogger("tpcluster.gateway")
 class Ended:
     """The last item of a generation's queue: its sequence finished or was closed."""
 
-    summary: Any  # cluster.generation.types.SessionSummary
+    summary: SessionSummary
 
 
 @dataclass(eq=False)
 class Generation:
     """One Generate request as the scheduler sees it; its consumer reads `out`."""
 
-    request: Any  # cluster.generation.types.GenerationRequest
-    draft: Any = None  # the draft's ServedModel; its name (a str) when the draft is fused into the target
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # StepResult..., then Ended, or an exception
+    request: GenerationRequest | None  # None only for a session a failed stream left, to be closed
+    # the draft model's router; a name (a str) when the ranks hold the draft (fused into the target, or n-gram)
+    draft: Router | str | None = None
+    # StepResult..., then Ended, or an exception
+    out: asyncio.Queue[StepResult | Ended | BaseException] = field(default_factory=asyncio.Queue)
     session: int | None = None
     cancelled: bool = False
     emitted: list[int] = field(default_factory=list)  # tokens handed to `out` since `request` was made
-    scheduler: Any = None  # the ReplicaScheduler it is queued on or runs on (it moves when its replica is lost)
+    # the scheduler it is queued on or runs on (it moves when its replica is lost)
+    scheduler: ReplicaScheduler | None = None
 
-    def carried_on(self, max_prompt: int) -> Any:
+    def carried_on(self, max_prompt: int) -> GenerationRequest | None:
         """The request that continues this generation on another replica (its prompt and the tokens
         already streamed, `resumed`), or None when it cannot: several rows, a prompt that would not
         fit the prefill, or nothing left to generate."""
         request = self.request
-        if self.cancelled or len(request.prompts) != 1:
+        if self.cancelled or request is None or len(request.prompts) != 1:
             return None
         prompt = tuple(request.prompts[0]) + tuple(self.emitted)
         resumed = request.resumed + len(self.emitted)
@@ -74,11 +79,41 @@ class Generation:
         return self.draft is not None and not isinstance(self.draft, str)
 
 
+class Router(Protocol):
+    """What a scheduler asks of the router above the schedulers of a model (implemented by
+    actors.gateway.router.GenerationRouter): its own router takes the generations its replica lost,
+    and a speculating generation's draft model lends this batch one of its replicas."""
+
+    def on_lost(self, scheduler: ReplicaScheduler, generations: list[Generation]) -> list[Generation]:
+        """`scheduler`'s replica lost `generations`: carry on those that can go on; returns the others."""
+        ...
+
+    def on_stream_failed(self, scheduler: ReplicaScheduler) -> None:
+        """`scheduler`'s stream failed and it holds no sequences: its waiting generations may go elsewhere."""
+        ...
+
+    def lend(self, borrower: ReplicaScheduler) -> ReplicaScheduler | None:
+        """A free replica of this (draft) model, lent to `borrower`'s batch; None when none is free."""
+        ...
+
+    def take_back(self, lender: ReplicaScheduler) -> None:
+        """`lender`'s borrower gave it back: it serves its own generations again."""
+        ...
+
+
 class ReplicaScheduler:
-    def __init__(self, model: Any, replica: Any, capacity: int) -> None:
-        self.model = model  # the ServedModel this replica belongs to
+    """Continuous batching on one decoder replica (see the module docstring). It reports losses to
+    `router`, the pool's `lost` takes a lost replica out of rotation, and `record_batch(rows)` counts
+    each round's open sequences."""
+
+    def __init__(self, model: str, replica: Replica, capacity: int, pool: ReplicaPool, router: Router,
+                 record_batch: Callable[[int], None]) -> None:
+        self.model = model  # the model's name
         self.replica = replica
         self.capacity = capacity
+        self.pool = pool
+        self.router = router  # the router of this replica's model
+        self._record_batch = record_batch
         self.waiting: deque[Generation] = deque()
         self.active: dict[int, Generation] = {}
         self.closing: dict[int, Generation] = {}  # cancelled, to be closed at the next round
@@ -161,7 +196,7 @@ class ReplicaScheduler:
                 try:
                     self._deliver(result)
                 except Exception as exc:  # a bug here must not leave its clients waiting for their deadlines
-                    log.exception("model %s replica %d: delivering a step failed", self.model.name, self.replica.index)
+                    log.exception("model %s replica %d: delivering a step failed", self.model, self.replica.index)
                     self._rounds = None
                     self._failed(exc)
         finally:
@@ -173,40 +208,17 @@ class ReplicaScheduler:
         """After a stream ends, sessions still active here were not live on the coordinator: it lost them."""
         if not self.active:
             return
-        error = ModelUnavailable(f"model {self.model.name!r} replica {self.replica.index} lost the generation "
+        error = ModelUnavailable(f"model {self.model!r} replica {self.replica.index} lost the generation "
                                  "(the replica was rebuilt); retry")
-        for generation in self._carry_on(list(self.active.values())):
+        for generation in self.router.on_lost(self, list(self.active.values())):
             generation.out.put_nowait(error)
         self.active.clear()
         self.closes_sent.clear()
 
-    def _carry_on(self, generations: list[Generation]) -> list[Generation]:
-        """Send the generations this replica lost to a ready replica, each from where its stream is
-        (see `Generation.carried_on`); with none ready, they wait here for this replica's rebuild
-        (bounded by their deadlines). Returns those that cannot go on."""
-        elsewhere = any(s.replica.ready for s in self.model.schedulers)
-        left = []
-        for generation in generations:
-            # an encoder-decoder's streamed tokens are not a prompt to re-prefill: only an unstarted one goes on
-            started = self.model.encoder_decoder and generation.emitted
-            request = None if started else generation.carried_on(self.model.max_length)
-            if request is None:
-                left.append(generation)
-                continue
-            generation.request, generation.session, generation.emitted = request, None, []
-            self.model.carried_on += 1
-            if self.model.metrics is not None:
-                self.model.metrics.carried_on.labels(self.model.name).inc()
-            log.info("model %s replica %d: a generation goes on %s after %d streamed token(s)", self.model.name,
-                     self.replica.index, "on another replica" if elsewhere else "once it is rebuilt", request.resumed)
-            if not elsewhere:
-                self.submit(generation)  # admitted once the replica is back (the pool wakes this scheduler)
-                continue
-            try:
-                self.model.route(generation)
-            except ClusterError:  # no replica after all: `route` handed the generation the error
-                continue
-        return left
+    def take_waiting(self) -> list[Generation]:
+        """Its waiting generations, which leave it (to go to another replica)."""
+        waiting, self.waiting = list(self.waiting), deque()
+        return waiting
 
     async def _sleep(self, timeout: float | None) -> None:
         self._wake.clear()
@@ -215,7 +227,7 @@ class ReplicaScheduler:
         except asyncio.TimeoutError:
             pass
 
-    def _send(self, opens: list[tuple[Generation, Any]]) -> None:
+    def _send(self, opens: list[tuple[Generation, RemoteCoordinator | str | None]]) -> None:
         """Admissions and closes to the coordinator: a new stream when none runs, else into the running one."""
         closes = dict(self.closing)
         self.closing.clear()
@@ -225,7 +237,7 @@ class ReplicaScheduler:
             self.admitted[tag] = generation
             tagged.append((tag, generation.request, draft))
         self.closes_sent.update(closes)
-        aio, timeout = self.replica.coordinator.aio, self.model.pool.config.call_timeout_s
+        aio, timeout = self.replica.coordinator.aio, self.pool.config.call_timeout_s
         if self._rounds is None:
             if not self.busy:
                 return
@@ -239,16 +251,16 @@ class ReplicaScheduler:
     def _admissible(self) -> bool:
         return bool(self.waiting) and self.lent_to is None and self.replica.ready
 
-    def _take_opens(self) -> list[tuple[Generation, Any]]:
+    def _take_opens(self) -> list[tuple[Generation, RemoteCoordinator | str | None]]:
         """Waiting requests that fit the free slots (and, when speculating, the borrowed draft)."""
-        opens: list[tuple[Generation, Any]] = []
+        opens: list[tuple[Generation, RemoteCoordinator | str | None]] = []
         if not self._admissible():
             return opens
         free = self.capacity - len(self.active) - len(self.closing) - len(self.closes_sent) - len(self.admitted)
         for generation in list(self.waiting):
             if len(opens) >= free:
                 break
-            draft = generation.draft  # a fused draft's name goes to the target's coordinator as it is
+            draft = generation.draft  # a name (a fused or n-gram draft) goes to the target's coordinator as it is
             if generation.borrows_draft:
                 draft = self._borrow_draft(generation.draft)
                 if draft is None:
@@ -257,15 +269,14 @@ class ReplicaScheduler:
             opens.append((generation, draft))
         return opens
 
-    def _borrow_draft(self, draft_model: Any) -> Any:
+    def _borrow_draft(self, draft: Router) -> RemoteCoordinator | None:
+        """The coordinator of the draft replica this batch holds when it is `draft`'s, else of the one
+        `draft` lends now; None while the batch holds another model's draft, or none is free."""
         held = self.draft_lender
         if held is not None:
-            return held.replica.coordinator if held.model is draft_model else None
-        for candidate in draft_model.schedulers:
-            if candidate.replica.ready and candidate.lent_to is None and not candidate.busy:
-                candidate.lent_to, self.draft_lender = self, candidate
-                return candidate.replica.coordinator
-        return None
+            return held.replica.coordinator if held.router is draft else None
+        self.draft_lender = draft.lend(self)
+        return None if self.draft_lender is None else self.draft_lender.replica.coordinator
 
     def _release_draft(self) -> None:
         """Give the borrowed draft back once no speculating sequence is here or on its way: admitted
@@ -273,9 +284,7 @@ class ReplicaScheduler:
         holding = [*self.admitted.values(), *self.active.values(), *self.closing.values(), *self.closes_sent.values()]
         if self.draft_lender is not None and not any(g.borrows_draft for g in holding):
             lender, self.draft_lender = self.draft_lender, None
-            lender.lent_to = None
-            if lender.waiting:
-                lender.wake()
+            lender.router.take_back(lender)
 
     def _deliver(self, result: GenerationRound) -> None:
         self.rounds += 1
@@ -293,7 +302,7 @@ class ReplicaScheduler:
                 generation.session = outcome
                 self.active[outcome] = generation
         if result.steps:
-            self.model.record_batch(len(result.steps))
+            self._record_batch(len(result.steps))
         for session, step in result.steps.items():
             generation = self.active.get(session)
             if generation is not None:
@@ -310,9 +319,9 @@ class ReplicaScheduler:
     def _failed(self, exc: BaseException) -> None:
         """A round failed: its requests get the error; the next stream closes whatever it left open."""
         opened = list(self.admitted.values())
-        where = f"model {self.model.name!r} replica {self.replica.index}"
+        where = f"model {self.model!r} replica {self.replica.index}"
         if isinstance(exc, (ModelUnavailable, RankFailure)):  # ranks or coordinator lost, with the caches
-            self.model.pool.lost(self.replica, exc)
+            self.pool.lost(self.replica, exc)
             error: ClusterError = ModelUnavailable(f"{where}: {str(exc).splitlines()[0]}")
         elif isinstance(exc, ClusterError):  # a timeout (ClusterTimeout) included: DEADLINE_EXCEEDED everywhere
             error = exc
@@ -320,7 +329,7 @@ class ReplicaScheduler:
             error = ClusterError(f"{where}: generation failed: {exc}")
             error.__cause__ = exc
         lost = [*self.active.values(), *opened]
-        failed = self._carry_on(lost) if isinstance(error, ModelUnavailable) else lost
+        failed = self.router.on_lost(self, lost) if isinstance(error, ModelUnavailable) else lost
         if failed:
             log.warning("%s: %d generation(s) failed: %s", where, len(failed), str(error).splitlines()[0])
         for generation in failed:
@@ -331,11 +340,7 @@ class ReplicaScheduler:
         self.admitted.clear()
         self._resync = True
         self._release_draft()
-        if not self.replica.ready and any(s.replica.ready for s in self.model.schedulers):
-            waiting, self.waiting = list(self.waiting), deque()  # they go to another replica
-            for generation in waiting:
-                self.model.route(generation)
-        # with no replica ready they wait here for the rebuild, each up to its deadline
+        self.router.on_stream_failed(self)
 
 
 def _ignore_failure(task: asyncio.Future) -> None:

@@ -3,7 +3,8 @@
 Text tasks (embed, classify) tokenize at submit time, so bad input is refused before it queues;
 the batcher then merges rows from concurrent requests into one forward on a replica the pool
 picks. Only token ids and output rows cross to the coordinator. Which replica serves, and what
-happens when one is lost, is the pool's business (actors.gateway.pool).
+happens when one is lost, is the pool's business (actors.gateway.pool), and for Generate the
+router's (actors.gateway.router).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from actors.gateway.batching import BatchingConfig, DynamicBatcher
 from actors.gateway.codec import Sampling
 from actors.gateway.pool import Replica, ReplicaPool
+from actors.gateway.router import GenerationRouter
 from actors.gateway.scheduling import Ended, Generation, ReplicaScheduler
 from actors.gateway.signatures import (
     TensorInfo,
@@ -72,16 +74,24 @@ class ServedModel:
         self.batcher = DynamicBatcher(name, self._run_batch, batching, concurrency, on_batch=self.record_batch)
         self.infer_batcher = DynamicBatcher(name, self._run_infer_batch, batching, concurrency, on_batch=self.record_batch)
         self.max_queue = batching.max_queue
+        self.router: GenerationRouter | None = None  # Generate's, above one scheduler per replica
         self.schedulers: list[ReplicaScheduler] = []
         self.carried_on = 0  # Generate streams moved to another replica when theirs was lost
         if spec.task == "generate":  # continuous batching: one scheduler per replica's KV cache
             slots = max(layout.get("batch_buckets", [1]))
             slots = min(slots, batching.max_sequences) if batching.max_sequences else slots
-            self.schedulers = [ReplicaScheduler(self, r, slots) for r in pool.replicas]
+            self.router = GenerationRouter(name, pool, slots, self.max_length, self.encoder_decoder,
+                                           self.record_batch, self.record_carried_on)
+            self.schedulers = self.router.schedulers
 
     def record_batch(self, rows: int) -> None:
         if self.metrics is not None:
             self.metrics.batch_size.labels(model=self.name).observe(rows)
+
+    def record_carried_on(self) -> None:
+        self.carried_on += 1
+        if self.metrics is not None:
+            self.metrics.carried_on.labels(self.name).inc()
 
     @property
     def ready(self) -> bool:
@@ -287,13 +297,15 @@ class ServedModel:
             draft.need_task("generate")
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         self._check_length(len(ids), "prompt")
-        waiting = sum(len(s.waiting) for s in self.schedulers)
+        router = self.router  # every decoder has one (need_task above)
+        waiting = router.waiting
         if waiting >= self.max_queue:
             raise Overloaded(f"model {self.name!r} has {waiting} generations waiting; retry later")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        generation = Generation(sampling.request(ids, self.tokenizer.eos_token_id), draft)
-        self.route(generation)
+        generation = Generation(sampling.request(ids, self.tokenizer.eos_token_id),
+                                draft.router if isinstance(draft, ServedModel) else draft)
+        router.route(generation)
         started = loop.time()
         text = TextStream(self.tokenizer, sampling.stop)
         reason, first, summary = "", None, None
@@ -330,24 +342,12 @@ class ServedModel:
             self.metrics.draft_accepted.labels(self.name).inc(stats.draft_tokens_accepted)
         yield None, stats
 
-    def route(self, generation: Generation) -> ReplicaScheduler:
-        """Queue a generation on the least loaded ready replica (not one lent out as a draft)."""
-        ready = [s for s in self.schedulers if s.replica.ready and s.lent_to is None] or \
-            [s for s in self.schedulers if s.replica.ready]
-        if not ready:
-            error = self.pool.unavailable()
-            generation.out.put_nowait(error)
-            raise error
-        scheduler = min(ready, key=lambda s: s.load)
-        scheduler.submit(generation)
-        return scheduler
-
     async def close(self, release: bool = True) -> None:
         """Stop serving; `release` also unloads the replicas (resident ones otherwise stay loaded)."""
         await self.batcher.close()
         await self.infer_batcher.close()
-        for scheduler in self.schedulers:
-            await scheduler.close()
+        if self.router is not None:
+            await self.router.close()
         await self.pool.close(release)
 
 

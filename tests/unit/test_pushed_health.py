@@ -1,13 +1,18 @@
 """A replica's health is pushed: a rank lost while idle breaks it at once, watchers see the loss
-and the rebuild's end as they happen, and a replaced rank group's late report is ignored. No Ray."""
+and the rebuild's end as they happen, and a replaced rank group's late report is ignored; a rank
+lost during a generation step is reported once. No Ray."""
 
 import threading
 from concurrent import futures
 
+import pytest
+
 from cluster.coordinator import Coordinator, CoordinatorConfig
-from cluster.errors import RankFailure
+from cluster.errors import ModelUnavailable, RankFailure
+from cluster.generation.layout import DecoderLayout
+from cluster.generation.types import GenerationRequest
 from cluster.rank_group import RankGroup
-from cluster.signature import TensorSpec
+from cluster.signature import TensorSpec, signature_of
 from cluster.trace.state import ModelState
 
 
@@ -75,3 +80,32 @@ def test_a_replaced_groups_late_report_is_ignored():
     coordinator.rank_lost(first, RankFailure(1, "rank 1's process died"))  # the old group's watch, late
     assert coordinator.watch_health(version, 0) == (version, None)
     assert coordinator.rebuilds == 1
+
+
+class _DyingRanks(_Ranks):
+    """Ranks whose process dies at the first serving call, as a kill -9 during a generation step shows."""
+
+    def _fan_out(self, method, args, timeout, ranks=None):
+        if method == "run":
+            raise RankFailure(1, "the rank's process died during run")
+        return super()._fan_out(method, args, timeout, ranks)
+
+
+@pytest.mark.parametrize("path", ["generate_step", "generate_rounds"])
+def test_a_rank_lost_during_a_generation_step_is_reported_once(path):
+    layout = DecoderLayout(batch_buckets=(1,), prompt_buckets=(8,), cache_buckets=(16,))
+    state = ModelState(tp_degree=2, backend="cpu", inline_weights=False,
+                       buckets=[signature_of(example) for example in layout.examples()],
+                       extra={"decoder": {"layout": layout.to_json(), "vocab_size": 16}})
+    coordinator = Coordinator(_DyingRanks(), CoordinatorConfig())
+    coordinator.load(state, [[b"graph"], [b"graph"]], [{}, {}])
+    request = GenerationRequest(((1, 2, 3),), 4)
+    with pytest.raises(RankFailure) as info:
+        if path == "generate_step":  # the step's prefill calls `run`, inside the step's own failure handling
+            coordinator.generate_step(coordinator.generate_open(request))
+        else:
+            list(coordinator.generate_rounds("gateway", [("tag", request, None)]))
+    assert str(info.value) == "rank 1: the rank's process died during run; the replica is rebuilding"
+    assert coordinator.info().broken == "rank 1: the rank's process died during run"
+    with pytest.raises(ModelUnavailable, match="it is rebuilding"):  # the sessions went with the caches
+        coordinator.generate_open(request)
