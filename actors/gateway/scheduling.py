@@ -32,8 +32,8 @@ from cluster.errors import ClusterError, ModelUnavailable, RankFailure
 from cluster.generation.types import GenerationRequest, GenerationRound, SessionSummary, StepResult
 
 if TYPE_CHECKING:
-    from actors.coordinator_actor import RemoteCoordinator
     from actors.gateway.pool import Replica, ReplicaPool
+    from cluster.handle import CoordinatorHandle
 
 log = logging.getLogger("tpcluster.gateway")
 
@@ -227,7 +227,7 @@ class ReplicaScheduler:
         except asyncio.TimeoutError:
             pass
 
-    def _send(self, opens: list[tuple[Generation, RemoteCoordinator | str | None]]) -> None:
+    def _send(self, opens: list[tuple[Generation, CoordinatorHandle | str | None]]) -> None:
         """Admissions and closes to the coordinator: a new stream when none runs, else into the running one."""
         closes = dict(self.closing)
         self.closing.clear()
@@ -251,9 +251,9 @@ class ReplicaScheduler:
     def _admissible(self) -> bool:
         return bool(self.waiting) and self.lent_to is None and self.replica.ready
 
-    def _take_opens(self) -> list[tuple[Generation, RemoteCoordinator | str | None]]:
+    def _take_opens(self) -> list[tuple[Generation, CoordinatorHandle | str | None]]:
         """Waiting requests that fit the free slots (and, when speculating, the borrowed draft)."""
-        opens: list[tuple[Generation, RemoteCoordinator | str | None]] = []
+        opens: list[tuple[Generation, CoordinatorHandle | str | None]] = []
         if not self._admissible():
             return opens
         free = self.capacity - len(self.active) - len(self.closing) - len(self.closes_sent) - len(self.admitted)
@@ -269,7 +269,7 @@ class ReplicaScheduler:
             opens.append((generation, draft))
         return opens
 
-    def _borrow_draft(self, draft: Router) -> RemoteCoordinator | None:
+    def _borrow_draft(self, draft: Router) -> CoordinatorHandle | None:
         """The coordinator of the draft replica this batch holds when it is `draft`'s, else of the one
         `draft` lends now; None while the batch holds another model's draft, or none is free."""
         held = self.draft_lender
