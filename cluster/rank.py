@@ -202,9 +202,27 @@ class RankWorker:
     def adopt_graph(self, bucket: int, blob: bytes) -> float:
         """Use a graph traced on another rank, bound to this rank's weights."""
         start = time.perf_counter()
-        self._set_graph(bucket, self._backend.load(blob, f"bucket {bucket} graph from rank 0"))
         self._blobs[bucket] = blob  # saved as received: byte-identical to rank 0's, so stored once
+        self._set_graph(bucket, self._backend.load(blob, f"bucket {bucket} graph from rank 0"))
         return time.perf_counter() - start
+
+    def compile_graphs(self, buckets: Sequence[int] | None = None) -> list[tuple[int, float, bool]]:
+        """Compile each bucket graph (all, or `buckets`) to machine code where the backend does
+        (cpu: cluster.trace.compiled; one compile per node, the other ranks wait for it and load
+        it) and run it from now on. Per bucket: (bucket, seconds, whether this rank compiled it)."""
+        done = []
+        for bucket in range(len(self._calls)) if buckets is None else buckets:
+            started = time.perf_counter()
+            self._bound(bucket)
+            if self._blobs[bucket] is None:
+                self._blobs[bucket] = self._backend.dump(self._graphs[bucket])
+            before = self._calls[bucket]
+            self._calls[bucket] = self._backend.compiled(before, self._blobs[bucket], self._thread_count(), build=True)
+            done.append((bucket, time.perf_counter() - started, self._calls[bucket] is not before))
+        return done
+
+    def _thread_count(self) -> int:
+        return self._threads or torch.get_num_threads()
 
     def verify_bucket(self, bucket: int, example: tuple[torch.Tensor, ...]) -> float:
         """Largest difference between the graph and the eager module on the example (all ranks run it)."""
@@ -224,8 +242,11 @@ class RankWorker:
         if draft:
             call = self._draft.calls[bucket]
             if call is None:
-                graph = self._backend.load(self._draft.blobs[bucket], f"rank {self.rank} fused draft bucket {bucket} graph")
-                call = self._draft.calls[bucket] = self._backend.bind(graph, self._draft.weights, self._draft.aliases)
+                blob = self._draft.blobs[bucket]
+                graph = self._backend.load(blob, f"rank {self.rank} fused draft bucket {bucket} graph")
+                call = self._backend.compiled(self._backend.bind(graph, self._draft.weights, self._draft.aliases), blob,
+                                              self._thread_count())
+                self._draft.calls[bucket] = call
             return call
         call = self._calls[bucket]
         if call is None:
@@ -234,8 +255,10 @@ class RankWorker:
         return call
 
     def _set_graph(self, bucket: int, graph: Any) -> None:
+        """Bind a bucket's graph: its compiled package when one is cached for it (cluster.trace.compiled)."""
         self._graphs[bucket] = graph
-        self._calls[bucket] = self._backend.bind(graph, self._weights, self._aliases)
+        call = self._backend.bind(graph, self._weights, self._aliases)
+        self._calls[bucket] = self._backend.compiled(call, self._blobs[bucket], self._thread_count())
 
     # -- serving ----------------------------------------------------------------------------
     def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...], draft: bool = False) -> Any:

@@ -84,6 +84,11 @@ class RankGroup(ABC):
         """One serving call (a cluster.generation.plan type) on every rank; rank 0's answer."""
         return self._same("run", timeout, call)[0]
 
+    def compile_graphs(self, buckets: Sequence[int] | None, timeout: float) -> list[list[tuple[int, float, bool]]]:
+        """Every rank's bucket graphs compiled to machine code (cluster.trace.compiled); per rank, per
+        bucket: (bucket, seconds, whether that rank compiled it rather than loading another's)."""
+        return self._same("compile_graphs", timeout, buckets)
+
     def export(self, timeout: float) -> list[RankExport]:
         return self._same("export", timeout)
 

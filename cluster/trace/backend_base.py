@@ -41,6 +41,12 @@ class Backend:
         outputs are new values of which weights; a backend may write those in place (the rank then copies nothing)."""
         raise NotImplementedError
 
+    def compiled(self, call: Callable[..., Any], graph_file: bytes | None, threads: int, build: bool = False) -> Callable[..., Any]:
+        """A bound graph (`bind`'s) as machine code where the backend compiles graphs after binding
+        (cpu: an AOTInductor package, cluster.trace.compiled) and one is cached for it, or `build`
+        (made now); else `call` itself."""
+        return call
+
     def prepare_rank(self, rank: int, world_size: int, node: str) -> None:
         """Set up this rank process for the backend before its model is built or loaded (cpu, eager: nothing)."""
 

@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import json
+import logging
 import struct
 import threading
 import weakref
@@ -30,6 +31,7 @@ from torch.utils._pytree import tree_unflatten
 from cluster.errors import ArtifactError, BackendUnavailable
 from cluster.trace.backend_base import Backend
 
+_log = logging.getLogger("tpcluster.trace")
 _PROGRAM_KEY = "tpcluster.program"
 _DESERIALIZING = threading.Lock()
 
@@ -147,6 +149,23 @@ class CpuBackend(Backend):
         return functools.partial(module, {name: weights[name] for name in order})
 
 
+    def compiled(self, call, graph_file, threads, build=False):
+        if not isinstance(call, _FlatCall) or graph_file is None:
+            return call
+        from cluster.trace.compiled import CompiledCall, compile_package, package_path
+
+        path = package_path(graph_file, call.state, threads)
+        if build:
+            compile_package(call.graph, call.weights, call.state, threads, path)
+        if not path.exists():
+            return call
+        try:
+            return CompiledCall(path, call.graph, call.weights, call.state)
+        except Exception as exc:  # noqa: BLE001 - a package that does not load here: the interpreted graph serves
+            _log.warning("compiled graph %s does not load (%s); running the graph interpreted", path, exc)
+            return call
+
+
 def _flat_user_program(graph: torch.export.ExportedProgram, weight_count: int) -> bool:
     """The program takes only the caller's tensors (the weights, then one tensor per input) and returns
     only its outputs: no lifted state, constants or mutations for `ExportedProgram.module()` to handle."""
@@ -171,16 +190,16 @@ class _FlatCall:
 
     def __init__(self, graph: torch.export.ExportedProgram, weights: list[torch.Tensor],
                  state: dict[int, int] | None = None) -> None:
-        self._graph = graph
-        self._state = dict(state or {})  # input position of a state weight -> its output index
+        self.graph = graph
+        self.state = dict(state or {})  # input position of a state weight -> its output index
         self._module: Callable[..., Any] | None = None
-        self._weights = weights
+        self.weights = weights
         self._out_spec = graph.call_spec.out_spec
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if self._module is None:
-            self._module = _serving_module(self._graph, self._state)
-        return tree_unflatten(list(self._module(*self._weights, *inputs)), self._out_spec)
+            self._module = _serving_module(self.graph, self.state)
+        return tree_unflatten(list(self._module(*self.weights, *inputs)), self._out_spec)
 
 
 _SERVING_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # program -> {state key: module}
