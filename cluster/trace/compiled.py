@@ -112,13 +112,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def compile_package(program: torch.export.ExportedProgram, weights: list[torch.Tensor], state: dict[int, int],
+def compile_package(module: torch.fx.GraphModule, weights: list[torch.Tensor], state: dict[int, int],
                     threads: int, path: Path) -> bool:
-    """Make the package at `path` unless it is there (one rank of a node compiles, the others wait);
-    True when this call compiled it."""
+    """Make the package of a serving graph (`cluster.trace.cpu._serving_module`'s) at `path` unless it
+    is there (one rank of a node compiles, the others wait); True when this call compiled it."""
     from torch._inductor import aoti_compile_and_package, config
-
-    from cluster.trace.cpu import _serving_module
 
     missing = compiler_missing()
     if missing:
@@ -126,7 +124,6 @@ def compile_package(program: torch.export.ExportedProgram, weights: list[torch.T
     with _locked(path):
         if path.exists():
             return False
-        module = _serving_module(program, state)
         outputs = len(next(node for node in module.graph.nodes if node.op == "output").args[0])
         keep = [i for i in range(outputs) if i not in _in_place(module, state)]
         with torch.no_grad():
@@ -142,19 +139,16 @@ class CompiledCall:
     """A compiled bucket graph called as the interpreted one (`cluster.trace.cpu._FlatCall`): the same
     outputs, its in-place state outputs given as views of the state's leading rows."""
 
-    def __init__(self, path: Path, program: torch.export.ExportedProgram, weights: list[torch.Tensor],
+    def __init__(self, path: Path, module: torch.fx.GraphModule, out_spec: Any, weights: list[torch.Tensor],
                  state: dict[int, int]) -> None:
         from torch._inductor import aoti_load_package
 
-        from cluster.trace.cpu import _serving_module
-
-        module = _serving_module(program, state)
         outputs = next(node for node in module.graph.nodes if node.op == "output").args[0]
         self._views = {index: (weights[position], outputs[index].meta["val"].shape[0])
                        for index, position in _in_place(module, state).items()}
         self._keep = [i for i in range(len(outputs)) if i not in self._views]
         self._count = len(outputs)
-        self._out_spec = program.call_spec.out_spec
+        self._out_spec = out_spec
         self._weights = weights
         self._runner = aoti_load_package(str(path))
         self.path = path

@@ -155,12 +155,13 @@ class CpuBackend(Backend):
         from cluster.trace.compiled import CompiledCall, compile_package, package_path
 
         path = package_path(graph_file, call.state, threads)
+        module = _serving_module(call.graph, call.state)
         if build:
-            compile_package(call.graph, call.weights, call.state, threads, path)
+            compile_package(module, call.weights, call.state, threads, path)
         if not path.exists():
             return call
         try:
-            return CompiledCall(path, call.graph, call.weights, call.state)
+            return CompiledCall(path, module, call.graph.call_spec.out_spec, call.weights, call.state)
         except Exception as exc:  # noqa: BLE001 - a package that does not load here: the interpreted graph serves
             _log.warning("compiled graph %s does not load (%s); running the graph interpreted", path, exc)
             return call
