@@ -210,6 +210,9 @@ class RemoteCoordinator:
     def rank_timings(self, reset: bool = False) -> list[dict[str, float]]:
         return self._call("rank_timings", reset, timeout=self.config.health_timeout_s)
 
+    def compile_graphs(self, buckets: Sequence[int] | None = None) -> list[tuple[int, float, bool]]:
+        return self._call("compile_graphs", buckets, timeout=self.config.trace_timeout_s)
+
     def describe_ranks(self) -> list[dict[str, Any]]:
         return self._call("describe_ranks", timeout=self.config.health_timeout_s)
 

@@ -28,6 +28,10 @@ class CoordinatorConfig:
     # own: a rank lost takes a spare's process, already started, instead of starting one (the spare is
     # then replaced in the background). Used where the backend keeps the surviving ranks (cpu, eager).
     spare_ranks: int = 0
+    # cpu backend: compile every bucket graph to machine code (AOTInductor, cluster.trace.compiled) when the
+    # replica loads, where no package is cached for it yet (9-25 s a graph, once per machine; needs g++).
+    # A cached package is used whether or not this is set.
+    compile_graphs: bool = False
     verify_tolerance: float = 1e-4
     rebuild_backoff: Backoff = Backoff()  # between attempts to rebuild a lost replica
 

@@ -87,6 +87,7 @@ class RankWorker:
         self._shared_memory: SharedMemoryGroup | None = None
         self._run_s, self._runs = 0.0, 0  # graph calls: seconds and count (the benchmark's breakdown)
         self._threads = 0  # torch threads asked for; 0: as the process starts
+        self._compiled = False  # bind graphs to their compiled packages (compile_graphs)
         if collectives is not None:  # an in-process rank: its thread is its process
             parallel_state.set_thread_rank(rank, world_size, collectives)
         elif world_size == 1:
@@ -209,7 +210,9 @@ class RankWorker:
     def compile_graphs(self, buckets: Sequence[int] | None = None) -> list[tuple[int, float, bool]]:
         """Compile each bucket graph (all, or `buckets`) to machine code where the backend does
         (cpu: cluster.trace.compiled; one compile per node, the other ranks wait for it and load
-        it) and run it from now on. Per bucket: (bucket, seconds, whether this rank compiled it)."""
+        it) and run it from now on; a graph bound later (loaded on first use, or a bucket not named)
+        runs its package when one is cached. Per bucket: (bucket, seconds, whether this rank compiled it)."""
+        self._compiled = True
         done = []
         for bucket in range(len(self._calls)) if buckets is None else buckets:
             started = time.perf_counter()
@@ -244,8 +247,9 @@ class RankWorker:
             if call is None:
                 blob = self._draft.blobs[bucket]
                 graph = self._backend.load(blob, f"rank {self.rank} fused draft bucket {bucket} graph")
-                call = self._backend.compiled(self._backend.bind(graph, self._draft.weights, self._draft.aliases), blob,
-                                              self._thread_count())
+                call = self._backend.bind(graph, self._draft.weights, self._draft.aliases)
+                if self._compiled:
+                    call = self._backend.compiled(call, blob, self._thread_count())
                 self._draft.calls[bucket] = call
             return call
         call = self._calls[bucket]
@@ -255,10 +259,10 @@ class RankWorker:
         return call
 
     def _set_graph(self, bucket: int, graph: Any) -> None:
-        """Bind a bucket's graph: its compiled package when one is cached for it (cluster.trace.compiled)."""
+        """Bind a bucket's graph: after `compile_graphs`, its compiled package when one is cached for it."""
         self._graphs[bucket] = graph
         call = self._backend.bind(graph, self._weights, self._aliases)
-        self._calls[bucket] = self._backend.compiled(call, self._blobs[bucket], self._thread_count())
+        self._calls[bucket] = self._backend.compiled(call, self._blobs[bucket], self._thread_count()) if self._compiled else call
 
     # -- serving ----------------------------------------------------------------------------
     def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...], draft: bool = False) -> Any:

@@ -32,6 +32,7 @@ class Recovery:
         # (graphs, weights, draft) the ranks were loaded from, to load a replacement rank: a served
         # model's weights are its files (artifact.WeightFile), which the new rank maps itself, not tensors
         self._payload: tuple | None = None
+        self._compiled_buckets: list[int] | None = None  # the buckets compile_graphs was asked for (None: all)
         self._broken: str | None = None
         self._rebuilding: threading.Thread | None = None
         self._failing = threading.Lock()  # a serving call and the rank watch may both see a loss
@@ -130,6 +131,9 @@ class Recovery:
                     self.ranks.load_draft(draft[1], draft[2], draft[0].io_aliases, self.config.trace_timeout_s,
                                           ranks=only)
                     phase("draft")
+                if self.config.compile_graphs:  # the packages are cached on this machine: the new ranks load them
+                    self.ranks.compile_graphs(self._compiled_buckets, self.config.trace_timeout_s)
+                    phase("compiled graphs")
                 self.rebuilds += 1
                 self._rebuild_phases = phases
                 with self._failing:  # a loss from now on starts a new rebuild

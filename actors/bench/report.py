@@ -37,7 +37,8 @@ def summary(results: dict[str, Any]) -> str:
     if "step" in results:
         s = results["step"]
         parts.append("decode/HF generate " + ", ".join(
-            f"TP{tp} x{s[f'tp{tp}']['over_hf_generate']:.2f} (step {s[f'tp{tp}']['step_ms']:.1f} ms, "
+            f"TP{tp} x{s[f'tp{tp}']['over_hf_generate']:.2f} (compiled graphs x{s[f'tp{tp}']['compiled_over_hf_generate']:.2f}; "
+            f"step {s[f'tp{tp}']['step_ms']:.1f} ms, "
             f"overhead {s[f'tp{tp}']['hops_and_bookkeeping_ms']:.1f} ms)" for tp in (1, 2))
             + f"; gateway stream/library x{s['gateway_over_library']:.2f}")
     if "gateway" in results:

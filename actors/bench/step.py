@@ -4,7 +4,9 @@ For the shipped target at TP=1 and TP=2 (greedy, batch 1): tokens/s through the 
 against transformers' in-process `generate` on the same weights (measured right after, in the
 same run), and the step split into the model's compute on rank 0, its collectives (with the
 wait for the slower rank), and the rest (hops and bookkeeping: the step time seen by the caller
-minus rank 0's graph call). At TP=2 also a single Generate stream through a gateway, against the
+minus rank 0's graph call). Then the same with the graphs it ran compiled to machine code
+(AOTInductor, cluster.trace.compiled; the compile's seconds reported, a cached package's load when
+the machine has one). At TP=2 also a single Generate stream through a gateway, against the
 library API on the same replica (the gateway's): the two take turns (`repeats` times, at least 5)
 on the same ranks, coordinator and measured step costs, so that only the path differs and both see
 the same load on the machine. Each reports the rounds it took (a round is one step of the
@@ -58,6 +60,7 @@ def bench_step(results: dict[str, Any], repeats: int) -> None:
             described = model.coordinator.describe_ranks()[0]
             transport = described.get("collectives") or "none"
             rank_calls = described.get("rank_calls", "")
+            compiled = _compiled(model, ids)
         baseline = hf_tok_s()
         rank0, steps = timings[0], max(1, timings[0]["runs"])
         step_ms, run_ms = 1000 * elapsed / steps, 1000 * rank0["run_s"] / steps
@@ -67,11 +70,33 @@ def bench_step(results: dict[str, Any], repeats: int) -> None:
             "step_ms": step_ms, "compute_ms": run_ms - collective_ms, "collectives_ms": collective_ms,
             "collectives_per_step": rank0["collectives"] / steps, "collective_transport": transport,
             "hops_and_bookkeeping_ms": step_ms - run_ms, "steps": steps, "rank_calls": rank_calls,
+            "compiled_tok_s": compiled["tok_s"], "compiled_over_interpreted": compiled["tok_s"] / (tokens / elapsed),
+            "compiled_over_hf_generate": compiled["tok_s"] / baseline, "compiled_graphs": compiled["graphs"],
         }
     gateway = _gateway_against_library(folder, ids, max(5, repeats))  # folder: the TP=2 one
     out["gateway_stream_tok_s"], out["gateway_over_library"] = gateway["gateway_tok_s"], gateway["gateway_over_library"]
     out["gateway_detail"] = gateway
     results["step"] = out
+
+
+def _compiled(model: Any, ids: list[list[int]]) -> dict[str, Any]:
+    """Decode tokens/s on `model` once the graphs these prompts run (their prefill and the decode
+    graphs up to NEW_TOKENS on) are compiled, and per graph the seconds it took to compile (or to
+    load, from this machine's cache)."""
+    from cluster.generation import DecoderLayout, generate
+    from cluster.generation.layout import prefill_inputs, step_inputs
+
+    layout = DecoderLayout.from_json(model.coordinator.info().decoder["layout"])
+    buckets = {prefill_inputs(layout, [p])[0] for p in ids}
+    buckets |= {step_inputs(layout, "decode", [[0]], [start])[0]
+                for p in ids for start in range(len(p), len(p) + NEW_TOKENS + 1)}
+    graphs = model.coordinator.compile_graphs(sorted(buckets))
+    generate(model, [ids[0]], max_new_tokens=8)  # warm-up
+    started, tokens = time.perf_counter(), 0
+    for p in ids:
+        tokens += len(generate(model, [p], max_new_tokens=NEW_TOKENS).sequences[0])
+    return {"tok_s": tokens / (time.perf_counter() - started),
+            "graphs": [{"bucket": b, "seconds": s, "compiled": made} for b, s, made in graphs]}
 
 
 def _gateway_against_library(folder: Any, ids: list[list[int]], turns: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class ServeConfig:
     models: dict[str, Path] = field(default_factory=dict)  # empty: the embedded defaults
     replicas: int = 1
     spare_ranks: int = 0  # hot spare rank processes per replica (CoordinatorConfig.spare_ranks)
+    compile_graphs: bool = False  # compile the cpu backend's rank graphs at load (CoordinatorConfig.compile_graphs)
     address: str | None = None
     neuron_cores: int | None = None
     batching: BatchingConfig = BatchingConfig()
@@ -64,7 +65,7 @@ def load_models(config: ServeConfig) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for name, folder in folders.items():
         pool = ReplicaPool.load(name, Path(folder), config.replicas, config.keeps_resident,
-                                CoordinatorConfig(spare_ranks=config.spare_ranks))
+                                CoordinatorConfig(spare_ranks=config.spare_ranks, compile_graphs=config.compile_graphs))
         models[name] = ServedModel(name, ServingSpec.read(folder), pool, config.batching)
     return models
 

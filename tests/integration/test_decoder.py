@@ -45,6 +45,27 @@ def test_saved_decoder_loads_with_its_cache_state(models, tmp_path):
         assert generate(loaded, TINY_PROMPTS[:2], max_new_tokens=10).sequences == [hf_greedy(hf, p, 10) for p in TINY_PROMPTS[:2]]
 
 
+@pytest.mark.slow
+def test_compiled_rank_graphs_on_rank_actors_generate_transformers_tokens(models, tmp_path):
+    """TP=2 over real rank actors with the graphs compiled to machine code (cluster.trace.compiled):
+    the collective custom op runs inside the compiled code; the tokens are transformers' still."""
+    import cluster
+    from cluster.generation.layout import prefill_inputs, step_inputs
+    from cluster.trace.compiled import compiler_missing
+
+    if compiler_missing():
+        pytest.skip(compiler_missing())
+    hf, target, _, _ = models
+    cluster.trace.parallel_model_save(target, tmp_path / "target")
+    prompt = TINY_PROMPTS[0]
+    buckets = sorted({prefill_inputs(TINY_LAYOUT, [prompt])[0]}
+                     | {step_inputs(TINY_LAYOUT, "decode", [[0]], [start])[0] for start in range(len(prompt), len(prompt) + 31)})
+    with cluster.trace.parallel_model_load(tmp_path / "target") as loaded:
+        done = loaded.coordinator.compile_graphs(buckets)
+        assert [bucket for bucket, _, _ in done] == buckets and len(buckets) == 3  # a prefill, decodes at caches 32 and 64
+        assert generate(loaded, [prompt], max_new_tokens=30).sequences == [hf_greedy(hf, prompt, 30)]
+
+
 @pytest.fixture(scope="module")
 def fused(models, tmp_path_factory):
     """The target saved with the draft fused into it (the draft whole on both of its ranks)."""
