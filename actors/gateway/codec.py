@@ -84,7 +84,8 @@ class Sampling:
 
     def request(self, prompt_ids: list[int], eos_token_id: int | None) -> GenerationRequest:
         params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        return GenerationRequest((tuple(prompt_ids),), self.max_new_tokens, params, eos_token_id, self.speculation_length)
+        return GenerationRequest((tuple(prompt_ids),), self.max_new_tokens, params, eos_token_id, self.speculation_length,
+                                 streamed=True)
 
 
 def decode_generate(request: pb.GenerateRequest) -> tuple[str, Sampling]:

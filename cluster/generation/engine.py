@@ -191,7 +191,7 @@ class DecodeBatch:
         prefilling = any(not row.started and not row.finish for row in rows)
         multi = self.target.multi_step and not prefilling and not (
             self.proposer is not None and self.proposer.pins_every_position(rows))
-        steps = self.policy.decode_steps(target_batch) if multi else 1
+        steps = self.policy.decode_steps(target_batch, any(row.request.streamed for row in running)) if multi else 1
         if self.proposer is None:
             return steps
         drafted = [row for row in running if row.k and self.proposer.can_propose(row)]

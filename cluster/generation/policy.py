@@ -60,6 +60,9 @@ class SpeculationPolicy:
     # 1.0 ms of a 7.9 ms step; at 64 ms (8 steps), 0.7 ms.
     MAX_DECODE_STEPS = 8
     MULTI_STEP_S = 0.064
+    # With a streamed row, at most this many: its tokens reach the client a round at a time, so the
+    # inter-token latency's p99 is about a round (vLLM's goal: within 2x the time per output token).
+    STREAM_STEPS = 2
 
     def __init__(self) -> None:
         self.costs = CallCosts()  # plain decoding's calls and a round's overhead: the target's alone
@@ -112,11 +115,12 @@ class SpeculationPolicy:
             self._round = (self._round[0], self._round[1] + seconds)
 
     # -- decisions ----------------------------------------------------------------------------
-    def decode_steps(self, target_batch: int) -> int:
+    def decode_steps(self, target_batch: int, streamed: bool = False) -> int:
         """Decode steps of a plain round in one call: what fits in MULTI_STEP_S at the measured cost
-        of a step (one step first, to measure it)."""
+        of a step (one step first, to measure it), at most STREAM_STEPS when a row is `streamed`."""
         step_s = self.cost(DECODE_CALL, target_batch)
-        return max(1, min(self.MAX_DECODE_STEPS, int(self.MULTI_STEP_S / step_s))) if step_s else 1
+        most = self.STREAM_STEPS if streamed else self.MAX_DECODE_STEPS
+        return max(1, min(most, int(self.MULTI_STEP_S / step_s))) if step_s else 1
 
     def draft_prefill_s(self, draft_batch: int, target_batch: int) -> float | None:
         """A draft prefill's cost: measured, else the target's verify forward as a first guess (a

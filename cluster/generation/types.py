@@ -81,7 +81,10 @@ class GenerationRequest:
     request comes with a draft; 0:
     adaptive (each round picks, up to the target's largest k). resumed: the last `resumed` tokens of
     every prompt were generated (by a replica that was lost): they count toward max_new_tokens and
-    stop sequences, and sampling goes on from where they left it.
+    stop sequences, and sampling goes on from where they left it. streamed: its tokens go to a
+    client as they are made (the gateway's Generate and OpenAI streams), so a round that runs it
+    runs few decode steps in one call (`SpeculationPolicy.STREAM_STEPS`): a multi-step round hands
+    its tokens over together, and a stream's inter-token latency is the round's length.
     """
 
     prompts: tuple[tuple[int, ...], ...]
@@ -91,6 +94,7 @@ class GenerationRequest:
     speculation_length: int = DEFAULTS.speculation_length
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     resumed: int = 0
+    streamed: bool = False
 
 
 @dataclass

@@ -271,3 +271,13 @@ def test_each_draft_is_judged_on_its_own_calls_and_a_graphs_first_run_is_not_a_c
     policy.use_draft("draft")  # and back: the first draft's own costs and acceptance
     assert policy.cost("draft_step", 1) == 2.2e-3 and policy.draft.acceptance == 0.69
     assert policy.choose([row], 0, 1, 1) > 0
+
+
+def test_plain_rounds_of_a_streamed_row_run_few_steps_in_one_call():
+    policy = _policy()
+    assert policy.decode_steps(1) == 1  # a step is measured first
+    policy.observe("decode", 1, 4e-3)
+    assert policy.decode_steps(1) == policy.MAX_DECODE_STEPS  # 64 ms hold 16 steps of 4 ms: at most 8
+    assert policy.decode_steps(1, streamed=True) == policy.STREAM_STEPS  # its tokens reach the client a round at a time
+    policy.observe("decode", 4, 40e-3)
+    assert policy.decode_steps(4) == policy.decode_steps(4, streamed=True) == 1
