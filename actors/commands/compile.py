@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoders: sequences decoded together (the largest batch bucket)")
     parser.add_argument("--verify-tokens", type=int, default=5,
                         help="decoders: tokens per speculative verification (k + 1; 0: no verify graphs)")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="decoders: prefill prompts longer than this in chunks of this many tokens, up to the cache "
+                             "(default: the largest prompt bucket; 0: none, prompts must fit a prompt bucket)")
     parser.add_argument("--address", help="Ray cluster to attach to; default: start a local one")
     parser.add_argument("--neuron-cores", type=int, help="logical NeuronCores of a local cluster without Neuron devices")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         options = CompileOptions(task=args.task, dtype=args.dtype, batch_buckets=args.batch_buckets,
                                  prompt_buckets=args.prompt_buckets, cache_buckets=args.cache_buckets,
                                  seq_buckets=args.seq_buckets, max_sequences=args.max_sequences,
-                                 verify_tokens=args.verify_tokens)
+                                 verify_tokens=args.verify_tokens, chunk_tokens=args.chunk_tokens)
     except ValueError as exc:
         raise SystemExit(f"tpcluster compile: {exc}") from None
     progress = not args.quiet

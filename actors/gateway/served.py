@@ -29,6 +29,7 @@ from actors.gateway.signatures import (
 )
 from actors.gateway.text import TextStream
 from cluster.errors import InputError, Overloaded
+from cluster.generation.layout import DecoderLayout
 from cluster.generation.ngram import NGRAM_DRAFT
 from cluster.generation.stats import GenerationStats
 from cluster.models.inputs import embed_inputs, joint_inputs, pair_inputs
@@ -64,8 +65,8 @@ class ServedModel:
         # a T5 (cluster.models.t5): its prompt is the encoder's input, so a stream cannot go on from a re-prefill
         self.encoder_decoder = bool(pool.info.decoder.get("encoder_decoder"))
         self.max_length = spec.max_length or max(spec.seq_buckets, default=0)
-        if spec.task == "generate" and not self.max_length:
-            self.max_length = max(layout.get("prompt_buckets", [0]))
+        if spec.task == "generate" and not self.max_length:  # longer prompts are prefilled in chunks, when traced so
+            self.max_length = DecoderLayout.from_json(layout).max_prompt if layout else 0
         self.max_rows = max(spec.batch_buckets) if spec.batch_buckets else 1
         # Infer's signature: decoders advertise none (their graphs write the KV cache Generate holds)
         self.inputs: list[TensorInfo] = [] if spec.task == "generate" else input_specs(spec, pool.info.buckets)

@@ -165,7 +165,8 @@ class DecodeBatch:
             row.new_round()
         steps = self._choose_round_k(rows)
         catch_up = self.proposer.before_plan(rows) if self.proposer is not None else set()
-        plan = plan_round([row.state(row.slot in catch_up) for row in rows], steps)
+        layout = self.target.layout
+        plan = plan_round([row.state(row.slot in catch_up, layout) for row in rows], steps, layout.chunk_tokens)
         if plan.step == VERIFY:
             self._speculative_round(plan)
         elif plan.step == DECODE:
@@ -175,6 +176,8 @@ class DecodeBatch:
                 self._decode_round(plan)
         if plan.prefill:
             self._prefill_round(plan)
+        if plan.chunks is not None:
+            self._chunk_round(plan)
         if self.proposer is not None:
             self.proposer.after_round(list(self.slots.values()))
 
@@ -222,6 +225,24 @@ class DecodeBatch:
             # a resumed row emits nothing here: its next round starts where the lost replica's would have
             drafted = row.k and not row.adaptive
             row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=fed, draft=fed if drafted else 0)
+
+    def _chunk_round(self, plan: RoundPlan) -> None:
+        """The next chunk of each chunked row's prompt, in one `extend` call; a row whose last chunk
+        this is takes its first token as a whole prefill would have (no draft: its prompt is longer
+        than a draft prefills, so it decodes without a model draft)."""
+        tokens, starts = [list(t) for t in plan.chunks.tokens], list(plan.chunks.starts)
+        bucket, inputs = step_inputs(self.target.layout, "extend", tokens, starts)
+        started = time.perf_counter()
+        logits = self.target.run(Forward(bucket, inputs))[0][:, 0].float()
+        self.policy.called(time.perf_counter() - started)
+        for slot, chunk in enumerate(tokens):
+            if chunk[0] < 0:
+                continue
+            row = self.slots[slot]
+            if row.cached + len(chunk) < len(row.prefill_tokens()):
+                row.cached += len(chunk)
+            else:
+                row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=len(chunk))
 
     def _decode_round(self, plan: RoundPlan) -> None:
         logits = self._target_step(DECODE, plan.target.tokens, plan.target.starts)[:, 0]

@@ -1,10 +1,12 @@
 """The bucket layout of a decoder model, and the input tensors of each kind of step. Pure functions.
 
-A decoder is traced with three kinds of graph, all following the decode contract of
+A decoder is traced with up to four kinds of graph, all following the decode contract of
 cluster.models.llama: `prefill` (n = prompt bucket, attends to its own span), `decode` (n = 1,
-bucketed on cache length, so a short conversation attends over a short span) and `verify` (n =
-verify_tokens = k_max + 1 for speculative decoding, bucketed on cache length). Each kind exists for
-every batch bucket. The last cache position is a scratch slot: padding tokens are written there.
+bucketed on cache length, so a short conversation attends over a short span), `verify` (n =
+verify_tokens = k_max + 1 for speculative decoding, bucketed on cache length) and `extend` (n =
+chunk_tokens new tokens of a row attending to its cache, bucketed on cache length: a long prompt
+prefilled a chunk per round). Each kind exists for every batch bucket. The last cache position is a
+scratch slot: padding tokens are written there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class DecoderLayout:
     prompt_buckets: tuple[int, ...] = (32, 128)
     cache_buckets: tuple[int, ...] = (128, 512)
     verify_tokens: int = 0  # 0: no verify graphs (a model used only as a draft or target-only)
+    # 0: no extend graphs, a prompt must fit the largest prompt bucket; else a prompt longer than this
+    # is prefilled this many tokens per round (chunked prefill), up to what the cache holds
+    chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_buckets", "prompt_buckets", "cache_buckets"):
@@ -30,6 +35,8 @@ class DecoderLayout:
                 raise ValueError(f"DecoderLayout.{name} must be increasing positive sizes, got {values}")
         if max(self.prompt_buckets) > max(self.cache_buckets):
             raise ValueError("the largest prompt bucket must fit in the cache")
+        if not 0 <= self.chunk_tokens < max(self.cache_buckets):
+            raise ValueError(f"DecoderLayout.chunk_tokens must be 0 (none) or below the largest cache bucket, got {self.chunk_tokens}")
 
     @property
     def max_batch(self) -> int:
@@ -47,6 +54,16 @@ class DecoderLayout:
     def scratch(self) -> int:
         return self.max_cache - 1
 
+    @property
+    def max_prompt(self) -> int:
+        """The longest prompt the model takes: the largest prompt bucket, or with chunked prefill all
+        but the scratch slot and the first generated token's place."""
+        return self.scratch - 1 if self.chunk_tokens else max(self.prompt_buckets)
+
+    def chunked(self, tokens: int) -> bool:
+        """Whether a prompt of this many tokens is prefilled in chunks."""
+        return bool(self.chunk_tokens) and tokens > min(self.chunk_tokens, max(self.prompt_buckets))
+
     def kinds(self) -> list[tuple[str, int, int]]:
         """(kind, batch, size) for every graph, in bucket order; size is the prompt bucket for prefill,
         the cache span for decode and verify."""
@@ -56,6 +73,8 @@ class DecoderLayout:
             out += [("decode", b, span) for span in self.cache_buckets]
             if self.verify_tokens:
                 out += [("verify", b, span) for span in self.cache_buckets]
+            if self.chunk_tokens:
+                out += [("extend", b, span) for span in self.cache_buckets]
         return out
 
     def index(self, kind: str, batch: int, size: int) -> tuple[int, int, int]:
@@ -74,7 +93,7 @@ class DecoderLayout:
         """One example input tuple per bucket (what parallel_model_trace takes), in bucket order."""
         out = []
         for kind, b, size in self.kinds():
-            n = size if kind == "prefill" else (1 if kind == "decode" else self.verify_tokens)
+            n = {"prefill": size, "decode": 1, "verify": self.verify_tokens, "extend": self.chunk_tokens}[kind]
             logit_index = torch.arange(n).repeat(b, 1) if kind == "verify" else torch.zeros(b, 1, dtype=torch.long)
             out.append((torch.zeros(b, n, dtype=torch.long), torch.arange(n).repeat(b, 1),
                         torch.ones(b, size, dtype=torch.long), logit_index))
@@ -82,12 +101,13 @@ class DecoderLayout:
 
     def to_json(self) -> dict:
         return {"batch_buckets": list(self.batch_buckets), "prompt_buckets": list(self.prompt_buckets),
-                "cache_buckets": list(self.cache_buckets), "verify_tokens": self.verify_tokens}
+                "cache_buckets": list(self.cache_buckets), "verify_tokens": self.verify_tokens,
+                "chunk_tokens": self.chunk_tokens}
 
     @classmethod
     def from_json(cls, data: dict) -> "DecoderLayout":
         return cls(tuple(data["batch_buckets"]), tuple(data["prompt_buckets"]), tuple(data["cache_buckets"]),
-                   int(data.get("verify_tokens", 0)))
+                   int(data.get("verify_tokens", 0)), int(data.get("chunk_tokens", 0)))
 
 
 def prefill_inputs(layout: DecoderLayout, prompts: list[list[int] | None]) -> tuple[int, tuple[torch.Tensor, ...]]:
@@ -120,9 +140,10 @@ def prefill_inputs(layout: DecoderLayout, prompts: list[list[int] | None]) -> tu
 def step_inputs(layout: DecoderLayout, kind: str, tokens: list[list[int]], starts: list[int]) -> tuple[int, tuple[torch.Tensor, ...]]:
     """Feed tokens[row] (-1: nothing, padding) at positions starts[row]...; returns (bucket, inputs).
 
-    Padding tokens go to the scratch slot and are never attended to.
+    Padding tokens go to the scratch slot and are never attended to. A decode or verify step gives
+    logits at every fed position; an `extend` step (a prompt's chunk) at each row's last fed token.
     """
-    n = 1 if kind == "decode" else layout.verify_tokens
+    n = {"decode": 1, "verify": layout.verify_tokens, "extend": layout.chunk_tokens}[kind]
     if any(len(t) > n for t in tokens):
         raise InputError(f"{kind} steps take at most {n} tokens per row")
     need = max(s + sum(1 for t in row if t >= 0) for s, row in zip(starts, tokens))
@@ -141,4 +162,7 @@ def step_inputs(layout: DecoderLayout, kind: str, tokens: list[list[int]], start
                 pos[row, i] = at
                 at += 1
         mask[row, :at] = 1
+    if kind == "extend":
+        last = [max(0, sum(1 for t in row if t >= 0) - 1) for row in tokens] + [0] * (b - len(tokens))
+        return bucket, (ids, pos, mask, torch.tensor(last, dtype=torch.long)[:, None])
     return bucket, (ids, pos, mask, torch.arange(n).repeat(b, 1))

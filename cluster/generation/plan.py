@@ -12,6 +12,9 @@ plan on the models and applies the results; the split follows vLLM's `schedule()
 
 The rules:
 - a row that has not been prefilled is prefilled (its whole prompt); every other live row runs;
+- a `chunked` row (a prompt longer than the chunk size) is prefilled `chunk_tokens` tokens a round
+  instead, from what its cache holds, in one `extend` call with the other chunked rows: no round
+  waits on more than one chunk of any prompt;
 - a round of plain rows runs `decode_steps` steps in one call, one while rows wait to be prefilled
   (a new row joins at the next round, not after several steps);
 - one running row that speculates (k > 0) makes the round a verify round for every running row:
@@ -61,6 +64,7 @@ class RowState:
     cached: int = 0
     draft_cached: int = 0
     catch_up: bool = False
+    chunked: bool = False
 
     @property
     def draft_fed(self) -> int:
@@ -95,7 +99,8 @@ class RoundPlan:
     speculating row's `proposals[slot]` draft tokens follow it). decode_steps: a decode round's
     steps in one call. catch_up: the draft prefill before a verify round, by slot (None: not caught
     up), () when none. draft (verify rounds): each speculating row's pending tokens, right-aligned
-    as `DraftPlan` wants them.
+    as `DraftPlan` wants them. chunks: the chunked rows' next chunk of their prompt, fed from what
+    their cache holds (None: no chunked row).
     """
 
     prefill: tuple[int, ...] = ()
@@ -109,6 +114,7 @@ class RoundPlan:
     draft: Feed | None = None
     decode_steps: int = 1
     catch_up: tuple[tuple[int, ...] | None, ...] = ()
+    chunks: Feed | None = None
 
 
 def _by_slot(rows: Sequence[RowState], value: Callable[[RowState], T], empty: T) -> tuple[T, ...]:
@@ -119,16 +125,23 @@ def _by_slot(rows: Sequence[RowState], value: Callable[[RowState], T], empty: T)
     return tuple(out)
 
 
-def plan_round(rows: Sequence[RowState], decode_steps: int = 1) -> RoundPlan:
+def plan_round(rows: Sequence[RowState], decode_steps: int = 1, chunk_tokens: int = 0) -> RoundPlan:
     """The round the live rows take next (see the module docstring for the rules)."""
     live = [r for r in rows if not r.finished]
     new = [r for r in live if not r.started]
     running = [r for r in live if r.started]
     plan = RoundPlan()
-    if new:
-        drafted = [r for r in new if r.k]
-        plan = replace(plan, prefill=tuple(r.slot for r in new), prompts=_by_slot(new, lambda r: r.tokens, None),
+    whole = [r for r in new if not r.chunked]
+    if whole:
+        drafted = [r for r in whole if r.k]
+        plan = replace(plan, prefill=tuple(r.slot for r in whole), prompts=_by_slot(whole, lambda r: r.tokens, None),
                        draft_prompts=_by_slot(drafted, lambda r: r.tokens, None) if drafted else ())
+    chunking = [r for r in new if r.chunked]
+    if chunking:
+        if chunk_tokens < 1:
+            raise ValueError("chunked rows need chunk_tokens")
+        plan = replace(plan, chunks=Feed(_by_slot(chunking, lambda r: r.tokens[r.cached : r.cached + chunk_tokens], (-1,)),
+                                         _by_slot(chunking, lambda r: r.cached, 0)))
     if not running:
         return plan
     # One uncached token per running row: the one the last round emitted.

@@ -25,6 +25,7 @@ from cluster.generation.types import GenerationRequest
 
 if TYPE_CHECKING:
     from cluster.generation.endpoint import DecoderEndpoint
+    from cluster.generation.layout import DecoderLayout
 
 
 def stop_matched(sequence: Sequence[int], start: int, stops: Sequence[Sequence[int]]) -> int:
@@ -63,15 +64,21 @@ class LiveSequence:
         """Draw this round's generator from the seed and the sequence's length."""
         self.generator = position_generator(self.seed, len(self.sequence))
 
-    def state(self, catch_up: bool = False) -> RowState:
-        """What the round's plan reads of the sequence; `catch_up`: its draft cache is refilled first."""
+    def prefill_tokens(self) -> list[int]:
+        """What its prefill feeds: its prompt, or for a resumed row all but its last token, which the
+        next round feeds, as it would have."""
+        return self.sequence[:-1] if self.request.resumed else self.sequence
+
+    def state(self, catch_up: bool = False, layout: DecoderLayout | None = None) -> RowState:
+        """What the round's plan reads of the sequence; `catch_up`: its draft cache is refilled first;
+        with `layout`, whether its prefill is chunked."""
         # a new row that pins k has its draft prefilled with the target; an adaptive one when a round
         # first has it speculate (`plan_round`'s catch-up): a busy batch may never ask it to
         k = self.round_k if self.started else (0 if self.adaptive else self.k)
-        # a resumed row is prefilled up to its last token, which the next round feeds, as it would have
-        tokens = self.sequence[:-1] if self.request.resumed and not self.started else self.sequence
+        tokens = self.sequence if self.started else self.prefill_tokens()
+        chunked = not self.started and layout is not None and layout.chunked(len(tokens))
         return RowState(self.slot, tuple(tokens), k, self.started, bool(self.finish), self.cached, self.draft_cached,
-                        catch_up and bool(k))
+                        catch_up and bool(k), chunked)
 
     def advance(self, tokens: list[int], target: int, draft: int = 0) -> None:
         """Take one round's result: `target` / `draft` more of the sequence's tokens are now in each
@@ -128,8 +135,10 @@ def validate(request: GenerationRequest, target: DecoderEndpoint, draft: Decoder
     if any(not stop or any(not isinstance(t, int) or t < 0 for t in stop) for stop in request.stop_sequences):
         raise InputError("stop sequences must be non-empty sequences of token ids")
     longest = max(map(len, prompts))
-    if longest > max(target.layout.prompt_buckets):
-        raise InputError(f"prompt of {longest} tokens is above the largest context bucket {max(target.layout.prompt_buckets)}; shorten it")
+    if longest > target.layout.max_prompt:
+        where = (f"the {target.layout.max_prompt} tokens its cache holds" if target.layout.chunk_tokens
+                 else f"the largest context bucket {target.layout.max_prompt}")
+        raise InputError(f"prompt of {longest} tokens is above {where}; shorten it")
     if len(prompts) > target.layout.max_batch:
         raise InputError(f"{len(prompts)} prompts in one request; model {target.name!r} holds at most "
                          f"{target.layout.max_batch} sequences: split the request")

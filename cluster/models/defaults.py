@@ -63,7 +63,8 @@ def _build(folder: Path, func: Callable, num_inputs: int, spec: ServingSpec, tp_
     tmp.rename(folder)
 
 
-DECODER_LAYOUT = dict(batch_buckets=(1, 4, 16), prompt_buckets=(32, 128), cache_buckets=(256, 512), verify_tokens=7)
+DECODER_LAYOUT = dict(batch_buckets=(1, 4, 16), prompt_buckets=(32, 128), cache_buckets=(256, 512), verify_tokens=7,
+                      chunk_tokens=128)
 DRAFT_LAYOUT = dict(batch_buckets=(1, 4, 16), prompt_buckets=(32, 128), cache_buckets=(256, 512))
 
 

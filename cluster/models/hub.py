@@ -52,6 +52,10 @@ class CompileOptions:
     seq_buckets: tuple[int, ...] = ()  # encoders
     max_sequences: int = 0  # decoders: sequences decoded together (the largest batch bucket); 0: default
     verify_tokens: int = 5  # decoders: k + 1 of speculative decoding as a target; 0: no verify graphs
+    # decoders: a prompt longer than this is prefilled this many tokens a round (extend graphs), up to
+    # what the cache holds; None: the largest prompt bucket; 0: none (prompts must fit a prompt bucket).
+    # A T5 takes none: its encoder reads the whole prompt in one pass.
+    chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in (None, "generate", "embed", "classify"):
@@ -60,8 +64,8 @@ class CompileOptions:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("batch_buckets", "prompt_buckets", "cache_buckets", "seq_buckets"):
             _buckets(name, getattr(self, name))
-        if self.max_sequences < 0 or self.verify_tokens < 0:
-            raise ValueError("max_sequences and verify_tokens must be at least 0")
+        if self.max_sequences < 0 or self.verify_tokens < 0 or (self.chunk_tokens or 0) < 0:
+            raise ValueError("max_sequences, verify_tokens and chunk_tokens must be at least 0")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -84,8 +88,12 @@ def decoder_layout(info: CheckpointInfo, options: CompileOptions) -> Any:
     batch = options.batch_buckets or DECODER_DEFAULTS["batch_buckets"]
     if options.max_sequences:
         batch = tuple(b for b in batch if b < options.max_sequences) + (options.max_sequences,)
-    # a T5 has no verify graphs: it is served target-only
-    return DecoderLayout(tuple(batch), tuple(prompt), tuple(cache), 0 if info.is_seq2seq else options.verify_tokens)
+    # a T5 has no verify graphs (it is served target-only) and no extend graphs (its encoder reads the whole prompt)
+    chunk = max(prompt) if options.chunk_tokens is None else options.chunk_tokens
+    if chunk >= cache[-1]:
+        chunk = 0  # the largest prompt bucket fills the cache: nothing is longer
+    return DecoderLayout(tuple(batch), tuple(prompt), tuple(cache), 0 if info.is_seq2seq else options.verify_tokens,
+                         0 if info.is_seq2seq else chunk)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,18 @@ def test_compiled_rank_graphs_on_rank_actors_generate_transformers_tokens(models
         assert generate(loaded, [prompt], max_new_tokens=30).sequences == [hf_greedy(hf, prompt, 30)]
 
 
+@pytest.mark.slow
+def test_chunked_prefill_on_rank_actors_gives_transformers_tokens(models):
+    """Prompts longer than every prompt bucket, prefilled 8 tokens a round through traced extend graphs
+    (torch.export, TP=2 over rank actors), beside a short one prefilled whole."""
+    hf, _, _, root = models
+    layout = DecoderLayout((1, 4), (8, 16), (32, 64), chunk_tokens=8)
+    long = [(7 * i + 3) % 90 + 1 for i in range(41)]
+    with trace_llama(root / "target", tp_degree=2, layout=layout, progress=False) as model:
+        rows = [long, TINY_PROMPTS[0], long[:20]]
+        assert generate(model, rows, max_new_tokens=16).sequences == [hf_greedy(hf, p, 16) for p in rows]
+
+
 @pytest.fixture(scope="module")
 def fused(models, tmp_path_factory):
     """The target saved with the draft fused into it (the draft whole on both of its ranks)."""

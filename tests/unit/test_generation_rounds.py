@@ -228,3 +228,66 @@ def test_ngram_lookup_index_agrees_with_the_plain_search():
             tokens.append(rng.randrange(5))
             k = rng.randrange(0, 5)
             assert index.propose(tokens, k) == propose(tokens, k)
+
+
+@pytest.fixture(scope="module")
+def chunked(pair):
+    """The pair's target traced again with extend graphs: prompts longer than 8 tokens prefill 8 a round."""
+    from cluster.generation import DecoderLayout
+    from cluster.models.llama import trace_llama
+
+    hf, _, _, root = pair
+    layout = DecoderLayout((1, 4), (8, 16), (32, 64), verify_tokens=5, chunk_tokens=8)
+    model = trace_llama(root / "target", tp_degree=2, layout=layout, backend="eager", progress=False)
+    yield hf, model
+    model.close()
+
+
+def test_a_prompt_longer_than_every_prompt_bucket_is_prefilled_in_chunks(chunked):
+    hf, model = chunked
+    long = [(7 * i + 3) % 90 + 1 for i in range(41)]  # 41 tokens: prompt buckets stop at 16; 6 chunks of 8
+    assert generate(model, [long], max_new_tokens=20).sequences == [hf_greedy(hf, long, 20)]
+    rows = [TINY_PROMPTS[0], long, TINY_PROMPTS[3]]  # 5 and 15 tokens (15 > 8: chunked too) beside it
+    assert generate(model, rows, max_new_tokens=12).sequences == [hf_greedy(hf, p, 12) for p in rows]
+    with pytest.raises(InputError, match="above the 62 tokens its cache holds"):
+        generate(model, [[5] * 63], max_new_tokens=1)
+
+
+def test_a_long_prompt_joining_running_streams_leaves_their_tokens_as_they_were(chunked):
+    from cluster.generation.types import GenerationRequest
+
+    hf, model = chunked
+    coordinator = model.coordinator
+    long = [(5 * i + 1) % 90 + 1 for i in range(30)]
+    first = coordinator.generate_open(GenerationRequest((tuple(TINY_PROMPTS[1]),), 16))
+    got = {first: []}
+    for _ in range(3):
+        got[first] += coordinator.generate_step(first).tokens[0]
+    second = coordinator.generate_open(GenerationRequest((tuple(long),), 10))  # joins mid-stream, 4 chunks
+    got[second] = []
+    for _ in range(40):
+        results = {s: coordinator.generate_step(s) for s in (first, second)}
+        for session, result in results.items():
+            got[session] += result.tokens[0]
+        if all(result.done for result in results.values()):
+            break
+    for session in (first, second):
+        coordinator.generate_close(session)
+    assert got[first] == hf_greedy(hf, TINY_PROMPTS[1], 16)
+    assert got[second] == hf_greedy(hf, long, 10)
+
+
+def test_a_resumed_sequence_longer_than_every_prompt_bucket_goes_on_through_chunks(chunked):
+    from cluster.generation.types import GenerationRequest
+
+    hf, model = chunked
+    whole = TINY_PROMPTS[3] + hf_greedy(hf, TINY_PROMPTS[3], 30)  # 15 prompt tokens + 30: a carried-on stream past the buckets
+    cut = 20
+    resumed = GenerationRequest((tuple(whole[: 15 + cut]),), 30, resumed=cut)
+    session = model.coordinator.generate_open(resumed)
+    tokens = []
+    while not (step := model.coordinator.generate_step(session)).done:
+        tokens += step.tokens[0]
+    tokens += step.tokens[0]
+    model.coordinator.generate_close(session)
+    assert tokens == whole[15 + cut:]

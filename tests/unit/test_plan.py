@@ -116,3 +116,33 @@ def test_a_draft_plan_checks_its_rows():
         DraftPlan(((1,), (2,)), (0,), 2, None, (None, None), (0, 0))
     with pytest.raises(ValueError, match="steps >= 1"):
         DraftPlan(((1,),), (0,), 0, None, (None,), (0,))
+
+
+def test_chunked_rows_feed_their_next_chunk_from_what_their_cache_holds():
+    long = tuple(range(1, 21))  # 20 tokens in chunks of 8: 8 cached, the next chunk is 8 more
+    rows = [running(0, [5, 6, 7]), RowState(1, long, k=2, cached=8, chunked=True), RowState(2, (9, 9), k=2)]
+    plan = plan_round(rows, decode_steps=4, chunk_tokens=8)
+    assert plan.chunks == Feed(((-1,), tuple(range(9, 17))), (0, 8))
+    assert plan.prefill == (2,) and plan.draft_prompts == (None, None, (9, 9))  # a chunked row gets no draft prefill
+    assert plan.step == DECODE and plan.decode_steps == 1  # rows wait to be prefilled: one step
+    last = plan_round([RowState(0, long, cached=16, chunked=True)], chunk_tokens=8)
+    assert last.chunks == Feed(((17, 18, 19, 20),), (16,)) and last.prefill == ()
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        plan_round([RowState(0, long, chunked=True)])
+
+
+def test_a_layout_with_chunks_has_extend_graphs_and_takes_prompts_up_to_its_cache():
+    from cluster.generation.layout import DecoderLayout, step_inputs
+
+    layout = DecoderLayout((1, 4), (8, 16), (32, 64), verify_tokens=5, chunk_tokens=8)
+    assert [k for k in layout.kinds() if k[0] == "extend"] == [("extend", b, s) for b in (1, 4) for s in (32, 64)]
+    assert layout.max_prompt == 62 and DecoderLayout((1,), (8, 16), (32, 64)).max_prompt == 16
+    assert layout.chunked(9) and not layout.chunked(8)
+    assert DecoderLayout.from_json(layout.to_json()) == layout
+    assert DecoderLayout.from_json({k: v for k, v in layout.to_json().items() if k != "chunk_tokens"}).chunk_tokens == 0
+    bucket, (ids, pos, mask, last) = step_inputs(layout, "extend", [[4, 5, 6], [-1]], [10, 0])
+    assert layout.kinds()[bucket] == ("extend", 4, 32) and ids.shape == (4, 8)
+    assert pos[0, :4].tolist() == [10, 11, 12, 63] and last[:, 0].tolist() == [2, 0, 0, 0]
+    assert mask[0].tolist() == [1] * 13 + [0] * 19
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        DecoderLayout((1,), (8,), (32,), chunk_tokens=32)
