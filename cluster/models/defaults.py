@@ -16,7 +16,7 @@ import torch
 from cluster.errors import ArtifactError
 from cluster.serving import ServingSpec
 
-DEFAULTS_VERSION = 7  # 7: the distilled 3-layer pair draft; 6: collectives traced as tpcluster::all_gather
+DEFAULTS_VERSION = 8  # 8: the target's extend graphs (chunked prefill); 7: the distilled 3-layer pair draft; 6: collectives traced as tpcluster::all_gather
 BATCH_BUCKETS = (1, 4, 16)
 SEQ_BUCKETS = (32, 128)
 
@@ -82,7 +82,7 @@ def build_decoder(source: Path, folder: Path, tp_degree: int, layout: dict, toke
     for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer / file).is_file():
             shutil.copy(tokenizer / file, tmp / "tokenizer" / file)
-    ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout["prompt_buckets"]),
+    ServingSpec(task="generate", tokenizer="tokenizer", max_length=DecoderLayout(**layout).max_prompt,
                 extra={"defaults_version": DEFAULTS_VERSION}).write(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -181,7 +181,7 @@ def trace_checkpoint(src: str | os.PathLike, tp_degree: int = 2, options: Compil
             extra["kv_cache_bytes_per_sequence"] = memory.cache_bytes_per_sequence
         trace = trace_t5 if info.is_seq2seq else trace_llama
         model = trace(src, tp_degree=tp_degree, layout=layout, name=src.name, progress=progress, dtype=dtype, backend=backend)
-        return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=max(layout.prompt_buckets), extra=extra)
+        return model, ServingSpec(task="generate", tokenizer="tokenizer", max_length=layout.max_prompt, extra=extra)
     from cluster.buckets import batch_sequence_bucket_kernel
     from cluster.models.encoders import encoder_from_checkpoint
     from cluster.trace import BucketModelConfig, parallel_model_trace
