@@ -235,16 +235,33 @@ def finish_reason(reason: str) -> str:
 
 
 class CompletionShape:
-    """The ids, timestamps and envelope shared by one completion's response or stream chunks."""
+    """The ids, timestamps and envelope shared by one completion's response or stream chunks, and
+    the shape of its choices. A chat completion's (actors.gateway.openai_chat.ChatShape) overrides
+    the names and the choices; the routes serve both through these methods."""
+
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, model: str) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
 
-    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage, "system_fingerprint": None}
+    def envelope(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None,
+                 chunk: bool = False) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object if chunk else self.object, "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage, "system_fingerprint": None}
+
+    def choice(self, index: int, text: str, reason: str | None, token_ids: list[int] | None = None) -> dict[str, Any]:
+        """Choice `index` of the whole (unstreamed) response."""
+        return choice(index, text, reason, token_ids)
+
+    def piece(self, index: int, text: str, reason: str | None, token_ids: list[int] | None = None) -> dict[str, Any]:
+        """Choice `index` in a stream chunk: a text piece, or (with its reason) the choice's end."""
+        return choice(index, text, reason, token_ids)
+
+    def opening(self, count: int) -> list[dict[str, Any]]:
+        """The chunks a stream starts with before the first token (none for completions)."""
+        return []
 
 
 def choice(index: int, text: str, reason: str | None, token_ids: list[int] | None = None) -> dict[str, Any]:

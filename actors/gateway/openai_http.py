@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API, served by uvicorn in the gateway's own asyncio loop.
 
-`GET /v1/models[/{model}]`, `POST /v1/completions` (streamed as server-sent events with `stream`),
-`POST /v1/embeddings`, and an open `GET /health`. Every route calls the same ServedModel objects as
-the gRPC servicers (the batchers, the continuous-batching schedulers, the replicas), through the
-gateway's registry; JSON is read and written by actors.gateway.openai_codec. The gateway's bearer
+`GET /v1/models[/{model}]`, `POST /v1/completions` and `POST /v1/chat/completions` (streamed as
+server-sent events with `stream`), `POST /v1/embeddings`, and an open `GET /health`. Every route calls
+the same ServedModel objects as the gRPC servicers (the batchers, the continuous-batching schedulers,
+the replicas), through the gateway's registry; JSON is read and written by actors.gateway.openai_codec
+(chat's by actors.gateway.openai_chat, which renders the messages into one prompt). The gateway's bearer
 token guards every /v1 route, its TLS certificate serves HTTPS, and its default deadline applies
 unless the request sends `X-Request-Timeout: SECONDS`.
 
@@ -37,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from actors.gateway import openai_codec as oc
+from actors.gateway.openai_chat import ChatShape, decode_chat
 from actors.gateway.served import ServedModel
 from cluster.errors import InputError
 
@@ -179,22 +181,36 @@ class OpenAIRoutes:
             labels["model"] = body.model
             model = self.registry.get(body.model)
             model.need_task("generate")
-            draft = model.draft_named(body.sampling.draft_model, self.registry)
-            choices = Choices(model, draft, body, self._timeout(request))
-            try:
-                await choices.started()
-            except BaseException:
-                await choices.close()
-                raise
-            shape = oc.CompletionShape(body.model)
-            if body.stream:
-                return StreamingResponse(self._stream(choices, body, shape), media_type="text/event-stream",
-                                         headers={"cache-control": "no-cache"})
-            try:
-                return JSONResponse(await self._complete(choices, body, shape))
-            finally:
-                await choices.close()
+            return await self._generate(request, model, body, oc.CompletionShape(body.model))
         return await self._observed("openai.completions", request, work)
+
+    async def chat_completions(self, request: Request) -> Response:
+        async def work(labels):
+            chat = decode_chat(await self._json(request), self.drafts)
+            labels["model"] = chat.model
+            model = self.registry.get(chat.model)
+            model.need_task("generate")
+            body = chat.rendered(model.tokenizer)  # the messages through the model's chat template
+            return await self._generate(request, model, body, ChatShape(body.model))
+        return await self._observed("openai.chat_completions", request, work)
+
+    async def _generate(self, request: Request, model: ServedModel, body: oc.CompletionRequest,
+                        shape: oc.CompletionShape) -> Response:
+        """A (chat) completion's choices on the model, as one JSON response or a stream of chunks."""
+        draft = model.draft_named(body.sampling.draft_model, self.registry)
+        choices = Choices(model, draft, body, self._timeout(request))
+        try:
+            await choices.started()
+        except BaseException:
+            await choices.close()
+            raise
+        if body.stream:
+            return StreamingResponse(self._stream(choices, body, shape), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        try:
+            return JSONResponse(await self._complete(choices, body, shape))
+        finally:
+            await choices.close()
 
     async def _complete(self, choices: Choices, body: oc.CompletionRequest, shape: oc.CompletionShape) -> dict[str, Any]:
         texts = [""] * choices.count
@@ -206,24 +222,28 @@ class OpenAIRoutes:
             else:
                 texts[index] += piece
                 ids[index].append(token)
-        out = [oc.choice(i, texts[i], oc.finish_reason(stats[i].finish_reason), ids[i] if body.return_token_ids else None)
+        out = [shape.choice(i, texts[i], oc.finish_reason(stats[i].finish_reason), ids[i] if body.return_token_ids else None)
                for i in range(choices.count)]
         return shape.envelope(out, oc.usage(stats, len(body.prompts), body.n))
 
     async def _stream(self, choices: Choices, body: oc.CompletionRequest, shape: oc.CompletionShape) -> AsyncIterator[str]:
-        """OpenAI's chunks: one per text piece, a last one per choice with its finish_reason, the
-        usage (with stream_options.include_usage), then `data: [DONE]`. An error after the first
-        token comes as an error event (the status line has gone)."""
+        """OpenAI's chunks: the shape's opening ones (chat's assistant role), one per text piece, a
+        last one per choice with its finish_reason, the usage (with stream_options.include_usage),
+        then `data: [DONE]`. An error after the first token comes as an error event (the status
+        line has gone)."""
         stats: list[Any] = [None] * choices.count
         try:
+            for chunk in shape.opening(choices.count):
+                yield _sse(chunk)
             async for index, token, piece in choices.events():
                 if token is None:
                     stats[index] = piece
-                    yield _sse(shape.envelope([oc.choice(index, "", oc.finish_reason(piece.finish_reason))]))
+                    yield _sse(shape.envelope([shape.piece(index, "", oc.finish_reason(piece.finish_reason))], chunk=True))
                 elif piece or body.return_token_ids:
-                    yield _sse(shape.envelope([oc.choice(index, piece, None, [token] if body.return_token_ids else None)]))
+                    ids = [token] if body.return_token_ids else None
+                    yield _sse(shape.envelope([shape.piece(index, piece, None, ids)], chunk=True))
             if body.include_usage:
-                yield _sse(shape.envelope([], oc.usage(stats, len(body.prompts), body.n)))
+                yield _sse(shape.envelope([], oc.usage(stats, len(body.prompts), body.n), chunk=True))
         except Exception as exc:
             status, error = oc.error_of(exc)
             if status == 500:
@@ -261,7 +281,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (unknown path, wrong method) in OpenAI's shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = f"{request.method} {request.url.path}: {exc.detail if isinstance(exc, HTTPException) else 'failed'}; " \
-              "routes: GET /v1/models, POST /v1/completions, POST /v1/embeddings"
+              "routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings"
     return JSONResponse(oc.error_body(status, message), status)
 
 
@@ -274,6 +294,7 @@ def build_app(gateway: Any, drafts: dict[str, str] | None = None) -> Starlette:
         Route("/v1/models", routes.models, methods=["GET"]),
         Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
         Route("/v1/completions", routes.completions, methods=["POST"]),
+        Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
         Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
         Route("/health", routes.health, methods=["GET"]),
     ], middleware=middleware, exception_handlers={HTTPException: _http_error})

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API through the real `openai` package (sync, async, streaming) against
-a real gateway: the same vectors and the same greedy tokens as tpcluster.v1, OpenAI's error shape."""
+a real gateway: the same vectors and the same greedy tokens as tpcluster.v1 (completions and chat
+completions), OpenAI's error shape."""
 
 import asyncio
 import json
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "s3cret"
 PROMPT = "The for statement is used to iterate"
+CHAT_PROMPT = "The for statement"  # 11 tokens as the plain template's user turn (the layout's prompts: 16)
 TEXTS = ["The company HuggingFace is based in New York City", "Apples are especially bad for your health", "short"]
 LAYOUT = {"batch_buckets": (1, 4), "prompt_buckets": (16,), "cache_buckets": (64, 256), "verify_tokens": 5}
 DRAFT_LAYOUT = {"batch_buckets": (1, 4), "prompt_buckets": (16,), "cache_buckets": (64, 256)}
@@ -165,6 +167,50 @@ def test_a_stop_sequence_cuts_the_text_as_grpc_does(client, grpc_client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == cut.choices[0].text
 
 
+def test_a_greedy_chat_is_the_generation_of_its_plain_rendering(client, grpc_client):
+    """The shipped pair's tokenizer has no chat template: the prompt is the plain one (openai_chat)."""
+    messages = [{"role": "system", "content": "Go."}, {"role": "user", "content": "The for"}]
+    expected = grpc_client.generate("system: Go.\nuser: The for\nassistant:", model="target", max_new_tokens=16)
+    reply = client.chat.completions.create(model="target", messages=messages, max_completion_tokens=16, max_tokens=3,
+                                           temperature=0)
+    (only,) = reply.choices
+    assert (reply.object, only.message.role, only.message.content, only.finish_reason) == \
+           ("chat.completion", "assistant", expected.text, "length")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.stats.prompt_tokens, 16)
+
+
+def test_a_streamed_chat_as_vllm_bench_serve_sends_it(client):
+    """`vllm bench serve --backend openai-chat`'s request: text parts, max_completion_tokens, usage in the last chunk."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": CHAT_PROMPT}]}]
+    whole = client.chat.completions.create(model="target", messages=messages, max_completion_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model="target", messages=messages, max_completion_tokens=20,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert (chunks[0].choices[0].delta.role, chunks[0].choices[0].delta.content) == ("assistant", "")
+    contents = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert "".join(contents) == whole.choices[0].message.content and len(contents) > 5
+    assert chunks[-2].choices[0].finish_reason == "length" and not chunks[-2].choices[0].delta.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_choices_and_stops_stream_what_they_complete(client, grpc_client):
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    full = grpc_client.generate(f"user: {CHAT_PROMPT}\nassistant:", model="target", max_new_tokens=40)
+    stop = full.text[len(full.text) // 2:][:6]
+    assert stop.strip(), full.text
+    cut = client.chat.completions.create(model="target", messages=messages, max_tokens=40, temperature=0, stop=stop)
+    assert cut.choices[0].message.content == full.text[: full.text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    kwargs = {"model": "target", "messages": messages, "n": 2, "max_completion_tokens": 10, "temperature": 0.9, "seed": 3}
+    whole = client.chat.completions.create(**kwargs)
+    parts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + (c.delta.content or "")
+    texts = [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert [parts[0], parts[1]] == texts and texts[0] != texts[1] and whole.usage.completion_tokens == 20
+
+
 def test_the_bearer_token_is_required(served):
     with openai.OpenAI(base_url=served.http_url, api_key="wrong", max_retries=0) as bad_client, \
             pytest.raises(openai.AuthenticationError) as caught:
@@ -196,6 +242,19 @@ def test_the_bearer_token_is_required(served):
      "invalid_request_error", None, "speculation_length must be 1..4"),
     ("/completions", {"model": "target", "prompt": PROMPT, "draft_model": "nope"}, 404, "not_found_error", None, "'nope'"),
     ("/completions", {"model": "minilm-embed", "prompt": PROMPT}, 400, "invalid_request_error", None, "serves 'embed'"),
+    ("/chat/completions", {"model": "target", "messages": [{"role": "user", "content": "x"}],
+                           "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "invalid_request_error",
+     "tools", "function calling"),
+    ("/chat/completions", {"model": "target", "messages": [{"role": "tool", "content": "4"}]}, 400,
+     "invalid_request_error", "messages", "tool messages"),
+    ("/chat/completions", {"model": "target", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "invalid_request_error", "top_logprobs", "not supported"),
+    ("/chat/completions", {"model": "target", "messages": [{"role": "user", "content": CHAT_PROMPT}],
+                           "max_completion_tokens": 300}, 400, "invalid_request_error", None, "does not fit the KV cache"),
+    ("/chat/completions", {"model": "minilm-embed", "messages": [{"role": "user", "content": "x"}]}, 400,
+     "invalid_request_error", None, "serves 'embed'"),
+    ("/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error", None,
+     "no model named 'nope'"),
     ("/embeddings", {"model": "target", "input": "x"}, 400, "invalid_request_error", None, "serves 'generate'"),
     ("/embeddings", {"model": "minilm-embed", "input": ["ok", " "]}, 400, "invalid_request_error", "input", "input[1] is empty"),
     ("/embeddings", {"model": "minilm-embed", "input": "x", "dimensions": 8}, 400, "invalid_request_error", "dimensions",
