@@ -81,11 +81,12 @@ class Sampling:
     stop: tuple[str, ...] = ()
     draft_model: str = ""
     speculation_length: int = DEFAULTS.speculation_length
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (OpenAI front: vLLM's `ignore_eos`)
 
     def request(self, prompt_ids: list[int], eos_token_id: int | None) -> GenerationRequest:
         params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        return GenerationRequest((tuple(prompt_ids),), self.max_new_tokens, params, eos_token_id, self.speculation_length,
-                                 streamed=True)
+        return GenerationRequest((tuple(prompt_ids),), self.max_new_tokens, params, None if self.ignore_eos else eos_token_id,
+                                 self.speculation_length, streamed=True)
 
 
 def decode_generate(request: pb.GenerateRequest) -> tuple[str, Sampling]:

@@ -124,7 +124,8 @@ class CompletionRequest:
 
 
 def decode_completion(body: dict[str, Any], drafts: Mapping[str, str] | None = None) -> CompletionRequest:
-    """A POST /v1/completions body. Extensions: `speculation_length`, `draft_model`, `top_k`, `return_token_ids`.
+    """A POST /v1/completions body. Extensions: `speculation_length`, `draft_model`, `top_k`, `return_token_ids`,
+    `ignore_eos` (vLLM's: generate max_tokens whatever the model makes; what `vllm bench serve --ignore-eos` sends).
     A `speculation_length` without `draft_model` speculates with the draft the gateway pairs with the
     model (`drafts`, target -> draft: `tpcluster serve --draft`)."""
     model = model_name(body)
@@ -173,6 +174,8 @@ def decode_completion(body: dict[str, Any], drafts: Mapping[str, str] | None = N
             codec.decode_generate(pb.GenerateRequest(prompt=prompt))
     except InputError as exc:
         raise bad(_param_of(str(exc)), str(exc)) from exc
+    if _get(body, "ignore_eos", bool, False):
+        sampling = dataclasses.replace(sampling, ignore_eos=True)
     return CompletionRequest(model, prompts, sampling, n, stream, bool(options.get("include_usage")),
                              _get(body, "return_token_ids", bool, False))
 

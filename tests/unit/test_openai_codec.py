@@ -129,3 +129,10 @@ def test_usage_counts_each_prompt_once_and_sums_the_choices():
     assert oc.usage(stats, prompts=2, n=2) == {"prompt_tokens": 11, "completion_tokens": 26, "total_tokens": 37,
                                                "draft_tokens_proposed": 9, "draft_tokens_accepted": 0}
     assert [oc.finish_reason(r) for r in ("length", "eos", "stop", "cancelled")] == ["length", "stop", "stop", "length"]
+
+
+def test_ignore_eos_generates_max_tokens_whatever_comes():
+    body = {"model": "m", "prompt": "hi", "max_tokens": 8}
+    assert oc.decode_completion(body).sampling.request([1, 2], eos_token_id=2).eos_token_id == 2
+    ignoring = oc.decode_completion({**body, "ignore_eos": True}).sampling
+    assert ignoring.ignore_eos and ignoring.request([1, 2], eos_token_id=2).eos_token_id is None
