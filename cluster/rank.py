@@ -220,12 +220,15 @@ class RankWorker:
             if self._blobs[bucket] is None:
                 self._blobs[bucket] = self._backend.dump(self._graphs[bucket])
             before = self._calls[bucket]
-            self._calls[bucket] = self._backend.compiled(before, self._blobs[bucket], self._thread_count(), build=True)
+            self._calls[bucket] = self._compiled_call(before, self._blobs[bucket], build=True)
             done.append((bucket, time.perf_counter() - started, self._calls[bucket] is not before))
         return done
 
-    def _thread_count(self) -> int:
-        return self._threads or torch.get_num_threads()
+    def _compiled_call(self, call: Any, graph_file: bytes | None, build: bool = False) -> Any:
+        """A bound graph as its compiled package once `compile_graphs` was asked for (or `build`), else itself."""
+        if not (self._compiled or build):
+            return call
+        return self._backend.compiled(call, graph_file, self._threads or torch.get_num_threads(), build)
 
     def verify_bucket(self, bucket: int, example: tuple[torch.Tensor, ...]) -> float:
         """Largest difference between the graph and the eager module on the example (all ranks run it)."""
@@ -247,9 +250,7 @@ class RankWorker:
             if call is None:
                 blob = self._draft.blobs[bucket]
                 graph = self._backend.load(blob, f"rank {self.rank} fused draft bucket {bucket} graph")
-                call = self._backend.bind(graph, self._draft.weights, self._draft.aliases)
-                if self._compiled:
-                    call = self._backend.compiled(call, blob, self._thread_count())
+                call = self._compiled_call(self._backend.bind(graph, self._draft.weights, self._draft.aliases), blob)
                 self._draft.calls[bucket] = call
             return call
         call = self._calls[bucket]
@@ -262,7 +263,7 @@ class RankWorker:
         """Bind a bucket's graph: after `compile_graphs`, its compiled package when one is cached for it."""
         self._graphs[bucket] = graph
         call = self._backend.bind(graph, self._weights, self._aliases)
-        self._calls[bucket] = self._backend.compiled(call, self._blobs[bucket], self._thread_count()) if self._compiled else call
+        self._calls[bucket] = self._compiled_call(call, self._blobs[bucket])
 
     # -- serving ----------------------------------------------------------------------------
     def _run(self, bucket: int, inputs: tuple[torch.Tensor, ...], draft: bool = False) -> Any:
@@ -357,14 +358,10 @@ class RankWorker:
         """Hold this rank's shard: its bucket graphs bound to its weights. Returns the seconds it took.
 
         `weights` are tensors, or this rank's weight files (cluster.trace.artifact.WeightFile), which
-        the rank checks and reads itself (memory-mapped, each tensor copied once): the weights then
-        exist once, here, and nowhere on the way (a rebuilt rank reads them again, usually from the
-        page cache).
-
-        With a backend that `loads_lazily` (cpu), a graph is deserialized on its bucket's first run
-        instead: ~0.3 s of CPU per graph, ~5-8 s for the shipped target's 18 when a rank is rebuilt,
-        most of them buckets a replica may never run (the files were checked against the manifest
-        when they were read)."""
+        the rank checks and reads itself (memory-mapped, each tensor copied once): the weights exist
+        once, here, and nowhere on the way. With a backend that `loads_lazily` (cpu), a graph is
+        deserialized on its bucket's first run instead (~0.3 s of CPU a graph, most of them buckets
+        a replica may never run; the files were checked against the manifest when read)."""
         started = time.perf_counter()
         if threads > 0:
             torch.set_num_threads(threads)
