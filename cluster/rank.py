@@ -315,7 +315,7 @@ class RankWorker:
         this rank's graphs. Rank 0 returns the answer; the other ranks None."""
         from cluster.generation.steps import execute
 
-        out = execute(call, self._run, self._gather)
+        out = execute(call, self._run, self._gather, lambda: {name: self._weights[name] for name in self._aliases})
         return out if self.rank == 0 else None
 
     def _gather(self, proposals: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,12 @@ class GatewayMetrics:
         self.carried_on = Counter("tpcluster_generations_carried_on_total",
                                   "Generate streams that lost their replica and went on on another", ["model"],
                                   registry=self.registry)
+        self.prefix_hits = Counter("tpcluster_prefix_hits_total",
+                                   "Generations whose prompt started with tokens a kept KV-cache row held (prefix reuse)",
+                                   ["model"], registry=self.registry)
+        self.prefix_reused_tokens = Counter("tpcluster_prefix_reused_tokens_total",
+                                            "Prompt tokens taken from kept KV-cache rows instead of prefilled",
+                                            ["model"], registry=self.registry)
         self.ready = Gauge("tpcluster_model_ready", "1 when the model has a ready replica", ["model"], registry=self.registry)
 
     def serve(self, host: str, port: int):

@@ -341,6 +341,10 @@ class ServedModel:
             self.metrics.tokens_per_second.labels(self.name).set(stats.tokens_per_second)
             self.metrics.draft_proposed.labels(self.name).inc(stats.draft_tokens_proposed)
             self.metrics.draft_accepted.labels(self.name).inc(stats.draft_tokens_accepted)
+            reused = summary.reused_tokens if summary is not None else 0
+            if reused:
+                self.metrics.prefix_hits.labels(self.name).inc()
+                self.metrics.prefix_reused_tokens.labels(self.name).inc(reused)
         yield None, stats
 
     async def close(self, release: bool = True) -> None:

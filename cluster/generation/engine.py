@@ -47,8 +47,9 @@ from cluster.errors import ClusterError, DraftUnavailable, Overloaded
 from cluster.generation.adaptive import DECODE_CALL, VERIFY_CALL, SpeculatingRow, acceptance_estimate
 from cluster.generation.endpoint import DecoderEndpoint
 from cluster.generation.layout import prefill_inputs, step_inputs
-from cluster.generation.plan import DECODE, VERIFY, DecodeSteps, Forward, RoundPlan, plan_round
+from cluster.generation.plan import DECODE, VERIFY, CopyRows, DecodeSteps, Forward, RoundPlan, plan_round
 from cluster.generation.policy import SpeculationPolicy
+from cluster.generation.prefix import PrefixCache
 from cluster.generation.proposers import Proposer, proposer_for
 from cluster.generation.sampling import make_generator, probabilities
 from cluster.generation.sequence import LiveSequence, stop_matched, validate
@@ -75,6 +76,9 @@ class DecodeBatch:
         self.slots: dict[int, LiveSequence] = {}
         self.sessions: dict[int, list[LiveSequence]] = {}
         self._last_session = 0
+        # prefix reuse: finished rows' caches kept, a prompt's held prefix taken over; the rest is
+        # prefilled through extend graphs, so only a model traced with them reuses
+        self.prefixes = PrefixCache() if target.layout.chunk_tokens else None
 
     @property
     def draft(self) -> DecoderEndpoint | None:
@@ -101,12 +105,11 @@ class DecodeBatch:
     def open(self, request: GenerationRequest, draft: DecoderEndpoint | None = None) -> int:
         """Admit the request's prompts, one free slot each; they are prefilled at the next step."""
         k, adaptive = validate(request, self.target, draft)
-        rows = len(request.prompts)
         if draft is not None and self.draft is not None and self.draft.key != draft.key and self._speculating():
             raise Overloaded(f"{self.target.name!r} is speculating with another draft replica; retry shortly")
         limit = self.capacity if draft is None else min(self.capacity, draft.layout.max_batch)
-        free = [slot for slot in range(limit) if slot not in self.slots][:rows]
-        if len(free) < rows:
+        placed = self._place(request.prompts, limit)
+        if placed is None:
             raise Overloaded(f"all {self.capacity} sequence slots of {self.target.name!r} are generating; retry shortly")
         if draft is not None:
             self._use_draft(draft)
@@ -114,9 +117,10 @@ class DecodeBatch:
         session = self._last_session
         generator = make_generator(request.sampling.seed)
         members = []
-        for slot, prompt in zip(free, request.prompts):
+        for (slot, reused), prompt in zip(placed, request.prompts):
             row_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             member = LiveSequence(slot, session, list(prompt), len(prompt) - request.resumed, request, k, row_seed, adaptive)
+            member.cached = member.reused = reused  # the prompt's first tokens already in its row: it prefills the rest
             self.slots[slot] = member
             members.append(member)
         self.sessions[session] = members
@@ -124,6 +128,21 @@ class DecodeBatch:
 
     def _speculating(self) -> bool:
         return any(s.k for s in self.slots.values())
+
+    def _place(self, prompts: Sequence[Sequence[int]], limit: int) -> list[tuple[int, int]] | None:
+        """(slot, tokens reused) for each prompt, None when the slots are full: with prefix reuse, a
+        slot whose row holds the prompt's longest whole-block prefix (copied on the ranks from the
+        row that holds it when that row is not free: one call, before any prefill)."""
+        if self.prefixes is None:
+            free = [slot for slot in range(limit) if slot not in self.slots][: len(prompts)]
+            return [(slot, 0) for slot in free] if len(free) == len(prompts) else None
+        placed = self.prefixes.place(prompts, self.slots, limit)
+        if placed is None:
+            return None
+        copies = tuple((p.source, p.slot, p.reused) for p in placed if p.source is not None)
+        if copies:
+            self.target.run(CopyRows(copies))
+        return [(p.slot, p.reused) for p in placed]
 
     def close(self, session: int) -> SessionSummary | None:
         """Free the session's slots; its summary, or None when it is not open."""
@@ -134,10 +153,12 @@ class DecodeBatch:
         for member in members:
             del self.slots[member.slot]
             stats = stats.merge(member.stats)
+            if self.prefixes is not None:
+                self.prefixes.keep(member.slot, member.sequence[: member.cached])
         if not self._speculating():
             self.proposer = None
         return SessionSummary([m.sequence for m in members], [m.prompt_length for m in members],
-                              [m.finish for m in members], stats)
+                              [m.finish for m in members], stats, sum(m.reused for m in members))
 
     def take(self, session: int) -> StepResult:
         """The session's tokens per row since its last take."""
@@ -225,6 +246,7 @@ class DecodeBatch:
             # a resumed row emits nothing here: its next round starts where the lost replica's would have
             drafted = row.k and not row.adaptive
             row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=fed, draft=fed if drafted else 0)
+            self._prefilled(row)
 
     def _chunk_round(self, plan: RoundPlan) -> None:
         """The next chunk of each chunked row's prompt, in one `extend` call; a row whose last chunk
@@ -243,6 +265,11 @@ class DecodeBatch:
                 row.cached += len(chunk)
             else:
                 row.advance([] if row.request.resumed else [row.pick(logits[slot])], target=len(chunk))
+                self._prefilled(row)
+
+    def _prefilled(self, row: LiveSequence) -> None:
+        if self.prefixes is not None:  # its prompt is in its row now: a prompt starting the same way may copy it
+            self.prefixes.prefilled(row.slot, row.prefill_tokens())
 
     def _decode_round(self, plan: RoundPlan) -> None:
         logits = self._target_step(DECODE, plan.target.tokens, plan.target.starts)[:, 0]

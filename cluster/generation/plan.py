@@ -263,8 +263,19 @@ class DecodeSteps:
         return max(self.budgets)
 
 
+@dataclass(frozen=True)
+class CopyRows:
+    """Copy KV-cache rows on every rank (prefix reuse, cluster.generation.prefix): for each (source
+    slot, target slot, length), the first `length` positions of the source row of every state
+    tensor (io_aliases: the KV caches) into the target row, in order. `position_dim`: the caches'
+    position dimension (cluster.models.llama: [batch, kv heads, position, head dim])."""
+
+    copies: tuple[tuple[int, int, int], ...]
+    position_dim: int = 2
+
+
 # What `run(call)` takes, on every layer from the coordinator down to the rank.
-Call = Union[Forward, DraftPlan, DecodeSteps, FusedRound]
+Call = Union[Forward, DraftPlan, DecodeSteps, FusedRound, CopyRows]
 
 
 def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
@@ -274,4 +285,4 @@ def draft_tokens_kept(pending: Sequence[int], accepted: int, steps: int) -> int:
     return sum(1 for t in pending if t >= 0) + min(accepted, steps - 1)
 
 
-__all__ = ["DECODE", "VERIFY", "Call", "DecodeSteps", "DraftPlan", "Feed", "Forward", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]
+__all__ = ["DECODE", "VERIFY", "Call", "CopyRows", "DecodeSteps", "DraftPlan", "Feed", "Forward", "FusedRound", "RoundPlan", "RowState", "draft_tokens_kept", "plan_round"]

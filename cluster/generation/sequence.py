@@ -51,6 +51,7 @@ class LiveSequence:
     round_k: int = 0  # this round's proposals
     trials: int = 0  # accepted proposals plus each round's first rejection: the acceptance estimate's base
     cached: int = 0  # tokens of the sequence in the target's cache
+    reused: int = 0  # of them, taken from a kept row at admission (prefix reuse), not prefilled
     draft_cached: int = 0
     started: bool = False
     draft_lost: bool = False  # it speculated until its draft failed: target-only since
@@ -76,7 +77,8 @@ class LiveSequence:
         # first has it speculate (`plan_round`'s catch-up): a busy batch may never ask it to
         k = self.round_k if self.started else (0 if self.adaptive else self.k)
         tokens = self.sequence if self.started else self.prefill_tokens()
-        chunked = not self.started and layout is not None and layout.chunked(len(tokens))
+        # a row holding part of its prompt already (a reused prefix) prefills the rest through extend graphs
+        chunked = not self.started and layout is not None and (self.cached > 0 or layout.chunked(len(tokens)))
         return RowState(self.slot, tuple(tokens), k, self.started, bool(self.finish), self.cached, self.draft_cached,
                         catch_up and bool(k), chunked)
 

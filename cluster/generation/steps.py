@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from cluster.generation.layout import step_inputs
-from cluster.generation.plan import DecodeSteps, DraftPlan, Forward, FusedRound
+from cluster.generation.plan import CopyRows, DecodeSteps, DraftPlan, Forward, FusedRound
 from cluster.generation.sampling import make_generator, position_generator, probabilities, sample
 
 if TYPE_CHECKING:
@@ -27,9 +27,11 @@ Run = Callable[[int, tuple], Any]
 GraphRun = Callable[[int, tuple, bool], Any]  # (bucket, inputs, the fused draft's graphs?) -> outputs
 
 
-def execute(call: Call, run: GraphRun, gather: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def execute(call: Call, run: GraphRun, gather: Callable[[torch.Tensor], torch.Tensor],
+            states: Callable[[], dict[str, torch.Tensor]] = dict) -> Any:
     """One call on a rank: `run(bucket, inputs, draft)` is its graph call, `gather` makes rank 0's
-    proposals every rank's (a fused round). What rank 0 returns to the caller."""
+    proposals every rank's (a fused round), `states` are its state tensors (the KV caches). What
+    rank 0 returns to the caller."""
     own: Run = lambda bucket, inputs: run(bucket, inputs, False)  # noqa: E731
     if isinstance(call, Forward):
         return run(call.bucket, call.inputs, call.draft)
@@ -39,7 +41,19 @@ def execute(call: Call, run: GraphRun, gather: Callable[[torch.Tensor], torch.Te
         return draft_loop(own, call)
     if isinstance(call, FusedRound):
         return fused_round(lambda bucket, inputs: run(bucket, inputs, True), own, gather, call)
-    raise TypeError(f"a rank runs Forward, DecodeSteps, DraftPlan or FusedRound calls, not {type(call).__name__}")
+    if isinstance(call, CopyRows):
+        return copy_rows(states(), call)
+    raise TypeError(f"a rank runs Forward, DecodeSteps, DraftPlan, FusedRound or CopyRows calls, not {type(call).__name__}")
+
+
+def copy_rows(states: dict[str, torch.Tensor], call: CopyRows) -> None:
+    """Each copy's first positions of the source row into the target row, in every state tensor."""
+    dim = call.position_dim - 1  # of one row
+    for tensor in states.values():
+        if tensor.dim() <= call.position_dim:
+            continue
+        for source, target, length in call.copies:
+            tensor[target].narrow(dim, 0, length).copy_(tensor[source].narrow(dim, 0, length))
 
 
 def decode_steps(run: Run, plan: DecodeSteps) -> torch.Tensor:
@@ -120,4 +134,4 @@ def fused_round(run_draft: Run, run_target: Run, gather: Callable[[torch.Tensor]
     return proposals, probs, logits, draft_s
 
 
-__all__ = ["decode_steps", "draft_loop", "execute", "fused_round"]
+__all__ = ["copy_rows", "decode_steps", "draft_loop", "execute", "fused_round"]

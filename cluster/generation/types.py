@@ -110,12 +110,14 @@ class StepResult:
 class SessionSummary:
     """What a closed session generated, per row: the whole sequence (prompt + generated), the
     prompt's length and the finish reason ("eos", "length", "stop"; "" when it was closed before
-    finishing); and the speculation counts summed over its rows."""
+    finishing); the speculation counts summed over its rows, and how many of its prompts' tokens
+    were not prefilled but taken from a kept cache row (prefix reuse)."""
 
     sequences: list[list[int]]
     prompt_lengths: list[int]
     finish: list[str]
     speculation: SpeculationStats
+    reused_tokens: int = 0
 
     @property
     def generated(self) -> list[list[int]]:

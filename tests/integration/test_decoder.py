@@ -76,6 +76,8 @@ def test_chunked_prefill_on_rank_actors_gives_transformers_tokens(models):
     with trace_llama(root / "target", tp_degree=2, layout=layout, progress=False) as model:
         rows = [long, TINY_PROMPTS[0], long[:20]]
         assert generate(model, rows, max_new_tokens=16).sequences == [hf_greedy(hf, p, 16) for p in rows]
+        again = [long[:35] + [3, 4], long[:34]]  # their first 32 tokens are kept rows' (prefix reuse, CopyRows on ranks)
+        assert generate(model, again, max_new_tokens=16).sequences == [hf_greedy(hf, p, 16) for p in again]
 
 
 @pytest.fixture(scope="module")

@@ -291,3 +291,34 @@ def test_a_resumed_sequence_longer_than_every_prompt_bucket_goes_on_through_chun
     tokens += step.tokens[0]
     model.coordinator.generate_close(session)
     assert tokens == whole[15 + cut:]
+
+
+def test_a_prompt_that_starts_like_a_kept_row_reuses_its_cache_and_generates_the_same(chunked):
+    """Prefix reuse: the shared blocks are taken from a finished row (in place) or copied from a live
+    one, only the rest is prefilled; greedy and seeded tokens are what the same prompt gives alone."""
+    from cluster.generation.types import GenerationRequest, SamplingParams
+
+    hf, model = chunked
+    coordinator = model.coordinator
+    system = [(11 * i + 2) % 90 + 1 for i in range(33)]  # 33 tokens: two whole blocks of 16 to share
+    asks = [system + [5, 6, 7], system + [8, 9], system + [40, 41, 42, 43]]
+    sampled = SamplingParams(temperature=0.9, seed=4)
+
+    def run(prompt, sampling=SamplingParams()):
+        session = coordinator.generate_open(GenerationRequest((tuple(prompt),), 12, sampling))
+        while not coordinator.generate_step(session).done:
+            pass
+        summary = coordinator.generate_close(session)
+        return summary.generated[0], summary.reused_tokens
+
+    alone = run(asks[0], sampled)  # nothing held starts this way yet
+    assert alone[1] == 0
+    assert run(asks[0], sampled) == (alone[0], 32)  # the same request again: its own kept row, in place
+    assert run(asks[1]) == (hf_greedy(hf, asks[1], 12), 32)
+    first = coordinator.generate_open(GenerationRequest((tuple(asks[2]),), 12))
+    second = coordinator.generate_open(GenerationRequest((tuple(asks[1]),), 12))  # the first holds the kept row: a copy
+    while not all(coordinator.generate_step(s).done for s in (first, second)):
+        pass
+    summaries = [coordinator.generate_close(s) for s in (first, second)]
+    assert [s.generated[0] for s in summaries] == [hf_greedy(hf, asks[2], 12), hf_greedy(hf, asks[1], 12)]
+    assert [s.reused_tokens for s in summaries] == [32, 32]
