@@ -108,7 +108,8 @@ class DecodeBatch:
         if draft is not None and self.draft is not None and self.draft.key != draft.key and self._speculating():
             raise Overloaded(f"{self.target.name!r} is speculating with another draft replica; retry shortly")
         limit = self.capacity if draft is None else min(self.capacity, draft.layout.max_batch)
-        placed = self._place(request.prompts, limit)
+        # what each prefill feeds (a resumed prompt's last token is fed by its first round): a reused prefix leaves some of it
+        placed = self._place([p[:-1] if request.resumed else p for p in request.prompts], limit)
         if placed is None:
             raise Overloaded(f"all {self.capacity} sequence slots of {self.target.name!r} are generating; retry shortly")
         if draft is not None:

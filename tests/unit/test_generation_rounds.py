@@ -322,3 +322,20 @@ def test_a_prompt_that_starts_like_a_kept_row_reuses_its_cache_and_generates_the
     summaries = [coordinator.generate_close(s) for s in (first, second)]
     assert [s.generated[0] for s in summaries] == [hf_greedy(hf, asks[2], 12), hf_greedy(hf, asks[1], 12)]
     assert [s.reused_tokens for s in summaries] == [32, 32]
+
+
+def test_a_resumed_sequence_reuses_the_prefix_its_lost_replica_would_have_held(chunked):
+    from cluster.generation.types import GenerationRequest
+
+    hf, model = chunked
+    prompt = [(13 * i + 7) % 90 + 1 for i in range(20)]
+    whole = prompt + hf_greedy(hf, prompt, 24)
+    assert generate(model, [prompt], max_new_tokens=24).sequences == [whole[20:]]  # its row is kept: 43 tokens
+    resumed = GenerationRequest((tuple(whole[:33]),), 24, resumed=13)  # 33 tokens: the 32 it prefills are all held
+    session = model.coordinator.generate_open(resumed)
+    tokens = []
+    while not (step := model.coordinator.generate_step(session)).done:
+        tokens += step.tokens[0]
+    tokens += step.tokens[0]
+    assert model.coordinator.generate_close(session).reused_tokens == 16  # a token of the 32 is left to feed
+    assert tokens == whole[33:]
