@@ -7,7 +7,11 @@ Sections (pick with --only): core (eager vs ParallelModel TP=1/2, trace time), s
 tok/s over transformers' generate), gateway, generate, batch and soak (through a gateway), fronts
 (one Embed call through tpcluster.v1, the Open Inference Protocol and the OpenAI HTTP API), compile
 (first and second start of a checkpoint through the compile cache), failover (two replicas of every
-model, a rank killed every minute under mixed load: failures, stream agreement, rebuilds, memory).
+model, a rank killed every minute under mixed load: failures, stream agreement, rebuilds, memory),
+serving (`vllm bench serve` against the gateway's OpenAI port and against vLLM's CPU build serving the
+same checkpoint: output tok/s, TTFT, TPOT, ITL at concurrency 1/8/32; skipped without `vllm`), long
+(long prompts: time to first token with and without a reused prefix, streams' inter-token latency
+while long prompts join in chunks, decode at long context).
 
 Importing this package imports neither torch nor the cluster; each section does when it runs.
 """
@@ -18,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from actors.bench import compile_cache, failover, fronts, scale, sections, serving, step
+from actors.bench import compile_cache, failover, fronts, long, scale, sections, serving, step, vllm_serving
 from actors.bench.inputs import SENTENCES
 from actors.bench.measure import machine
 from actors.bench.report import chart, summary
@@ -31,7 +35,7 @@ SECTIONS = {
     "gateway": serving.bench_gateway,
     "generate": serving.bench_generate, "batch": serving.bench_batch, "soak": serving.bench_soak,
     "fronts": fronts.bench_fronts, "compile": compile_cache.bench_compile, "failover": failover.bench_failover,
-    "scale": scale.bench_scale,
+    "scale": scale.bench_scale, "serving": vllm_serving.bench_serving, "long": long.bench_long,
 }
 
 

@@ -7,6 +7,12 @@ from typing import Any
 
 def summary(results: dict[str, Any]) -> str:
     parts = []
+    if "long" in results:
+        lo = results["long"]
+        parts.append(f"long prompts: TTFT reused/not x{lo['reuse_ttft_ratio']:.2f} ({lo['ttft_reused_ms']:.0f} vs "
+                     f"{lo['ttft_not_reused_ms']:.0f} ms); ITL p99 {lo['itl_alone']['p99_ms']:.0f} ms alone, "
+                     f"{lo['itl_with_long_prompts_joining']['p99_ms']:.0f} ms with long prompts joining; "
+                     f"decode at context 416 x{lo['long_context_decode_ratio']:.2f} of 32")
     if "scale" in results:
         s, m = results["scale"], results["scale"]["model"]
         parts.append(f"{s['shape']} TP=2 {s['dtype']} ({m['checkpoint_gb']:.2f} GB): host memory over the checkpoint, less "
@@ -72,7 +78,38 @@ def summary(results: dict[str, Any]) -> str:
                      f"{'met' if c['within_goal'] else 'missed'}); same tokens: {'yes' if c['same_tokens'] else 'NO'}")
     if "failover" in results:
         parts.append(failover_summary(results["failover"]))
+    if "serving" in results:
+        parts.append(serving_summary(results["serving"]))
     return "; ".join(parts)
+
+
+def serving_summary(s: dict[str, Any]) -> str:
+    """The serving section in one clause: vLLM's output tok/s, then each of our servers' tok/s, TTFT p50,
+    TPOT p50 and whole-request latency p50 over vLLM's at every concurrency measured (its own tok/s where vLLM has no figure); failures."""
+    if "skipped" in s:
+        return f"serving skipped: {s['skipped']}"
+    levels = sorted({c for runs in s["servers"].values() for c in runs}, key=int)
+
+    def tok_s(label: str) -> str:
+        return _per_level(levels, {c: r.get("output_tok_s") for c, r in s["servers"].get(label, {}).items()}, "{:.0f}")
+
+    parts = [f"serving (vllm bench serve, concurrency {'/'.join(levels)}): vLLM {tok_s('vllm')} tok/s"]
+    for label in s["servers"]:
+        ratios = s["over_vllm"].get(label)
+        if ratios:
+            parts.append(f"{label.removeprefix('tpcluster_')} over vLLM " + ", ".join(
+                f"{name} {_per_level(levels, {c: r[key] for c, r in ratios.items()}, 'x{:.2f}')}"
+                for name, key in (("tok/s", "output_tok_s"), ("TTFT p50", "ttft_p50_ms"), ("TPOT p50", "tpot_p50_ms"),
+                                  ("E2E p50", "e2el_p50_ms"))))
+        elif label != "vllm":
+            parts.append(f"{label.removeprefix('tpcluster_')} {tok_s(label)} tok/s")
+    failed = [f"{label} ({error[:80]})" for label, error in s.get("errors", {}).items()]
+    return "; ".join(parts) + (f"; failed: {', '.join(failed)}" if failed else "")
+
+
+def _per_level(levels: list[str], figures: dict[str, float | None], fmt: str) -> str:
+    """One figure per concurrency level, '/'-separated; '-' where there is none."""
+    return "/".join("-" if figures.get(c) is None else fmt.format(figures[c]) for c in levels)
 
 
 def failover_summary(f: dict[str, Any]) -> str:
@@ -124,6 +161,11 @@ def chart(results: dict[str, Any], path: str) -> None:
                  for name, label in (("open_inference_protocol", "Open Inference Protocol"), ("openai_http", "OpenAI HTTP"))]
     if "compile" in results:
         bars.append(("serve a checkpoint: second start vs first (compile cache)", results["compile"]["second_over_first"]))
+    if "serving" in results and "over_vllm" in results["serving"]:
+        for label, by_level in results["serving"]["over_vllm"].items():
+            top = max(by_level, key=int)
+            if by_level[top]["output_tok_s"]:
+                bars.append((f"vllm bench serve, {label}, {top} clients: time/token vs vLLM", 1 / by_level[top]["output_tok_s"]))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#4477aa")
     ax.axvline(1.0, color="black", linewidth=0.8)
