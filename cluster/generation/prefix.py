@@ -1,7 +1,7 @@
 """Prefix reuse: which KV-cache row already holds the start of a new prompt. Pure, no torch.
 
-A finished sequence's cache row is kept (its slot is reused last, least recently used first) and
-indexed by the chained hashes of its whole blocks of `block` tokens, as vLLM hashes its KV blocks:
+A finished sequence's cache row is kept until its slot is needed (slots are taken lowest first, so
+rows stay packed: a batch runs as wide as its highest slot) and indexed by the chained hashes of its whole blocks of `block` tokens, as vLLM hashes its KV blocks:
 block i's hash covers block i and, through block i - 1's hash, everything before it, so one lookup
 per block of a new prompt finds the longest whole-block prefix some row holds. The new sequence then
 starts with that prefix in its cache (taken over in place when the row is free, else copied on the
@@ -80,7 +80,7 @@ class Placement:
 
 class PrefixCache:
     """The slots of one KV cache as prefix reuse sees them: live rows, kept rows of finished
-    sequences (least recently used first to go), and the index of what each holds."""
+    sequences (the most recently kept preferred as a source), and the index of what each holds."""
 
     def __init__(self, block: int = BLOCK_TOKENS) -> None:
         self.index = PrefixIndex(block)
@@ -96,14 +96,12 @@ class PrefixCache:
         out = []
         for prompt in prompts:
             self.lookups += 1
-            source, length = self.index.match(prompt, prefer=[s for s in reversed(self.kept) if s not in taken])
-            if source is not None and source not in taken:
-                slot, source = source, None  # the kept row itself: its prefix is in place
-            else:
-                slot = next((s for s in range(limit) if s not in taken and s not in self.kept),
-                            next((s for s in self.kept if s not in taken and s != source), None))
-                if slot is None:
-                    return None
+            # the lowest free slot, kept row or not: a round runs as wide as its highest slot, so rows stay
+            # packed (a kept row in the way is evicted; a prefix held elsewhere is copied in)
+            slot = next(s for s in range(limit) if s not in taken)
+            source, length = self.index.match(prompt, prefer=[slot, *reversed(self.kept)])
+            if source == slot:
+                source = None  # its own row holds the prefix: in place
             self.kept.pop(slot, None)
             self.index.put(slot, prompt[:length])  # all that stays valid in the row: the new prompt's own prefix
             taken.add(slot)

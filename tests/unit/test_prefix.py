@@ -26,17 +26,17 @@ def test_the_index_finds_the_longest_whole_block_prefix_and_leaves_a_token_to_pr
     assert index.match(list(range(9))) == (None, 0)  # what the slot held before is forgotten
 
 
-def test_placement_takes_a_kept_row_in_place_copies_from_a_live_one_and_evicts_the_least_recently_kept():
+def test_placement_keeps_rows_packed_reusing_in_place_or_by_copy():
     cache = PrefixCache(block=4)
     system = list(range(100, 108))
     cache.keep(0, system + [1, 2, 3])
     cache.keep(1, [7, 7, 7, 7, 7])
     first = cache.place([system + [5]], live=[], limit=3)
     assert [(p.slot, p.reused, p.source) for p in first] == [(0, 8, None)]  # its prefix is in place
-    second = cache.place([system + [6, 6]], live=[0], limit=3)  # slot 0 is live now: copy into a fresh slot
-    assert [(p.slot, p.reused, p.source) for p in second] == [(2, 8, 0)]
-    third = cache.place([[1, 2, 3, 4, 5]], live=[0, 2], limit=3)  # no free slot but the kept one
-    assert [(p.slot, p.reused, p.source) for p in third] == [(1, 0, None)]
+    second = cache.place([system + [6, 6]], live=[0], limit=3)  # slot 0 is live now: copied into the lowest free slot
+    assert [(p.slot, p.reused, p.source) for p in second] == [(1, 8, 0)]  # (evicting the row kept there)
+    third = cache.place([[1, 2, 3, 4, 5]], live=[0, 1], limit=3)
+    assert [(p.slot, p.reused, p.source) for p in third] == [(2, 0, None)]
     assert cache.place([[1, 2]], live=[0, 1, 2], limit=3) is None
     assert cache.stats() == {"prefix_lookups": 3, "prefix_hits": 2, "prefix_reused_tokens": 16}
 
@@ -47,3 +47,11 @@ def test_a_rank_copies_the_first_positions_of_a_row_in_every_cache():
     copy_rows({"k_cache": k, "scalar": torch.zeros(3)}, CopyRows(((0, 2, 4),)))
     assert torch.equal(k[2, :, :4], before[0, :, :4]) and torch.equal(k[2, :, 4:], before[2, :, 4:])
     assert torch.equal(k[:2], before[:2])
+
+
+def test_an_unrelated_prompt_takes_the_lowest_slot_even_over_a_kept_row():
+    """A round runs as wide as its highest slot: one new row after a finished one must not decode at
+    batch bucket 4 to spare a kept row (it did, and decode ran 1.5x slower)."""
+    cache = PrefixCache(block=4)
+    cache.keep(0, list(range(20)))
+    assert [p.slot for p in cache.place([[9, 9, 9, 9, 9]], live=[], limit=4)] == [0]
