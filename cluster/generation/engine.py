@@ -140,10 +140,9 @@ class DecodeBatch:
         placed = self.prefixes.place(prompts, self.slots, limit)
         if placed is None:
             return None
-        copies = tuple((p.source, p.slot, p.reused) for p in placed if p.source is not None)
-        if copies:
-            self.target.run(CopyRows(copies))
-        return [(p.slot, p.reused) for p in placed]
+        if placed[1]:
+            self.target.run(CopyRows(tuple(placed[1])))
+        return [(p.slot, p.reused) for p in placed[0]]
 
     def close(self, session: int) -> SessionSummary | None:
         """Free the session's slots; its summary, or None when it is not open."""

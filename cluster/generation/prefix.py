@@ -1,7 +1,8 @@
 """Prefix reuse: which KV-cache row already holds the start of a new prompt. Pure, no torch.
 
-A finished sequence's cache row is kept until its slot is needed (slots are taken lowest first, so
-rows stay packed: a batch runs as wide as its highest slot) and indexed by the chained hashes of its whole blocks of `block` tokens, as vLLM hashes its KV blocks:
+A finished sequence's cache row is kept (moved up, out of the way of new rows, while a slot above
+is free: slots are taken lowest first, so rows stay packed and a round as narrow as it can be) and
+indexed by the chained hashes of its whole blocks of `block` tokens, as vLLM hashes its KV blocks:
 block i's hash covers block i and, through block i - 1's hash, everything before it, so one lookup
 per block of a new prompt finds the longest whole-block prefix some row holds. The new sequence then
 starts with that prefix in its cache (taken over in place when the row is free, else copied on the
@@ -84,32 +85,43 @@ class PrefixCache:
 
     def __init__(self, block: int = BLOCK_TOKENS) -> None:
         self.index = PrefixIndex(block)
-        self.kept: OrderedDict[int, None] = OrderedDict()
+        self.kept: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # kept slot -> the tokens its row holds
         self.lookups = self.hits = self.reused_tokens = 0
 
-    def place(self, prompts: Sequence[Sequence[int]], live: Iterable[int], limit: int) -> list[Placement] | None:
-        """A slot below `limit` for each prompt, reusing the longest prefix any row holds; None when
-        there are not enough slots free of live rows."""
+    def place(self, prompts: Sequence[Sequence[int]], live: Iterable[int],
+              limit: int) -> tuple[list[Placement], list[tuple[int, int, int]]] | None:
+        """A slot below `limit` for each prompt, reusing the longest prefix any row holds, and the row
+        copies (source, target, length) to make first, in order; None when there are not enough slots
+        free of live rows.
+
+        Each prompt takes the lowest free slot: a round runs as wide as its highest slot, so rows
+        stay packed. A kept row in that slot moves up to the highest slot free of rows (one copy), or
+        is evicted when there is none; a prefix held elsewhere is copied in."""
         taken = set(live)
         if limit - len(taken) < len(prompts):
             return None
-        out = []
+        out, copies = [], []
         for prompt in prompts:
             self.lookups += 1
-            # the lowest free slot, kept row or not: a round runs as wide as its highest slot, so rows stay
-            # packed (a kept row in the way is evicted; a prefix held elsewhere is copied in)
             slot = next(s for s in range(limit) if s not in taken)
             source, length = self.index.match(prompt, prefer=[slot, *reversed(self.kept)])
             if source == slot:
                 source = None  # its own row holds the prefix: in place
+            elif self.kept.get(slot):
+                spare = next((s for s in reversed(range(limit)) if s not in taken and s not in self.kept), None)
+                if spare is not None:
+                    copies.append((slot, spare, len(self.kept[slot])))
+                    self.keep(spare, self.kept[slot])
             self.kept.pop(slot, None)
             self.index.put(slot, prompt[:length])  # all that stays valid in the row: the new prompt's own prefix
+            if source is not None:
+                copies.append((source, slot, length))
             taken.add(slot)
             if length:
                 self.hits += 1
                 self.reused_tokens += length
             out.append(Placement(slot, length, source))
-        return out
+        return out, copies
 
     def prefilled(self, slot: int, tokens: Sequence[int]) -> None:
         """A live row's prompt is in its cache: another prompt starting the same way may copy it."""
@@ -118,7 +130,7 @@ class PrefixCache:
     def keep(self, slot: int, tokens: Sequence[int]) -> None:
         """A finished sequence's row, holding `tokens`: kept for reuse until its slot is needed."""
         self.index.put(slot, tokens)
-        self.kept[slot] = None
+        self.kept[slot] = tuple(tokens)
         self.kept.move_to_end(slot)
 
     def stats(self) -> dict[str, int]:

@@ -31,12 +31,13 @@ def test_placement_keeps_rows_packed_reusing_in_place_or_by_copy():
     system = list(range(100, 108))
     cache.keep(0, system + [1, 2, 3])
     cache.keep(1, [7, 7, 7, 7, 7])
-    first = cache.place([system + [5]], live=[], limit=3)
-    assert [(p.slot, p.reused, p.source) for p in first] == [(0, 8, None)]  # its prefix is in place
-    second = cache.place([system + [6, 6]], live=[0], limit=3)  # slot 0 is live now: copied into the lowest free slot
-    assert [(p.slot, p.reused, p.source) for p in second] == [(1, 8, 0)]  # (evicting the row kept there)
-    third = cache.place([[1, 2, 3, 4, 5]], live=[0, 1], limit=3)
-    assert [(p.slot, p.reused, p.source) for p in third] == [(2, 0, None)]
+    first, copies = cache.place([system + [5]], live=[], limit=3)
+    assert [(p.slot, p.reused, p.source) for p in first] == [(0, 8, None)] and copies == []  # its prefix is in place
+    second, copies = cache.place([system + [6, 6]], live=[0], limit=3)  # slot 0 is live now: copied into slot 1,
+    assert [(p.slot, p.reused, p.source) for p in second] == [(1, 8, 0)]
+    assert copies == [(1, 2, 5), (0, 1, 8)]  # after the row kept there moved up to slot 2
+    third, copies = cache.place([[1, 2, 3, 4, 5]], live=[0, 1], limit=3)
+    assert [(p.slot, p.reused, p.source) for p in third] == [(2, 0, None)] and copies == []  # nowhere to move: evicted
     assert cache.place([[1, 2]], live=[0, 1, 2], limit=3) is None
     assert cache.stats() == {"prefix_lookups": 3, "prefix_hits": 2, "prefix_reused_tokens": 16}
 
@@ -54,4 +55,7 @@ def test_an_unrelated_prompt_takes_the_lowest_slot_even_over_a_kept_row():
     batch bucket 4 to spare a kept row (it did, and decode ran 1.5x slower)."""
     cache = PrefixCache(block=4)
     cache.keep(0, list(range(20)))
-    assert [p.slot for p in cache.place([[9, 9, 9, 9, 9]], live=[], limit=4)] == [0]
+    placed, copies = cache.place([[9, 9, 9, 9, 9]], live=[], limit=4)
+    assert [p.slot for p in placed] == [0] and copies == [(0, 3, 20)]  # the kept row moves up, out of the way
+    placed, copies = cache.place([list(range(18))], live=[0], limit=4)
+    assert [(p.slot, p.reused, p.source) for p in placed] == [(1, 16, 3)] and copies == [(3, 1, 16)]
