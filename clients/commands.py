@@ -65,7 +65,9 @@ def _run_status(args: argparse.Namespace) -> int:
         status = client.status()
     lines = [f"gateway {status.gateway_version}"]
     for m in status.models:
-        lines.append(f"{m.name} ({m.task}, tp={m.tp_degree}, queue {m.queue_depth})")
+        reuse = (f", prefix reuse {m.prefix_hits}/{m.generations} generations ({m.prefix_reused_tokens} tokens)"
+                 if m.generations else "")
+        lines.append(f"{m.name} ({m.task}, tp={m.tp_degree}, queue {m.queue_depth}{reuse})")
         for r in m.replicas:
             lines.append(f"  replica {r.index}: {'ready' if r.ready else 'NOT READY ' + r.error}")
             for rank in r.ranks:

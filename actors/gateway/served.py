@@ -78,6 +78,7 @@ class ServedModel:
         self.router: GenerationRouter | None = None  # Generate's, above one scheduler per replica
         self.schedulers: list[ReplicaScheduler] = []
         self.carried_on = 0  # Generate streams moved to another replica when theirs was lost
+        self.generations = self.prefix_hits = self.prefix_reused_tokens = 0  # Generate, for GetStatus
         if spec.task == "generate":  # continuous batching: one scheduler per replica's KV cache
             slots = max(layout.get("batch_buckets", [1]))
             slots = min(slots, batching.max_sequences) if batching.max_sequences else slots
@@ -336,12 +337,15 @@ class ServedModel:
             prompt_tokens=len(ids), generated_tokens=len(text.tokens), finish_reasons=[reason],
             speculation=summary.speculation if summary is not None and draft is not None else None,
             first_token_s=first, total_s=loop.time() - started)
+        reused = summary.reused_tokens if summary is not None else 0
+        self.generations += 1
+        self.prefix_hits += 1 if reused else 0
+        self.prefix_reused_tokens += reused
         if self.metrics is not None:
             self.metrics.tokens.labels(self.name).inc(stats.generated_tokens)
             self.metrics.tokens_per_second.labels(self.name).set(stats.tokens_per_second)
             self.metrics.draft_proposed.labels(self.name).inc(stats.draft_tokens_proposed)
             self.metrics.draft_accepted.labels(self.name).inc(stats.draft_tokens_accepted)
-            reused = summary.reused_tokens if summary is not None else 0
             if reused:
                 self.metrics.prefix_hits.labels(self.name).inc()
                 self.metrics.prefix_reused_tokens.labels(self.name).inc(reused)

@@ -78,7 +78,8 @@ class InferenceServicer(ObservedServicer, pb_grpc.InferenceServicer):
                     ranks, pid = await m.pool.describe(r)
                     replicas.append(codec.replica_status(r, ranks, pid, r.in_flight + m.generations_on(r)))
                 models.append(pb.ModelStatus(name=m.name, task=m.spec.task, tp_degree=m.pool.info.tp_degree,
-                                             queue_depth=m.queue_depth, replicas=replicas))
+                                             queue_depth=m.queue_depth, replicas=replicas, generations=m.generations,
+                                             prefix_hits=m.prefix_hits, prefix_reused_tokens=m.prefix_reused_tokens))
             return pb.StatusResponse(models=models, gateway_version=_version())
         return await self._unary("GetStatus", request, context, handler)
 

@@ -147,18 +147,24 @@ class ReplicaStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., error: _Optional[str] = ..., in_flight: _Optional[int] = ..., coordinator_pid: _Optional[int] = ..., recoveries: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "task", "tp_degree", "queue_depth", "replicas")
+    __slots__ = ("name", "task", "tp_degree", "queue_depth", "replicas", "generations", "prefix_hits", "prefix_reused_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     TP_DEGREE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     tp_degree: int
     queue_depth: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., queue_depth: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    generations: int
+    prefix_hits: int
+    prefix_reused_tokens: int
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., tp_degree: _Optional[int] = ..., queue_depth: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., generations: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., prefix_reused_tokens: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("models", "gateway_version")

@@ -61,6 +61,9 @@ def test_generate_streams_what_transformers_generates(decoders):
         assert spec_ids == expected and spec.draft_tokens_proposed > 0
         assert spec.acceptance_rate == pytest.approx(spec.draft_tokens_accepted / spec.draft_tokens_proposed)
         assert spec.mean_accepted_length >= 1
+        target = next(m for m in client.status().models if m.name == "target")
+        assert target.generations >= 2  # this model has no extend graphs: no prefix reuse
+        assert (target.prefix_hits, target.prefix_reused_tokens) == (0, 0)
     with grpc.insecure_channel(served.target) as channel:  # the raw generated stubs
         raw = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="target", prompt=PROMPT, max_new_tokens=40), timeout=60)
         assert _tokens(raw)[0] == expected
