@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -87,6 +87,14 @@ class Proposer:
         """Whether plain rounds must run one step at a time (a row looks for proposals at every position)."""
         return False
 
+    def _timed(self, run: Callable[[Call], Any], call: Call) -> tuple[Any, float]:
+        """`run(call)` and its seconds, counted into the round's model-call time."""
+        started = time.perf_counter()
+        out = run(call)
+        elapsed = time.perf_counter() - started
+        self.policy.called(elapsed)
+        return out, elapsed
+
 
 class SeparateDraft(Proposer):
     """A draft loaded as its own model: a `DraftPlan` call to its ranks, then the target's verify."""
@@ -140,17 +148,13 @@ class SeparateDraft(Proposer):
 
     def _call(self, call: Call) -> tuple[Any, float]:
         """A call to the draft's ranks and its seconds; its failure is the draft's, not the target's."""
-        started = time.perf_counter()
         try:
-            out = self.endpoint.run(call)
+            return self._timed(self.endpoint.run, call)
         except (InputError, Overloaded):
             raise
         except ClusterError as exc:
             raise DraftUnavailable(f"draft model {self.endpoint.name!r} failed: {str(exc).splitlines()[0]}; "
                                    "retry, or generate without a draft") from exc
-        elapsed = time.perf_counter() - started
-        self.policy.called(elapsed)
-        return out, elapsed
 
 
 class FusedDraft(SeparateDraft):
@@ -164,21 +168,14 @@ class FusedDraft(SeparateDraft):
         for row in rows:
             ks[row.slot] = row.round_k
         call = FusedRound(self._draft_plan(plan, rows), plan.target.tokens, plan.target.starts, tuple(ks), self.target.layout)
-        started = time.perf_counter()
-        tokens, q, logits, draft_s = self.target.run(call)
-        elapsed = time.perf_counter() - started
-        self.policy.called(elapsed)
+        (tokens, q, logits, draft_s), elapsed = self._timed(self.target.run, call)
         draft_batch, target_batch = self.endpoint.layout.batch_bucket(plan.draft.width), self.target.layout.batch_bucket(plan.target.width)
         self.policy.observe(DRAFT_STEP, draft_batch, draft_s / self._steps(plan), graph=draft_batch)
         self.policy.observe(VERIFY_CALL, target_batch, max(0.0, elapsed - draft_s), graph=target_batch)
         return Proposals(tokens, q, logits.float())
 
     def _call(self, call: Call) -> tuple[Any, float]:
-        started = time.perf_counter()
-        out = self.endpoint.run(call)
-        elapsed = time.perf_counter() - started
-        self.policy.called(elapsed)
-        return out, elapsed
+        return self._timed(self.endpoint.run, call)  # the target's ranks: their failure is the target's
 
 
 class NgramProposer(Proposer):

@@ -88,9 +88,14 @@ class _KeptOutputs(nn.Module):
         return tuple(outputs[i] for i in self.keep)
 
 
+def _outputs(module: torch.fx.GraphModule) -> tuple[Any, ...]:
+    """The serving graph's output nodes."""
+    return next(node for node in module.graph.nodes if node.op == "output").args[0]
+
+
 def _in_place(module: torch.fx.GraphModule, state: dict[int, int]) -> dict[int, int]:
     """The state outputs the serving graph writes in place: output index -> the state's input position."""
-    outputs = next(node for node in module.graph.nodes if node.op == "output").args[0]
+    outputs = _outputs(module)
     return {index: position for position, index in state.items()
             if index < len(outputs) and getattr(outputs[index], "target", None) is torch.ops.aten.scatter_.src}
 
@@ -124,7 +129,7 @@ def compile_package(module: torch.fx.GraphModule, weights: list[torch.Tensor], s
     with _locked(path):
         if path.exists():
             return False
-        outputs = len(next(node for node in module.graph.nodes if node.op == "output").args[0])
+        outputs = len(_outputs(module))
         keep = [i for i in range(outputs) if i not in _in_place(module, state)]
         with torch.no_grad():
             exported = torch.export.export(_KeptOutputs(module, keep), (*weights, *_example_inputs(module, len(weights))))
@@ -143,7 +148,7 @@ class CompiledCall:
                  state: dict[int, int]) -> None:
         from torch._inductor import aoti_load_package
 
-        outputs = next(node for node in module.graph.nodes if node.op == "output").args[0]
+        outputs = _outputs(module)
         self._views = {index: (weights[position], outputs[index].meta["val"].shape[0])
                        for index, position in _in_place(module, state).items()}
         self._keep = [i for i in range(len(outputs)) if i not in self._views]
